@@ -1,0 +1,283 @@
+"""One typed, validated configuration for every knob of a run.
+
+A config is a tree of dataclasses loaded from YAML and then overridden by dotted ``key=value`` pairs
+from the command line.  Validation happens here, before any process group starts, and every error is
+one line that says what to change: a training job that fails after an hour of queueing because of a
+typo is the failure this module exists to prevent.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says what to change."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the GPT-style decoder (see ``dpdist.model.gpt``)."""
+
+    vocab_size: int = 4096
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    max_seq_len: int = 128
+    mlp_ratio: int = 4
+    tie_embeddings: bool = True
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    bias: bool = True
+    dtype: str = "float32"  # float32 | float64 | bfloat16
+    init_seed: int = 0  # public: the initial weights are not private
+
+    def validate(self) -> None:
+        _positive(self, "model", "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "mlp_ratio")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model ({self.d_model}) must be a multiple of model.n_heads ({self.n_heads})")
+        _choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
+        _choice("model.dtype", self.dtype, ("float32", "float64", "bfloat16"))
+
+
+@dataclass
+class DataConfig:
+    """Where the private text comes from and how it is cut into examples (one sequence = one example)."""
+
+    path: str | None = None  # a .txt/.jsonl file or a directory of them; None = the embedded default corpus
+    seq_len: int = 64
+    vocab_size: int = 4096  # sentencepiece vocabulary trained on the corpus
+    tokenizer_model: str = "bpe"  # bpe | unigram
+    max_corpus_mb: float = 4.0  # cap on the embedded default corpus
+    val_fraction: float = 0.02
+    canaries: bool = True  # plant fake secrets in the embedded corpus (for exposure measurements)
+    cache_dir: str = ".cache/dpdist"
+
+    def validate(self) -> None:
+        _positive(self, "data", "seq_len", "vocab_size", "max_corpus_mb")
+        _choice("data.tokenizer_model", self.tokenizer_model, ("bpe", "unigram"))
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise ConfigError(f"data.val_fraction must be in [0, 0.5); got {self.val_fraction}")
+        if self.path is not None and not Path(self.path).exists():
+            raise ConfigError(f"data.path {self.path!r} does not exist; point it at a .txt/.jsonl file or folder")
+
+
+@dataclass
+class PrivacyConfig:
+    """The DP-SGD mechanism: clipping, noise, sampling and the budget."""
+
+    enabled: bool = True
+    clip_norm: float = 1.0
+    noise_multiplier: float | None = None  # sigma; or give target_epsilon to calibrate it
+    target_epsilon: float | None = None
+    delta: float | None = None  # default: 1 / (10 N)
+    allow_large_delta: bool = False  # delta >= 1/N is refused unless this is set
+    sample_rate: float | None = None  # Poisson rate q; or give train.batch_size (expected) instead
+    clipping: str = "flat"  # flat | per_layer | automatic
+    automatic_gamma: float = 0.01  # automatic clipping: c_i = C / (n_i + gamma)
+    mode: str = "bookkeeping"  # bookkeeping (one backward) | two_pass (second backward on sum c_i L_i)
+    memory_budget_mb: float | None = None  # per-layer ghost/materialise choice; None = FLOP rule 2T^2 <= pd
+    max_epsilon: float | None = None  # stop cleanly before this would be exceeded; default target_epsilon
+    seed: int | None = None  # None = secret from OS entropy; a fixed seed makes the noise reproducible (tests)
+    accountant: str = "pld"  # pld | rdp: which one gives the headline epsilon
+
+    def validate(self) -> None:
+        if self.clip_norm <= 0 or not math.isfinite(self.clip_norm):
+            raise ConfigError(f"privacy.clip_norm must be a positive number; got {self.clip_norm}")
+        if self.noise_multiplier is not None and self.noise_multiplier < 0:
+            raise ConfigError(f"privacy.noise_multiplier must be >= 0; got {self.noise_multiplier}")
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ConfigError("give privacy.noise_multiplier or privacy.target_epsilon, not both")
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise ConfigError(f"privacy.target_epsilon must be > 0; got {self.target_epsilon}")
+        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ConfigError("set privacy.noise_multiplier (sigma) or privacy.target_epsilon")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError(f"privacy.delta must be in (0, 1); got {self.delta}")
+        if self.sample_rate is not None and not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"privacy.sample_rate must be in (0, 1]; got {self.sample_rate}")
+        _choice("privacy.clipping", self.clipping, ("flat", "per_layer", "automatic"))
+        _choice("privacy.mode", self.mode, ("bookkeeping", "two_pass"))
+        _choice("privacy.accountant", self.accountant, ("pld", "rdp"))
+        if self.mode == "two_pass" and self.clipping == "per_layer":
+            raise ConfigError("privacy.clipping=per_layer already clips during the backward; use privacy.mode=bookkeeping")
+        if self.memory_budget_mb is not None and self.memory_budget_mb < 0:
+            raise ConfigError(f"privacy.memory_budget_mb must be >= 0; got {self.memory_budget_mb}")
+        if self.automatic_gamma <= 0:
+            raise ConfigError(f"privacy.automatic_gamma must be > 0; got {self.automatic_gamma}")
+        if self.max_epsilon is not None and self.max_epsilon <= 0:
+            raise ConfigError(f"privacy.max_epsilon must be > 0; got {self.max_epsilon}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int | None = 64  # expected (Poisson) batch size qN, used when privacy.sample_rate is not set
+    micro_batch_size: int = 16  # fixed shape of a micro-batch per data-parallel rank
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    run_dir: str = "runs/default"
+    progress: bool = True
+
+    def validate(self) -> None:
+        _positive(self, "train", "steps", "micro_batch_size", "log_every")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise ConfigError(f"train.batch_size must be > 0; got {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0; got {self.lr}")
+        _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be >= 0; got {self.eval_every}")
+
+
+@dataclass
+class ParallelConfig:
+    data: int = 1
+    tensor: int = 1
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    device: str = "cpu"  # cpu | cuda
+
+    def validate(self) -> None:
+        _positive(self, "parallel", "data", "tensor")
+        _choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
+        _choice("parallel.device", self.device, ("cpu", "cuda"))
+
+    @property
+    def world_size(self) -> int:
+        return self.data * self.tensor
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> "RunConfig":
+        for section in (self.model, self.data, self.privacy, self.train, self.parallel):
+            section.validate()
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}); "
+                "lower data.seq_len or raise model.max_seq_len")
+        if self.privacy.sample_rate is None and self.train.batch_size is None:
+            raise ConfigError("set privacy.sample_rate or train.batch_size (the expected batch size)")
+        if self.model.n_heads % self.parallel.tensor:
+            raise ConfigError(f"model.n_heads ({self.model.n_heads}) must be divisible by parallel.tensor "
+                              f"({self.parallel.tensor})")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _positive(section: Any, name: str, *keys: str) -> None:
+    for key in keys:
+        value = getattr(section, key)
+        if not value > 0:
+            raise ConfigError(f"{name}.{key} must be > 0; got {value}")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Turn a YAML or command-line value into the declared type, or say why it cannot be."""
+    text = str(annotation)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ConfigError(f"{key} may not be null")
+    if isinstance(value, str) and value.lower() in ("null", "none") and "None" in text:
+        return None
+    try:
+        if text.startswith("tuple"):
+            items = yaml.safe_load(value) if isinstance(value, str) else value
+            return tuple(float(v) for v in items)
+        if "bool" in text:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(value)
+        if "int" in text and "float" not in text:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if "float" in text:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} expects {text.replace('typing.', '')}; got {value!r}") from None
+
+
+def _apply(section: Any, values: dict, prefix: str) -> None:
+    hints = get_type_hints(type(section))
+    for key, value in values.items():
+        if key not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(section))
+            raise ConfigError(f"unknown config key {prefix}{key!s}; known keys here: {known}")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{key} is a section; give it as a mapping")
+            _apply(current, value, f"{prefix}{key}.")
+        else:
+            setattr(section, key, _coerce(value, hints[key], f"{prefix}{key}"))
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["train.steps=5", "privacy.seed=1"]`` -> nested dict with YAML-typed values."""
+    tree: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} must look like section.key=value")
+        key, raw = pair.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"override key {key!r} must be dotted, e.g. train.steps=5")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or the defaults), apply dotted overrides and validate."""
+    cfg = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}".splitlines()[0]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+        _apply(cfg, raw, "")
+    if overrides:
+        _apply(cfg, parse_overrides(overrides), "")
+    return cfg.validate()
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    data = cfg.to_dict()
+    data["train"]["betas"] = list(data["train"]["betas"])
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
