@@ -33,6 +33,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm: str = "layernorm"  # layernorm | rmsnorm
     bias: bool = True
+    padding_idx: int | None = None  # token id whose embedding is zero and never trained
     dtype: str = "float32"  # float32 | float64 | bfloat16
     init_seed: int = 0  # public: the initial weights are not private
 
@@ -40,6 +41,8 @@ class ModelConfig:
         _positive(self, "model", "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "mlp_ratio")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model ({self.d_model}) must be a multiple of model.n_heads ({self.n_heads})")
+        if self.padding_idx is not None and not 0 <= self.padding_idx < self.vocab_size:
+            raise ConfigError(f"model.padding_idx must be in [0, {self.vocab_size}); got {self.padding_idx}")
         _choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
         _choice("model.dtype", self.dtype, ("float32", "float64", "bfloat16"))
 
