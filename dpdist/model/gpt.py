@@ -90,7 +90,7 @@ class GPT(nn.Module):
             return table
 
         self.tok_emb = VocabParallelEmbedding(vocab, cfg.d_model, tp_group=tp_group, padding_idx=cfg.padding_idx,
-                                              init=token_init)
+                                              tied_output=cfg.tie_embeddings, init=token_init)
         self.pos_emb = VocabParallelEmbedding(cfg.max_seq_len, cfg.d_model, init=init)  # replicated
         self.blocks = nn.ModuleList(Block(cfg, tp_group, init, out_init) for _ in range(cfg.n_layers))
         self.ln_f = Norm(cfg.d_model, rms=cfg.norm == "rmsnorm")

@@ -181,7 +181,7 @@ class VocabParallelEmbedding(nn.Module):
     """An embedding table whose rows (the vocabulary) are split over the tensor group.
 
     ``forward(ids)`` looks tokens up; ``project(h)`` uses the same table as the output layer (weight
-    tying) and returns this rank's slice of the logits.  Ids outside the local rows, and the
+    tying, declared with ``tied_output=True``) and returns this rank's slice of the logits.  Ids outside the local rows, and the
     ``padding_idx`` token, produce zeros and receive no gradient.  With ``tp_group=None`` the table is
     replicated (used for position embeddings).
     """
@@ -189,10 +189,10 @@ class VocabParallelEmbedding(nn.Module):
     grad_tap = None
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_group=None, padding_idx: int | None = None,
-                 init: Init = None):
+                 tied_output: bool = False, init: Init = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.tp_group, self.padding_idx = tp_group, padding_idx
+        self.tp_group, self.padding_idx, self.tied_output = tp_group, padding_idx, tied_output
         init = init or (lambda shape: torch.zeros(shape))
         full = init((num_embeddings, embedding_dim))
         if padding_idx is not None:
@@ -217,6 +217,8 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tensor_parallel_region(out, self.tp_group)
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.tied_output:
+            raise RuntimeError("project() needs a table built with tied_output=True")
         h = copy_to_tensor_parallel_region(h, self.tp_group)
         if self.grad_tap is None:
             return h @ self.weight.t()

@@ -1,0 +1,73 @@
+"""Choose, per layer, between the ghost norm and materialised per-example gradients.
+
+Ghost norms need little memory but extra matmul work (about T^2 (p + d) per example); materialised
+per-example gradients need no extra matmul under book-keeping but keep B*p*d numbers until the clip
+factors are known.  Without a budget the FLOP rule 2T^2 <= p*d decides (Bu et al. 2022).  With a
+budget, start from the least memory and greedily switch the layers that save the most time per extra
+byte while the kept memory (summed over layers for book-keeping; the largest single layer for
+per-layer clipping, where nothing outlives its layer) fits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .rules import Cost, rule_for
+
+# A byte of memory traffic costs about as much time as this many flops on a CPU (a rough ratio of
+# arithmetic throughput to memory bandwidth; it only orders the choices).
+FLOPS_PER_BYTE = 8.0
+
+
+def time_cost(cost: Cost) -> float:
+    return cost.flops + FLOPS_PER_BYTE * cost.touched_bytes
+
+
+@dataclass
+class Plan:
+    strategies: dict[nn.Module, str]
+    costs: dict[nn.Module, Cost]
+
+    @property
+    def extra_flops(self) -> float:
+        return sum(c.flops for c in self.costs.values())
+
+    def kept_bytes(self, per_layer: bool) -> float:
+        sizes = [c.kept_bytes for c in self.costs.values()] or [0.0]
+        return max(sizes) if per_layer else sum(sizes)
+
+
+def plan_strategies(layers: list[nn.Module], batch: int, seq_len: int, elem_bytes: int, *,
+                    budget_bytes: float | None = None, per_layer: bool = False, force: str | None = None) -> Plan:
+    options = {layer: rule_for(layer).choices(layer, batch, seq_len, elem_bytes) for layer in layers}
+    if force is not None:
+        chosen = {layer: force if force in opts else next(iter(opts)) for layer, opts in options.items()}
+    elif budget_bytes is None:
+        chosen = {layer: rule_for(layer).default_choice(layer, seq_len) for layer in layers}
+    else:
+        chosen = _fit_budget(options, budget_bytes, per_layer)
+    return Plan(chosen, {layer: options[layer][name] for layer, name in chosen.items()})
+
+
+def _fit_budget(options: dict, budget_bytes: float, per_layer: bool) -> dict:
+    chosen = {layer: min(opts, key=lambda n, o=opts: (o[n].kept_bytes, time_cost(o[n]))) for layer, opts in options.items()}
+
+    def kept(choice: dict) -> float:
+        sizes = [options[layer][name].kept_bytes for layer, name in choice.items()] or [0.0]
+        return max(sizes) if per_layer else sum(sizes)
+
+    while True:
+        best, best_score = None, 0.0
+        for layer, opts in options.items():
+            current = opts[chosen[layer]]
+            for name, alt in opts.items():
+                saved = time_cost(current) - time_cost(alt)
+                if saved <= 0 or kept({**chosen, layer: name}) > budget_bytes:
+                    continue
+                score = saved / max(alt.kept_bytes - current.kept_bytes, 1.0)
+                if score > best_score:
+                    best, best_score = (layer, name), score
+        if best is None:
+            return chosen
+        chosen[best[0]] = best[1]

@@ -1,0 +1,115 @@
+"""The tap attached to every DP-aware layer: recorded tensors in, norm contributions and clipped sums out.
+
+During the backward each layer hands its recorded tensors to ``record``; the tap applies the layer's
+norm rule with the planned strategy and keeps the local per-example squared-norm contributions (a
+B-vector).  Replicated parameters count only on tensor-parallel rank 0, so that summing the vector
+over the tensor group (the one collective clipping needs) gives every rank the full norms.  Then:
+
+- ``bookkeeping``: keep each layer's state until ``accumulate_clipped(c)`` forms sum_i c_i grad_i once;
+- ``per_layer``: clip each layer group as soon as it is complete, with its own threshold, and keep
+  nothing (one tensor-group all-reduce per layer);
+- ``norms``: only the norms (pass 1 of two-pass clipping; pass 2 is an ordinary weighted backward).
+
+Clipped sums accumulate in ``grad_sums`` across micro-batches until the step releases them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..parallel.mappings import group_rank, group_size
+from .clipping import clip_factors
+from .rules import rule_for
+
+MODES = ("bookkeeping", "per_layer", "norms")
+
+
+class PerExampleTap:
+    def __init__(self, layers: list[nn.Module], strategies: dict[nn.Module, str], *, mode: str = "bookkeeping",
+                 tp_group=None, layer_clip_norm: float | None = None):
+        if mode not in MODES:
+            raise ValueError(f"tap mode must be one of {MODES}; got {mode!r}")
+        if mode == "per_layer" and layer_clip_norm is None:
+            raise ValueError("per-layer clipping needs layer_clip_norm")
+        self.layers, self.strategies, self.mode = layers, strategies, mode
+        self.tp_group, self.layer_clip_norm = tp_group, layer_clip_norm
+        self.tp_rank = group_rank(tp_group)
+        self.defer_weight_grad = True
+        self.grad_sums: dict[nn.Parameter, torch.Tensor] = {}
+        self._pending: dict[nn.Module, dict] = {}
+        self._states: list = []
+        self._sq_norms: torch.Tensor | None = None
+
+    def attach(self) -> "PerExampleTap":
+        for layer in self.layers:
+            layer.grad_tap = self
+        return self
+
+    def detach(self) -> None:
+        for layer in self.layers:
+            layer.grad_tap = None
+
+    def record(self, layer: nn.Module, site: str, **tensors) -> None:
+        pending = self._pending.setdefault(layer, {})
+        pending[site] = tensors
+        rule = rule_for(layer)
+        if site != rule.completing_site:
+            return
+        del self._pending[layer]
+        state = rule.prepare(layer, pending, self.strategies[layer])
+        contribution = self._counted(rule.sq_norms(layer, state))
+        self._sq_norms = contribution if self._sq_norms is None else self._sq_norms + contribution
+        if self.mode == "per_layer":
+            norms = self._tp_sum(contribution).sqrt()
+            self._accumulate(rule.clipped_sums(layer, state, clip_factors(norms, self.layer_clip_norm)))
+        elif self.mode == "bookkeeping":
+            self._states.append((layer, rule, state))
+
+    def take_sq_norms(self) -> torch.Tensor:
+        """This micro-batch's per-example squared norms, summed over the tensor group; resets them.
+        (Under per-layer clipping the factors are already applied; the norms serve statistics.)"""
+        if self._pending:
+            names = ", ".join(type(layer).__name__ for layer in self._pending)
+            raise RuntimeError(f"incomplete per-example records after the backward for: {names}")
+        if self._sq_norms is None:
+            raise RuntimeError("no DP-aware layer recorded anything; was the backward run with the tap attached?")
+        sq_norms, self._sq_norms = self._sq_norms, None
+        return self._tp_sum(sq_norms)
+
+    def accumulate_clipped(self, clip: torch.Tensor) -> None:
+        """Book-keeping: add sum_i c_i grad_i of every recorded layer to ``grad_sums``, then forget the records."""
+        for layer, rule, state in self._states:
+            self._accumulate(rule.clipped_sums(layer, state, clip))
+        self._states.clear()
+
+    def add_to_sums(self, params) -> None:
+        """Two-pass: move the weighted backward's ``.grad`` into ``grad_sums``."""
+        self._accumulate({p: p.grad for p in params if p.grad is not None})
+        for p in params:
+            p.grad = None
+
+    def pop_grad_sums(self) -> dict[nn.Parameter, torch.Tensor]:
+        sums, self.grad_sums = self.grad_sums, {}
+        return sums
+
+    def _counted(self, per_param: dict) -> torch.Tensor:
+        total = None
+        for param, sq in per_param.items():
+            if getattr(param, "tensor_model_parallel", False) or self.tp_rank == 0:
+                total = sq if total is None else total + sq
+        return total if total is not None else torch.zeros_like(next(iter(per_param.values())))
+
+    def _tp_sum(self, vector: torch.Tensor) -> torch.Tensor:
+        if group_size(self.tp_group) > 1:
+            vector = vector.clone()
+            dist.all_reduce(vector, group=self.tp_group)
+        return vector
+
+    def _accumulate(self, sums: dict) -> None:
+        for param, grad in sums.items():
+            grad = grad.float() if grad.dtype == torch.bfloat16 else grad
+            if param in self.grad_sums:
+                self.grad_sums[param] += grad
+            else:
+                self.grad_sums[param] = grad

@@ -1,0 +1,146 @@
+"""The DP step: micro-batches of one Poisson-sampled logical batch in, one noisy gradient out.
+
+Per micro-batch (design.md steps 2-5): forward; one backward in which every DP-aware layer records
+its tensors instead of forming its weight gradient; per-example norms from the norm rules; one
+all-reduce of the B-vector of norm contributions over the tensor group; clip factors; the clipped sum
+formed once per layer (book-keeping) and accumulated.  Per logical batch (step 6): sum over the
+data-parallel group, add N(0, sigma^2 C^2) exactly once per coordinate with keyed noise that every
+replica generates identically, divide by the *expected* batch size qN, and leave the result in
+``p.grad`` for the optimizer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..parallel.cross_entropy import per_example_loss
+from ..parallel.mappings import group_size
+from ..privacy.clipping import clip_factors, per_layer_threshold
+from ..privacy.noise import keyed_normal
+from ..privacy.rules import has_rule
+from ..privacy.strategy import Plan, plan_strategies
+from ..privacy.tap import PerExampleTap
+
+
+@dataclass
+class MicroBatchStats:
+    loss_sum: float  # sum of per-example losses over the real (unmasked) examples
+    examples: int
+    clipped: int  # examples whose norm exceeded the clip norm
+    norm_sum: float
+
+
+def dp_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers that own trainable parameters, each of which must have a norm rule."""
+    layers, covered = [], set()
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if not has_rule(module):
+            params = ", ".join(f"{name}.{n}" for n, p in module.named_parameters(recurse=False) if p.requires_grad)
+            raise TypeError(f"trainable parameter(s) {params} of a {type(module).__name__} have no per-example norm "
+                            "rule; build the model from dpdist.parallel layers or freeze them")
+        layers.append(module)
+        covered.update(own)
+    return layers
+
+
+class PrivateGradient:
+    """Computes the clipped (and, in ``release``, noised and normalised) gradient of a model.
+
+    ``mode``: ``bookkeeping`` (one backward) or ``two_pass`` (a second, c-weighted backward: less
+    memory, more time).  ``clipping``: ``flat``, ``automatic`` or ``per_layer``.  ``strategy`` forces
+    every layer with a choice to ``ghost`` or ``materialise``; otherwise ``memory_budget_bytes`` (or,
+    without one, the FLOP rule) chooses per layer.
+    """
+
+    def __init__(self, model: nn.Module, *, clip_norm: float, noise_multiplier: float = 0.0,
+                 expected_batch_size: float = 1.0, secret: int = 0, clipping: str = "flat",
+                 automatic_gamma: float = 0.01, mode: str = "bookkeeping", micro_batch_size: int = 1,
+                 seq_len: int = 1, memory_budget_bytes: float | None = None, strategy: str | None = None,
+                 dp_group=None, tp_group=None):
+        if mode == "two_pass" and clipping == "per_layer":
+            raise ValueError("per-layer clipping already clips during the backward; use mode='bookkeeping'")
+        self.model, self.clip_norm, self.noise_multiplier = model, clip_norm, noise_multiplier
+        self.expected_batch_size, self.secret = expected_batch_size, secret
+        self.clipping, self.automatic_gamma, self.mode = clipping, automatic_gamma, mode
+        self.dp_group, self.tp_group = dp_group, tp_group
+        self.names = {p: name for name, p in model.named_parameters()}
+        layers = dp_layers(model)
+        elem_bytes = next(model.parameters()).element_size()
+        self.plan: Plan = plan_strategies(layers, micro_batch_size, seq_len, elem_bytes, budget_bytes=memory_budget_bytes,
+                                          per_layer=clipping == "per_layer", force=strategy)
+        tap_mode = {"per_layer": "per_layer"}.get(clipping, "norms" if mode == "two_pass" else "bookkeeping")
+        layer_clip = per_layer_threshold(clip_norm, len(layers)) if clipping == "per_layer" else None
+        self.tap = PerExampleTap(layers, self.plan.strategies, mode=tap_mode, tp_group=tp_group,
+                                 layer_clip_norm=layer_clip).attach()
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids)
+        return per_example_loss(logits, labels, vocab_start=getattr(self.model, "vocab_start", 0), tp_group=self.tp_group)
+
+    def microbatch(self, input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> MicroBatchStats:
+        """Add sum_i c_i grad L_i of this micro-batch to the clipped sums; ``mask`` marks real rows."""
+        losses = self.loss(input_ids, labels)
+        mask = torch.ones_like(losses) if mask is None else mask.to(losses.dtype)
+        losses = losses * mask  # padding rows get a zero gradient, hence a zero norm
+        losses.sum().backward(retain_graph=self.mode == "two_pass")
+        norms = self.tap.take_sq_norms().sqrt()
+        if self.clipping != "per_layer":
+            clip = clip_factors(norms, self.clip_norm, self.clipping, self.automatic_gamma) * mask
+            if self.mode == "two_pass":
+                self._weighted_backward(losses, clip)
+            else:
+                self.tap.accumulate_clipped(clip)
+        real = mask > 0
+        return MicroBatchStats(loss_sum=float(losses.detach().sum()), examples=int(real.sum()),
+                               clipped=int((norms[real] > self.clip_norm).sum()), norm_sum=float(norms[real].sum()))
+
+    def _weighted_backward(self, losses: torch.Tensor, clip: torch.Tensor) -> None:
+        params = list(self.names)
+        for p in params:
+            p.grad = None
+        self.tap.defer_weight_grad = False
+        try:
+            torch.autograd.backward(losses, grad_tensors=clip.detach())
+        finally:
+            self.tap.defer_weight_grad = True
+        self.tap.add_to_sums(params)
+
+    def clipped_sums(self) -> dict[str, torch.Tensor]:
+        """The accumulated pre-noise clipped sums by parameter name (and reset them)."""
+        sums = self.tap.pop_grad_sums()
+        return {self.names[p]: sums.get(p, torch.zeros_like(p)) for p in self.names}
+
+    def release(self, step: int) -> None:
+        """Sum over data-parallel ranks, add keyed noise once per coordinate, divide by qN, set ``p.grad``."""
+        sums = self.tap.pop_grad_sums()
+        params = list(self.names)
+        grads = [sums.get(p, torch.zeros_like(p, dtype=torch.float32 if p.dtype == torch.bfloat16 else p.dtype))
+                 for p in params]
+        if group_size(self.dp_group) > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.dp_group)
+            grads = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        std = self.noise_multiplier * self.clip_norm
+        for p, g in zip(params, grads):
+            if std > 0:
+                g = g + std * keyed_normal(self.secret, step, self.names[p], p.full_shape, _shard_box(p),
+                                           dtype=g.dtype, device=g.device)
+            p.grad = (g / self.expected_batch_size).to(p.dtype)
+
+    def detach(self) -> None:
+        self.tap.detach()
+
+
+def _shard_box(param: nn.Parameter):
+    """Where this rank's shard sits inside the full parameter (None when it holds all of it)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return None
+    box = [slice(None)] * len(param.full_shape)
+    box[param.partition_dim] = slice(param.partition_offset, param.partition_offset + param.shape[param.partition_dim])
+    return tuple(box)
