@@ -6,6 +6,8 @@ brute-force per-example gradients.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -42,3 +44,21 @@ def clipped_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
         return {name: grad.detach() for name, grad in engine.clipped_sums().items()}
     finally:
         engine.detach()
+
+
+def brute_force_grads(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example gradients ``{name: [B, *shape]}`` by ``torch.func`` on the plain model: the reference
+    the engine is checked against (memory B x parameters, so only for audits on small batches)."""
+    from torch.func import functional_call, grad, vmap
+
+    from .parallel.cross_entropy import per_example_loss
+
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+    def loss(params, ids, target):
+        logits = functional_call(model, params, (ids.unsqueeze(0),))
+        return per_example_loss(logits, target.unsqueeze(0), vocab_start=getattr(model, "vocab_start", 0))[0]
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        return vmap(grad(loss), in_dims=(None, 0, 0))(params, input_ids, labels)

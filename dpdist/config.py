@@ -127,8 +127,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.0
     log_every: int = 10
-    eval_every: int = 0  # 0 = only at the end
-    run_dir: str = "runs/default"
+    run_dir: str | None = None  # default: runs/<date>-<time>; an existing run directory is never reused
     progress: bool = True
 
     def validate(self) -> None:
@@ -138,8 +137,6 @@ class TrainConfig:
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0; got {self.lr}")
         _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
-        if self.eval_every < 0:
-            raise ConfigError(f"train.eval_every must be >= 0; got {self.eval_every}")
 
 
 @dataclass
@@ -199,7 +196,7 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Turn a YAML or command-line value into the declared type, or say why it cannot be."""
-    text = str(annotation)
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
     if value is None:
         if "None" in text:
             return None
@@ -226,7 +223,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key} expects {text.replace('typing.', '')}; got {value!r}") from None
+        raise ConfigError(f"{key} expects {text}; got {value!r}") from None
 
 
 def _apply(section: Any, values: dict, prefix: str) -> None:

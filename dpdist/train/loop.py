@@ -1,0 +1,152 @@
+"""The training loop of one worker process: sampler, engine, optimizer, ledger, progress, summary.
+
+Each logical step: the Poisson plan for this step (identical on every rank), the micro-batches of this
+data-parallel rank through ``PrivateGradient``, one noisy gradient, the ledger entry (written before
+the update, so a crash never under-counts epsilon), the optimizer step.  The printed training loss is a
+non-private diagnostic of the sampled batch; the privacy guarantee covers the model, not the log.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..config import RunConfig
+from ..data.dataset import prepare_data
+from ..model.gpt import build_model
+from ..parallel.cross_entropy import per_example_loss
+from ..privacy.ledger import PrivacyLedger
+from ..privacy.sampling import PoissonSampler
+from ..runtime.mesh import Mesh
+from ..runtime.secret import save_secret, shared_secret, warn_fixed_seed
+from .engine import PrivateGradient
+from .plan import RunPlan
+
+
+def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+
+
+def _all_sum(values: list[float], mesh: Mesh) -> list[float]:
+    if mesh.dp_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=mesh.dp_group)
+    return t.tolist()
+
+
+@torch.no_grad()
+def validation_loss(model, data, mesh: Mesh, micro_batch_size: int, max_examples: int = 512) -> float:
+    """Mean per-example loss on the held-out split (each data-parallel rank takes a strided share)."""
+    n = min(data.num_val, max_examples)
+    indices = torch.arange(mesh.dp_rank, n, mesh.dp_size)
+    total = 0.0
+    for chunk in indices.split(micro_batch_size):
+        input_ids, labels = data.val_batch(chunk)
+        logits = model(input_ids.to(mesh.device))
+        total += float(per_example_loss(logits, labels.to(mesh.device), vocab_start=model.vocab_start,
+                                        tp_group=mesh.tp_group).sum())
+    total, count = _all_sum([total, float(len(indices))], mesh)
+    return total / max(count, 1.0)
+
+
+def train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh) -> dict:
+    data = prepare_data(cfg.data)
+    model = build_model(cfg.model, tp_group=mesh.tp_group, device=mesh.device)
+    optimizer = make_optimizer(cfg, model)
+    privacy = cfg.privacy
+    secret = shared_secret(privacy.seed, mesh.world_group)
+    if mesh.is_main:
+        if privacy.seed is not None:
+            warn_fixed_seed(privacy.seed)
+        save_secret(secret, run_dir)
+    sampler = PoissonSampler(plan.num_examples, plan.sample_rate, secret, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
+                             micro_batch_size=cfg.train.micro_batch_size)
+    engine = None
+    if privacy.enabled:
+        budget = privacy.memory_budget_mb * 2**20 if privacy.memory_budget_mb is not None else None
+        engine = PrivateGradient(model, clip_norm=privacy.clip_norm, noise_multiplier=plan.noise_multiplier,
+                                 expected_batch_size=plan.expected_batch_size, secret=secret,
+                                 clipping=privacy.clipping, automatic_gamma=privacy.automatic_gamma, mode=privacy.mode,
+                                 micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
+                                 memory_budget_bytes=budget, dp_group=mesh.dp_group, tp_group=mesh.tp_group)
+    ledger = PrivacyLedger(run_dir / "ledger.jsonl") if privacy.enabled and mesh.is_main else None
+    metrics = open(run_dir / "metrics.jsonl", "a") if mesh.is_main else None
+    bar = tqdm(total=plan.max_steps, desc="dp-train" if privacy.enabled else "train", unit="step", file=sys.stderr,
+               disable=not (mesh.is_main and cfg.train.progress), dynamic_ncols=True)
+    window = {"loss": 0.0, "examples": 0.0, "clipped": 0.0, "tokens": 0.0, "seconds": 0.0}
+    last_loss, epsilon, step = float("nan"), 0.0, 0
+    for step in range(plan.max_steps):
+        started = time.perf_counter()
+        step_plan = sampler.plan(step)
+        loss_sum = clipped = examples = 0.0
+        for micro in step_plan.micro_batches:
+            input_ids, labels = data.train_batch(micro.indices)
+            input_ids, labels, mask = input_ids.to(mesh.device), labels.to(mesh.device), micro.mask.to(mesh.device)
+            if engine is not None:
+                stats = engine.microbatch(input_ids, labels, mask)
+                loss_sum, clipped, examples = loss_sum + stats.loss_sum, clipped + stats.clipped, examples + stats.examples
+            else:
+                losses = per_example_loss(model(input_ids), labels, vocab_start=model.vocab_start,
+                                          tp_group=mesh.tp_group) * mask
+                (losses.sum() / plan.expected_batch_size).backward()
+                loss_sum, examples = loss_sum + float(losses.detach().sum()), examples + float(mask.sum())
+        if engine is not None:
+            engine.release(step)
+            if ledger is not None:
+                ledger.append(step, plan.sample_rate, plan.noise_multiplier)  # before the update is applied
+        elif mesh.dp_size > 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=mesh.dp_group)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, examples, clipped = _all_sum([loss_sum, examples, clipped], mesh)
+        window["loss"] += loss_sum
+        window["examples"] += examples
+        window["clipped"] += clipped
+        window["tokens"] += examples * cfg.data.seq_len
+        window["seconds"] += time.perf_counter() - started
+        if mesh.is_main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == plan.max_steps):
+            last_loss = window["loss"] / max(window["examples"], 1.0)
+            epsilon = ledger.epsilon(plan.delta, accountant=privacy.accountant) if ledger else math.inf
+            record = {"step": step + 1, "loss": last_loss, "epsilon": epsilon,
+                      "clipped_fraction": window["clipped"] / max(window["examples"], 1.0),
+                      "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9)}
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", eps=f"{epsilon:.2f}")
+            window = dict.fromkeys(window, 0.0)
+        bar.update(1)
+    bar.close()
+    val_loss = validation_loss(model, data, mesh, cfg.train.micro_batch_size) if data.num_val else float("nan")
+    summary = {"steps": plan.max_steps, "train_loss": last_loss, "val_loss": val_loss,
+               "val_perplexity": math.exp(min(val_loss, 50.0)), "delta": plan.delta,
+               "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+               "budget_stopped": plan.max_steps < cfg.train.steps}
+    if mesh.is_main:
+        if ledger is not None:
+            summary["epsilon"] = ledger.epsilon(plan.delta, accountant="pld")
+            summary["epsilon_rdp"] = ledger.epsilon(plan.delta, accountant="rdp")
+        metrics.close()
+    summary["checkpoint"] = str(save_model(model, run_dir, mesh))
+    return summary
+
+
+def save_model(model, run_dir: Path, mesh: Mesh) -> Path:
+    """The trained weights (this rank's shard under tensor parallelism); no secret is in this file."""
+    final = run_dir / "final"
+    name = "model.pt" if mesh.tp_size == 1 else f"model_tp{mesh.tp_rank}.pt"
+    if mesh.dp_rank == 0:
+        final.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, final / name)
+    return final / name
