@@ -1,0 +1,73 @@
+"""``dpdist train`` from the outside: the quick start end to end, and bad input refused before any process starts."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpdist.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small(tmp_path, *extra):
+    return ["train", "--config", str(ROOT / "configs/default.yaml"), f"data.cache_dir={tmp_path / 'cache'}",
+            "data.max_corpus_mb=0.5", "data.vocab_size=512", f"train.run_dir={tmp_path / 'run'}", *extra]
+
+
+@pytest.mark.slow
+def test_quickstart_command_runs_end_to_end(tmp_path):
+    """The README's first command (set up, then 2 processes on CPU), shortened to a few steps."""
+    result = subprocess.run([sys.executable, str(ROOT / "launcher/quickstart.py"), *small(tmp_path)[3:],
+                             "train.steps=4", "train.log_every=2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and 0 < summary["epsilon"] < 4.0
+    assert "epsilon =" in result.stdout and "validation loss" in result.stdout
+    ledger = (run / "ledger.jsonl").read_text().splitlines()
+    assert len(ledger) == 4
+    assert (run / "config.yaml").exists() and (run / "final/model.pt").exists()
+    assert oct((run / "private/secret").stat().st_mode)[-3:] == "600"
+    secret = (run / "private/secret").read_text().strip()
+    for public in ("config.yaml", "plan.json", "summary.json", "metrics.jsonl", "ledger.jsonl"):
+        assert secret not in (run / public).read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["data.path=/nonexistent/corpus.txt"], "data.path"),
+    (["privacy.delta=0.5"], "privacy.delta"),
+    (["privacy.delta=0.01", "train.batch_size=8"], "allow_large_delta"),
+    (["train.batch_size=10000000"], "exceeds the"),
+    (["data.seq_len=100"], "max_seq_len"),
+    (["privacy.clip_norm=-1"], "clip_norm"),
+    (["parallel.tensor=3"], "n_heads"),
+])
+def test_bad_input_is_refused_before_training(tmp_path, capsys, extra, message):
+    assert main(small(tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+    assert not (tmp_path / "run" / "ledger.jsonl").exists()
+
+
+def test_empty_corpus_is_refused(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(small(tmp_path, f"data.path={empty}")) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_existing_run_directory_is_never_reused(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ledger.jsonl").write_text("{}\n")
+    assert main(small(tmp_path)) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "run" / "ledger.jsonl").read_text() == "{}\n"
+
+
+def test_dry_run_prints_the_torchrun_command(tmp_path, capsys):
+    assert main(small(tmp_path, "--dry-run")) == 0
+    out = capsys.readouterr().out
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in out and "sigma" in out
