@@ -27,10 +27,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import oracle  # noqa: E402
 
-audit = pytest.importorskip("dpdist.audit", reason="dpdist.audit (the privacy engine) is not importable")
+from dpdist import audit  # noqa: E402  (no importorskip: a broken engine must fail loudly, not skip)
 
 TOL = 1e-9
 BATCH, SEQ = 5, 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with oracle.single_thread():
+        yield
 
 MODELS = {
     "tied-layernorm": dict(),

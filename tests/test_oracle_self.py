@@ -22,6 +22,12 @@ from dpdist.parallel.cross_entropy import per_example_loss  # noqa: E402
 
 TOL = 1e-12
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with oracle.single_thread():
+        yield
+
 CASES = {
     "tied-layernorm": dict(),
     "untied-rmsnorm-nobias": dict(tie_embeddings=False, norm="rmsnorm", bias=False),
