@@ -20,8 +20,9 @@ class Cost:
     """Extra work of one way of computing a layer's norms, beyond a non-private step.
 
     ``flops`` counts floating-point operations; ``kept_bytes`` is what must stay alive from the
-    layer's backward until the clip factors are known (book-keeping), ``touched_bytes`` the memory
-    traffic that the FLOP count does not show (writing and re-reading per-example gradients)."""
+    layer's backward until the clip factors are known (book-keeping) beyond the activations a
+    non-private step holds at its peak anyway; ``touched_bytes`` is the memory traffic that the FLOP
+    count does not show (writing and re-reading per-example gradients)."""
 
     flops: float
     kept_bytes: float
