@@ -112,6 +112,8 @@ class PrivacyConfig:
             raise ConfigError(f"privacy.memory_budget_mb must be >= 0; got {self.memory_budget_mb}")
         if self.automatic_gamma <= 0:
             raise ConfigError(f"privacy.automatic_gamma must be > 0; got {self.automatic_gamma}")
+        if self.seed is not None and not 0 <= self.seed < 2**124:
+            raise ConfigError(f"privacy.seed must be a non-negative integer below 2**124; got {self.seed}")
         if self.max_epsilon is not None and self.max_epsilon <= 0:
             raise ConfigError(f"privacy.max_epsilon must be > 0; got {self.max_epsilon}")
 
