@@ -1,0 +1,182 @@
+"""Tokenized corpus on disk, cut into examples: one chunk of ``seq_len + 1`` tokens is one privacy unit.
+
+The corpus is encoded once into a flat token file (``tokens.bin``, uint16 or uint32) in a cache folder
+named by a hash of everything that changes its content (source files with sizes and mtimes, canaries,
+tokenizer settings) but not of ``seq_len`` or ``val_fraction``: the chunking is arithmetic on the flat
+stream, so one cache serves every sequence length.  Chunks never overlap, so every token belongs to
+exactly one example; the last ``val_fraction`` of them are the validation split.
+
+A cache folder is built under a temporary name and renamed into place, so a process that sees it sees
+it complete, and two processes racing to build it both end up reading the same one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..config import ConfigError, DataConfig
+from .corpus import (CANARY_ALPHABET, CANARY_FORMAT, CANARY_SECRET_LENGTH, CANARY_SEED, Corpus, Segment,
+                     load_corpus)
+from .tokenizer import EOS_ID, MAX_SENTENCES, TRAINER_OPTIONS, load_tokenizer, sample_sentences, train_tokenizer
+
+FORMAT_VERSION = 1  # bump when the cache's content changes for the same inputs
+TOKENIZER_FILE, TOKENS_FILE, CANARIES_FILE, META_FILE = "tokenizer.model", "tokens.bin", "canaries.json", "meta.json"
+ENCODE_BATCH_CHARS = 4 * 2**20
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
+
+
+@dataclass
+class PreparedData:
+    """Paths and sizes of a prepared corpus; picklable, and opens the token file lazily in each process."""
+
+    tokenizer_path: str
+    tokens_path: str
+    vocab_size: int
+    seq_len: int
+    num_train: int
+    num_val: int
+    canaries_path: str | None
+    num_tokens: int
+    num_files: int
+    source: str
+    cache_path: str
+    from_cache: bool
+    _tokens: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None}  # a memmap is reopened, never pickled
+
+    def train_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._batch(indices, 0, self.num_train, "training")
+
+    def val_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._batch(indices, self.num_train, self.num_val, "validation")
+
+    def tokenizer(self):
+        return load_tokenizer(self.tokenizer_path)
+
+    def _batch(self, indices, first: int, count: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, labels)``, int64 ``[b, seq_len]``: labels are the inputs shifted by one token."""
+        indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).numpy()
+        if indices.size and (indices.min() < 0 or indices.max() >= count):
+            raise IndexError(f"{split} example index out of range [0, {count})")
+        if self._tokens is None:
+            self._tokens = np.memmap(self.tokens_path, dtype=token_dtype(self.vocab_size), mode="r")
+        width = self.seq_len + 1
+        chunks = self._tokens[(first + indices)[:, None] * width + np.arange(width)].astype(np.int64)  # [b, T+1]
+        return torch.from_numpy(chunks[:, :-1].copy()), torch.from_numpy(chunks[:, 1:].copy())
+
+
+def prepare_data(cfg: DataConfig, progress: bool | None = None) -> PreparedData:
+    """Build the tokenizer and token file for ``cfg`` or find them in ``cfg.cache_dir``.
+
+    ``progress``: a progress bar while tokenizing; None shows it when stderr is a terminal.
+    """
+    corpus = load_corpus(cfg)
+    fingerprint = {"format": FORMAT_VERSION, "corpus": corpus.fingerprint(), "vocab_size": cfg.vocab_size,
+                   "tokenizer_model": cfg.tokenizer_model, "trainer": TRAINER_OPTIONS, "max_sentences": MAX_SENTENCES}
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(cfg.cache_dir) / key
+    from_cache = (cache / META_FILE).exists()
+    if not from_cache:
+        _build(corpus, cfg, fingerprint, cache, sys.stderr.isatty() if progress is None else progress)
+    meta = json.loads((cache / META_FILE).read_text())
+    chunks = meta["tokens"] // (cfg.seq_len + 1)
+    num_val = int(chunks * cfg.val_fraction)
+    return PreparedData(tokenizer_path=str(cache / TOKENIZER_FILE), tokens_path=str(cache / TOKENS_FILE),
+                        vocab_size=meta["vocab_size"], seq_len=cfg.seq_len, num_train=chunks - num_val,
+                        num_val=num_val, canaries_path=str(cache / CANARIES_FILE) if meta["canaries"] else None,
+                        num_tokens=meta["tokens"], num_files=meta["files"], source=meta["source"],
+                        cache_path=str(cache), from_cache=from_cache)
+
+
+def _build(corpus: Corpus, cfg: DataConfig, fingerprint: dict, cache: Path, progress: bool) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+    try:
+        sentences = sample_sentences((s.text for s in corpus.segments() if s.canary is None),
+                                     MAX_SENTENCES[cfg.tokenizer_model])
+        if not sentences:
+            raise ConfigError(f"{corpus.description} holds no text (only blank lines or empty records); give it some")
+        model = train_tokenizer(sentences, cfg.vocab_size, cfg.tokenizer_model)
+        (staging / TOKENIZER_FILE).write_bytes(model)
+        tokenizer = load_tokenizer(staging / TOKENIZER_FILE)
+        vocab_size = tokenizer.get_piece_size()
+        bar = tqdm(total=corpus.num_bytes, desc="tokenize", unit="B", unit_scale=True, file=sys.stderr,
+                   disable=not progress, dynamic_ncols=True)
+        with open(staging / TOKENS_FILE, "wb") as out:
+            num_tokens, canary_offsets = _encode(corpus, tokenizer, token_dtype(vocab_size), out, bar)
+        bar.close()
+        if corpus.canaries:
+            _write_canaries(staging / CANARIES_FILE, corpus, tokenizer, canary_offsets)
+        meta = {"source": corpus.description, "files": len(corpus.files), "bytes": corpus.num_bytes,
+                "tokens": num_tokens, "vocab_size": vocab_size, "dtype": token_dtype(vocab_size).name,
+                "canaries": bool(corpus.canaries), "fingerprint": fingerprint}
+        (staging / META_FILE).write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(staging, cache)
+        except OSError:
+            if not (cache / META_FILE).exists():  # not a lost race with another process: a real failure
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _encode(corpus: Corpus, tokenizer, dtype: np.dtype, out, bar) -> tuple[int, dict[str, list[int]]]:
+    """Write the token stream (each document's ids, then EOS); return its length and where each canary starts."""
+    written, canary_offsets = 0, {}
+    for batch in _batches(corpus.segments()):
+        pieces = []
+        for segment, ids in zip(batch, tokenizer.encode([s.text for s in batch],
+                                                        num_threads=TRAINER_OPTIONS["num_threads"])):
+            if segment.canary is not None:
+                canary_offsets.setdefault(segment.canary.secret, []).append(written)
+            pieces.append(np.asarray(ids + [EOS_ID] if segment.last else ids, dtype=dtype))
+            written += len(pieces[-1])
+        np.concatenate(pieces).tofile(out)
+        bar.update(sum(len(s.text.encode()) for s in batch))
+        bar.set_postfix(tokens=written)
+    return written, canary_offsets
+
+
+def _batches(segments: Iterable[Segment]) -> Iterator[list[Segment]]:
+    """Groups of segments big enough for the tokenizer's threads, small enough to bound memory."""
+    batch, chars = [], 0
+    for segment in segments:
+        batch.append(segment)
+        chars += len(segment.text)
+        if chars >= ENCODE_BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _write_canaries(path: Path, corpus: Corpus, tokenizer, offsets: dict[str, list[int]]) -> None:
+    """What an exposure measurement needs: the format and secret space (to draw reference candidates), each
+    secret with its insertion count, and where each copy sits in the token stream (a copy counts as seen in
+    one example when it does not straddle a chunk boundary)."""
+    record = {
+        "seed": CANARY_SEED, "format": CANARY_FORMAT, "secret_alphabet": CANARY_ALPHABET,
+        "secret_length": CANARY_SECRET_LENGTH,
+        "pattern": CANARY_FORMAT.format(secret=f"[{CANARY_ALPHABET}]{{{CANARY_SECRET_LENGTH}}}"),  # no metacharacters
+        "canaries": [{"value": c.value, "line": c.line, "secret": c.secret, "count": c.count,
+                      "num_tokens": len(tokenizer.encode(c.line)), "token_offsets": offsets.get(c.secret, [])}
+                     for c in corpus.canaries],
+    }
+    path.write_text(json.dumps(record, indent=1))
