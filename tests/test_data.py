@@ -117,6 +117,18 @@ def test_second_call_and_other_seq_len_hit_the_cache(cache_dir, default_data):
     assert sorted(p.name for p in Path(cache_dir).iterdir() if p.name.startswith(".")) == []  # no staging left
 
 
+def _prepare(cfg: DataConfig) -> str:
+    return prepare_data(cfg).cache_path
+
+
+def test_processes_racing_to_build_end_up_sharing_one_complete_cache(tmp_path):
+    cfg = DataConfig(cache_dir=str(tmp_path), max_corpus_mb=0.1, vocab_size=512)
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        paths = pool.map(_prepare, [cfg] * 3)
+    assert len(set(paths)) == 1 and [p.name for p in tmp_path.iterdir()] == [Path(paths[0]).name]
+    assert prepare_data(cfg).from_cache
+
+
 def test_round_trip_is_exact(default_data):
     sp = default_data.tokenizer()
     for text in ["def f(x):\n\treturn x  # trailing  \n\n", "  leading spaces", "naïve café ∑ 日本語 🙂",

@@ -88,7 +88,8 @@ def prepare_data(cfg: DataConfig, progress: bool | None = None) -> PreparedData:
     """
     corpus = load_corpus(cfg)
     fingerprint = {"format": FORMAT_VERSION, "corpus": corpus.fingerprint(), "vocab_size": cfg.vocab_size,
-                   "tokenizer_model": cfg.tokenizer_model, "trainer": TRAINER_OPTIONS, "max_sentences": MAX_SENTENCES}
+                   "tokenizer_model": cfg.tokenizer_model, "trainer": TRAINER_OPTIONS,
+                   "max_sentences": MAX_SENTENCES[cfg.tokenizer_model]}
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cfg.cache_dir) / key
     from_cache = (cache / META_FILE).exists()
