@@ -11,15 +11,24 @@ from dpdist.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def small(tmp_path, *extra):
-    return ["train", "--config", str(ROOT / "configs/default.yaml"), f"data.cache_dir={tmp_path / 'cache'}",
-            "data.max_corpus_mb=0.5", "data.vocab_size=512", f"train.run_dir={tmp_path / 'run'}", *extra]
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One data cache for the module: building the corpus and tokenizer is the slow part of a run."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def small(tmp_path, cache):
+    def args(*extra):
+        return ["train", "--config", str(ROOT / "configs/default.yaml"), f"data.cache_dir={cache}",
+                "data.max_corpus_mb=0.5", "data.vocab_size=512", f"train.run_dir={tmp_path / 'run'}", *extra]
+    return args
 
 
 @pytest.mark.slow
-def test_quickstart_command_runs_end_to_end(tmp_path):
+def test_quickstart_command_runs_end_to_end(tmp_path, small):
     """The README's first command (set up, then 2 processes on CPU), shortened to a few steps."""
-    result = subprocess.run([sys.executable, str(ROOT / "launcher/quickstart.py"), *small(tmp_path)[3:],
+    result = subprocess.run([sys.executable, str(ROOT / "launcher/quickstart.py"), *small()[3:],
                              "train.steps=4", "train.log_every=2"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -45,29 +54,29 @@ def test_quickstart_command_runs_end_to_end(tmp_path):
     (["privacy.clip_norm=-1"], "clip_norm"),
     (["parallel.tensor=3"], "n_heads"),
 ])
-def test_bad_input_is_refused_before_training(tmp_path, capsys, extra, message):
-    assert main(small(tmp_path, *extra)) == 2
+def test_bad_input_is_refused_before_training(tmp_path, capsys, small, extra, message):
+    assert main(small(*extra)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err
     assert not (tmp_path / "run" / "ledger.jsonl").exists()
 
 
-def test_empty_corpus_is_refused(tmp_path, capsys):
+def test_empty_corpus_is_refused(tmp_path, capsys, small):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert main(small(tmp_path, f"data.path={empty}")) == 2
+    assert main(small(f"data.path={empty}")) == 2
     assert "error:" in capsys.readouterr().err
 
 
-def test_existing_run_directory_is_never_reused(tmp_path, capsys):
+def test_existing_run_directory_is_never_reused(tmp_path, capsys, small):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "ledger.jsonl").write_text("{}\n")
-    assert main(small(tmp_path)) == 2
+    assert main(small()) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (tmp_path / "run" / "ledger.jsonl").read_text() == "{}\n"
 
 
-def test_dry_run_prints_the_torchrun_command(tmp_path, capsys):
-    assert main(small(tmp_path, "--dry-run")) == 0
+def test_dry_run_prints_the_torchrun_command(tmp_path, capsys, small):
+    assert main(small("--dry-run")) == 0
     out = capsys.readouterr().out
     assert "torch.distributed.run --standalone --nproc_per_node=2" in out and "sigma" in out

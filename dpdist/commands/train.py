@@ -25,11 +25,11 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def make_run_dir(requested: str | None) -> Path:
+def fresh_run_dir(requested: str | None) -> Path:
+    """The run directory to create; an existing, non-empty one is refused (its ledger must never be mixed)."""
     path = Path(requested) if requested else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if path.exists() and any(path.iterdir()):
         raise ConfigError(f"run directory {str(path)!r} already holds a run; choose another train.run_dir")
-    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -37,11 +37,12 @@ def prepare_run(cfg: RunConfig) -> tuple[Path, "RunPlan"]:
     from ..data.dataset import prepare_data
     from ..train.plan import resolve_plan
 
+    run_dir = fresh_run_dir(cfg.train.run_dir)
     data = prepare_data(cfg.data)
     cfg.model.vocab_size = data.vocab_size
     cfg.validate()
     plan = resolve_plan(cfg, data.num_train, data.num_val, data.vocab_size)
-    run_dir = make_run_dir(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     cfg.train.run_dir = str(run_dir)
     dump_config(cfg, run_dir / "config.yaml")
     plan.save(run_dir / "plan.json")

@@ -21,6 +21,7 @@ from ..config import RunConfig
 from ..data.dataset import prepare_data
 from ..model.gpt import build_model
 from ..parallel.cross_entropy import per_example_loss
+from ..privacy.accounting import DISPLAY_PLD_GRID
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.sampling import PoissonSampler
 from ..runtime.mesh import Mesh
@@ -118,7 +119,7 @@ def train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh) -> dict:
         window["seconds"] += time.perf_counter() - started
         if mesh.is_main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == plan.max_steps):
             last_loss = window["loss"] / max(window["examples"], 1.0)
-            epsilon = ledger.epsilon(plan.delta, accountant=privacy.accountant) if ledger else math.inf
+            epsilon = ledger.epsilon(plan.delta, privacy.accountant, DISPLAY_PLD_GRID) if ledger else math.inf
             record = {"step": step + 1, "loss": last_loss, "epsilon": epsilon,
                       "clipped_fraction": window["clipped"] / max(window["examples"], 1.0),
                       "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9)}
