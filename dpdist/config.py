@@ -54,6 +54,9 @@ class DataConfig:
     path: str | None = None  # a .txt/.jsonl file or a directory of them; None = the embedded default corpus
     seq_len: int = 64
     vocab_size: int = 4096  # sentencepiece vocabulary trained on the corpus
+    # A sentencepiece model trained on PUBLIC text.  Without it the tokenizer is trained on the corpus
+    # itself, and its vocabulary is a non-private function of the data (fine for the embedded corpus).
+    tokenizer_path: str | None = None
     tokenizer_model: str = "bpe"  # bpe | unigram
     max_corpus_mb: float = 4.0  # cap on the embedded default corpus
     val_fraction: float = 0.02
@@ -67,6 +70,8 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction must be in [0, 0.5); got {self.val_fraction}")
         if self.path is not None and not Path(self.path).exists():
             raise ConfigError(f"data.path {self.path!r} does not exist; point it at a .txt/.jsonl file or folder")
+        if self.tokenizer_path is not None and not Path(self.tokenizer_path).is_file():
+            raise ConfigError(f"data.tokenizer_path {self.tokenizer_path!r} is not a file; give a sentencepiece .model")
 
 
 @dataclass

@@ -205,3 +205,17 @@ def test_tokenize_command_prints_a_summary(tmp_path, capsys):
     assert args.func(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: data.path") and err.count("\n") == 1
+
+
+def test_a_given_public_tokenizer_is_used_instead_of_one_trained_on_the_data(tmp_path):
+    """data.tokenizer_path: the vocabulary then reveals nothing about the private corpus."""
+    public = tmp_path / "public.txt"
+    public.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(300)))
+    private = tmp_path / "private.txt"
+    private.write_text("\n".join(f"zebra xylophone quartz {i}" for i in range(300)))
+    first = prepare_data(DataConfig(path=str(public), vocab_size=300, cache_dir=str(tmp_path / "c1"), seq_len=8))
+    given = DataConfig(path=str(private), tokenizer_path=first.tokenizer_path, cache_dir=str(tmp_path / "c2"), seq_len=8)
+    given.validate()
+    data = prepare_data(given)
+    assert Path(data.tokenizer_path).read_bytes() == Path(first.tokenizer_path).read_bytes()
+    assert data.tokenizer().decode(data.tokenizer().encode("zebra quartz")) == "zebra quartz"

@@ -90,6 +90,8 @@ def prepare_data(cfg: DataConfig, progress: bool | None = None) -> PreparedData:
     fingerprint = {"format": FORMAT_VERSION, "corpus": corpus.fingerprint(), "vocab_size": cfg.vocab_size,
                    "tokenizer_model": cfg.tokenizer_model, "trainer": TRAINER_OPTIONS,
                    "max_sentences": MAX_SENTENCES[cfg.tokenizer_model]}
+    if cfg.tokenizer_path is not None:
+        fingerprint["tokenizer"] = hashlib.sha256(Path(cfg.tokenizer_path).read_bytes()).hexdigest()
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cfg.cache_dir) / key
     from_cache = (cache / META_FILE).exists()
@@ -110,11 +112,14 @@ def _build(corpus: Corpus, cfg: DataConfig, fingerprint: dict, cache: Path, prog
     staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
     staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
     try:
-        sentences = sample_sentences((s.text for s in corpus.segments() if s.canary is None),
-                                     MAX_SENTENCES[cfg.tokenizer_model])
-        if not sentences:
-            raise ConfigError(f"{corpus.description} holds no text (only blank lines or empty records); give it some")
-        model = train_tokenizer(sentences, cfg.vocab_size, cfg.tokenizer_model)
+        if cfg.tokenizer_path is not None:
+            model = Path(cfg.tokenizer_path).read_bytes()
+        else:
+            sentences = sample_sentences((s.text for s in corpus.segments() if s.canary is None),
+                                         MAX_SENTENCES[cfg.tokenizer_model])
+            if not sentences:
+                raise ConfigError(f"{corpus.description} holds no text (only blank lines or empty records); give it some")
+            model = train_tokenizer(sentences, cfg.vocab_size, cfg.tokenizer_model)
         (staging / TOKENIZER_FILE).write_bytes(model)
         tokenizer = load_tokenizer(staging / TOKENIZER_FILE)
         vocab_size = tokenizer.get_piece_size()
