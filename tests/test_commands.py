@@ -1,0 +1,28 @@
+"""The audit command on a small model, and every shipped config loads and validates."""
+from pathlib import Path
+
+import pytest
+
+from dpdist.cli import main
+from dpdist.config import load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    load_config(path)
+
+
+def test_audit_passes_and_prints_a_table(capsys):
+    code = main(["audit", "model.d_model=16", "model.n_heads=2", "model.vocab_size=53", "model.max_seq_len=16",
+                 "data.seq_len=8", "privacy.target_epsilon=1", "--batch", "3"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "sensitivity per_layer" in out and "norms two_pass/ghost" in out and "FAIL" not in out
+    assert out.strip().endswith("11 passed, 0 failed")
+
+
+def test_audit_refuses_bad_sizes(capsys):
+    assert main(["audit", "privacy.target_epsilon=1", "--seq-len", "100000"]) == 2
+    assert "error:" in capsys.readouterr().err
