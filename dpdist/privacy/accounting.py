@@ -1,0 +1,99 @@
+"""Epsilon of Poisson-subsampled DP-SGD, from ``dp_accounting`` only (no formulas of our own).
+
+PLD gives the headline number (tight, with a pessimistic discretisation); RDP is reported alongside
+as the looser, widely quoted bound.  Adjacency is add/remove-one, the one Poisson sampling's
+analysis uses.
+"""
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+
+ACCOUNTANTS = ("pld", "rdp")
+PLD_GRID = 1e-4  # dp_accounting's default PLD value discretisation: the reported epsilon
+# A coarser PLD grid for progress displays: 10x faster (0.09 s instead of 0.9 s at a few hundred
+# steps) and still an upper bound (the discretisation is pessimistic), but looser over many steps
+# (0.90 instead of 0.70 at 1e5 steps), so never the reported number.
+DISPLAY_PLD_GRID = 1e-3
+
+
+def _accountant(name: str, pld_grid: float = PLD_GRID) -> dp_accounting.PrivacyAccountant:
+    if name not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {list(ACCOUNTANTS)}; got {name!r}")
+    if name == "rdp":
+        return dp_accounting.rdp.RdpAccountant()
+    return dp_accounting.pld.PLDAccountant(value_discretization_interval=pld_grid)
+
+
+def dp_sgd_event(sample_rate: float, noise_multiplier: float, steps: int) -> dp_accounting.DpEvent:
+    """``steps`` releases of the Poisson-subsampled Gaussian mechanism."""
+    step = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
+    return dp_accounting.SelfComposedDpEvent(step, steps)
+
+
+def epsilon_for_history(history: list[tuple[float, float, int]], delta: float, accountant: str = "pld",
+                        pld_grid: float = PLD_GRID) -> float:
+    """Epsilon of a run whose steps are given run-length encoded as (sample_rate, noise_multiplier, count)."""
+    fresh = _accountant(accountant, pld_grid)
+    history = [(q, sigma, count) for q, sigma, count in history if count > 0]
+    if not history:
+        return 0.0
+    if any(sigma == 0 for _, sigma, _ in history):
+        return math.inf  # a noiseless release of a sampled example
+    event = dp_accounting.ComposedDpEvent([dp_sgd_event(q, sigma, count) for q, sigma, count in history])
+    return float(fresh.compose(event).get_epsilon(delta))
+
+
+def epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta: float, accountant: str = "pld",
+            pld_grid: float = PLD_GRID) -> float:
+    return epsilon_for_history([(sample_rate, noise_multiplier, steps)], delta, accountant, pld_grid)
+
+
+def calibrate_noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delta: float,
+                               accountant: str = "pld") -> float:
+    """The smallest sigma (to 1e-6) whose epsilon after ``steps`` steps is at most ``target_epsilon``.
+
+    PLD is slow at small sigma (tens of seconds at sigma 0.1), where the default search bracket
+    [0, 1] starts, so PLD searches near the cheap RDP answer first: PLD's sigma is a few percent
+    below RDP's.  Should that bracket miss, the default search runs.
+    """
+    if steps == 0:
+        return 0.0  # nothing is released
+
+    def make_event(sigma: float) -> dp_accounting.DpEvent:
+        return dp_sgd_event(sample_rate, sigma, steps)
+
+    def calibrate(bracket=None) -> float:
+        return float(dp_accounting.calibrate_dp_mechanism(lambda: _accountant(accountant), make_event,
+                                                          target_epsilon, delta, bracket_interval=bracket))
+
+    if accountant != "pld":
+        return calibrate()
+    sigma_rdp = calibrate_noise_multiplier(target_epsilon, sample_rate, steps, delta, accountant="rdp")
+    try:
+        return calibrate(dp_accounting.ExplicitBracketInterval(0.85 * sigma_rdp, sigma_rdp))
+    except ValueError:  # eps(0.85 sigma_rdp) and eps(sigma_rdp) lie on the same side of the target
+        return calibrate()
+
+
+def max_steps_within(epsilon_budget: float, sample_rate: float, noise_multiplier: float, delta: float,
+                     accountant: str = "pld", upper: int = 10**7) -> int:
+    """The largest T <= ``upper`` whose epsilon is at most the budget (epsilon grows with T).
+
+    Doubling from T = 1 before bisecting keeps every evaluation below twice the answer: PLD is
+    several times slower far beyond it (about 3 s at T = 5e6 against 0.4 s at T = 1e3).
+    """
+    def within(steps: int) -> bool:
+        return epsilon(sample_rate, noise_multiplier, steps, delta, accountant) <= epsilon_budget
+
+    if within(upper):  # the common case: a run calibrated for its budget
+        return upper
+    good, bad = 0, 1  # invariant: within(good), and bad > upper or not within(bad)
+    while bad <= upper and within(bad):
+        good, bad = bad, 2 * bad
+    bad = min(bad, upper + 1)
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if within(middle) else (good, middle)
+    return good
