@@ -29,7 +29,6 @@ Clipping rules (the specification, algorithms.md §1 and §5.3):
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from typing import Iterable
@@ -245,18 +244,6 @@ def dict_sub(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str
 
 
 # ------------------------------------------------------------------------- small test fixtures
-
-@contextlib.contextmanager
-def single_thread():
-    """Run tiny-tensor tests on one intra-op thread, then restore.  On a shared 2-core machine under
-    load, torch's default thread pool made these files ~6x slower (53 s instead of 8 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 def tiny_model(*, vocab_size: int = 37, d_model: int = 16, n_layers: int = 2, n_heads: int = 2,
                max_seq_len: int = 16, perturb: float = 0.1, seed: int = 0, **overrides) -> nn.Module:

@@ -10,8 +10,6 @@ Single process (``tp_group=None``), float64.
 """
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
@@ -21,17 +19,11 @@ from torch.func import functional_call
 
 from dpdist.parallel.layers import ColumnParallelLinear, Norm, RowParallelLinear, VocabParallelEmbedding
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import oracle  # noqa: E402
+import oracle
 
 B, T, D_IN, D_OUT, V = 3, 5, 6, 4, 11
 DT = torch.float64
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with oracle.single_thread():
-        yield
 
 
 class RaisingTap:

@@ -17,25 +17,17 @@ oracle in ``tests/oracle.py`` (relative error < 1e-9 per example) on small model
 from __future__ import annotations
 
 import functools
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import oracle  # noqa: E402
+import oracle
 
-from dpdist import audit  # noqa: E402  (no importorskip: a broken engine must fail loudly, not skip)
+from dpdist import audit  # (no importorskip: a broken engine must fail loudly, not skip)
 
 TOL = 1e-9
 BATCH, SEQ = 5, 12
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with oracle.single_thread():
-        yield
 
 MODELS = {
     "tied-layernorm": dict(),

@@ -9,24 +9,16 @@ permutes the gradients), and the oracle's loss is ``dpdist.parallel.cross_entrop
 """
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import oracle  # noqa: E402
+import oracle
 
 from dpdist.parallel.cross_entropy import per_example_loss  # noqa: E402
 
 TOL = 1e-12
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with oracle.single_thread():
-        yield
 
 CASES = {
     "tied-layernorm": dict(),
