@@ -1,6 +1,13 @@
-"""Data parallelism with noise on: 2 processes give the same parameters as 1 process on the same logical
-batches, and the replicas stay bit-identical (the noise is keyed, generated identically on every replica,
-and added once after the sum)."""
+"""Layout invariance with noise ON: data- and tensor-parallel runs give the parameters of a single process.
+
+Every layout runs the same noisy steps (the Poisson draw, the keyed noise and the initial weights are
+functions of the seed only) and must end, gathered to full shape, equal to one process in float64
+(relative 1e-10), with data-parallel replicas and tensor-parallel copies of replicated parameters
+bit-identical.  The same launches check per-example norms of the sharded model (tensor degrees 2 and
+4, vocabulary 41 padded to 42 and 44, tied embedding with repeated tokens and ignored labels) against
+brute force, and count what the DP machinery adds to a micro-batch's communication: one all-reduce of
+B floats over the tensor group.
+"""
 import json
 import sys
 from pathlib import Path
@@ -9,21 +16,44 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from dp_steps import tiny_model, train_tiny  # noqa: E402
 from launch import torchrun  # noqa: E402
+from layout_steps import fixed_batch, tiny_model, train_tiny  # noqa: E402
 
+from dpdist.audit import brute_force_grads  # noqa: E402
 from dpdist.runtime.mesh import Mesh  # noqa: E402
+
+LAYOUTS = [(2, 1), (1, 2), (2, 2), (1, 4)]
+
+
+@pytest.fixture(scope="module")
+def single():
+    model = train_tiny(Mesh())
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def reference_norms():
+    ids, labels = fixed_batch()
+    grads = brute_force_grads(tiny_model(Mesh()), ids, labels)
+    return torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
 
 
 @pytest.mark.slow
-def test_two_data_parallel_processes_equal_one(tmp_path):
-    out = tmp_path / "dp2.pt"
-    torchrun("dp_steps.py", 2, out, 2, 1)
-    assert json.loads(Path(str(out) + ".json").read_text())["replicas_identical"]
+@pytest.mark.parametrize("data, tensor", LAYOUTS, ids=lambda v: str(v))
+def test_layout_gives_the_single_process_result(tmp_path, single, reference_norms, data, tensor):
+    out = tmp_path / "params.pt"
+    torchrun("layout_steps.py", data * tensor, out, data, tensor)
+    verdict = json.loads(Path(str(out) + ".json").read_text())
+    assert verdict["dp_replicas_identical"] and verdict["tp_replicated_identical"]
     distributed = torch.load(out)
-    single = train_tiny(Mesh()).state_dict()
-    initial = tiny_model(Mesh()).state_dict()
+    initial = {name: p.detach() for name, p in tiny_model(Mesh()).named_parameters()}
+    assert distributed.keys() == single.keys()
     for name, value in single.items():
         assert not torch.equal(value, initial[name]), f"{name} did not move"
         scale = float(value.abs().max().clamp(min=1e-12))
         assert torch.allclose(distributed[name], value, rtol=0, atol=1e-10 * scale), name
+    norms = torch.tensor(verdict["norms"], dtype=torch.float64)
+    assert torch.allclose(norms, reference_norms, rtol=1e-9, atol=0)
+    batch = reference_norms.numel()
+    expected = [[batch, True]] if tensor > 1 else []
+    assert verdict["added_collectives"] == expected

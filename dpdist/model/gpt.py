@@ -121,6 +121,13 @@ class GPT(nn.Module):
         return logits
 
 
+def strip_vocab_padding(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A full state dict without the rows that pad the vocabulary to a multiple of the tensor degree, so
+    that it is the same for every tensor degree."""
+    tables = ("tok_emb.weight", "lm_head.weight")
+    return {name: t[: cfg.vocab_size] if name in tables else t for name, t in state.items()}
+
+
 def build_model(cfg: ModelConfig, tp_group=None, device: str | torch.device = "cpu") -> GPT:
     """The model of ``cfg`` on this process (its tensor-parallel shard when ``tp_group`` has several ranks)."""
     cfg.validate()

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from ..config import RunConfig
 from ..data.dataset import prepare_data
-from ..model.gpt import build_model
+from ..model.gpt import build_model, strip_vocab_padding
+from ..parallel.state import full_state_dict
 from ..parallel.cross_entropy import per_example_loss
 from ..privacy.accounting import DISPLAY_PLD_GRID
 from ..privacy.ledger import PrivacyLedger
@@ -139,15 +140,15 @@ def train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh) -> dict:
             summary["epsilon"] = ledger.epsilon(plan.delta, accountant="pld")
             summary["epsilon_rdp"] = ledger.epsilon(plan.delta, accountant="rdp")
         metrics.close()
-    summary["checkpoint"] = str(save_model(model, run_dir, mesh))
+    summary["checkpoint"] = str(save_model(model, cfg, run_dir, mesh))
     return summary
 
 
-def save_model(model, run_dir: Path, mesh: Mesh) -> Path:
-    """The trained weights (this rank's shard under tensor parallelism); no secret is in this file."""
-    final = run_dir / "final"
-    name = "model.pt" if mesh.tp_size == 1 else f"model_tp{mesh.tp_rank}.pt"
-    if mesh.dp_rank == 0:
-        final.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, final / name)
-    return final / name
+def save_model(model, cfg: RunConfig, run_dir: Path, mesh: Mesh) -> Path:
+    """The trained weights at full shape, written by rank 0; no secret is in this file."""
+    path = run_dir / "final" / "model.pt"
+    state = strip_vocab_padding(full_state_dict(model, mesh.tp_group), cfg.model) if mesh.dp_rank == 0 else None
+    if mesh.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.cpu() for k, v in state.items()}, path)
+    return path
