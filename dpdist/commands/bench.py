@@ -1,0 +1,60 @@
+"""``dpdist bench``: non-private vs DP step time and peak memory on this machine, with the FLOP floor.
+
+Each mode runs in a fresh process (peak RSS is per process); see ``dpdist.train.bench``.  Prints a
+table, or one JSON object with ``--json``.  ``--budgets 0,256,1024,none,unlimited`` adds a frontier
+(time and memory at several memory budgets) in the same run.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="measure DP vs non-private step time and peak memory (and Opacus ghost clipping)",
+        description="Time the non-private step, the dpdist DP step and (if installed) Opacus ghost clipping on "
+                    "the same model and batch, each in a fresh process; report ratios, peak memory and the "
+                    "FLOP floor of the ratio.")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=6, help="steps per mode; the first is excluded (default 6)")
+    parser.add_argument("--clipping", choices=("flat", "per-layer", "automatic"), default="flat")
+    parser.add_argument("--memory-budget", default="none", metavar="MB",
+                        help="memory budget for the per-layer ghost/materialise choice: MB, 'none' (FLOP rule, "
+                             "the default) or 'unlimited'")
+    parser.add_argument("--budgets", default=None, metavar="LIST",
+                        help="comma-separated budgets for a frontier table, e.g. 0,256,1024,none,unlimited")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat every mode this many times (interleaved) and keep each mode's fastest round; "
+                             "helps on a machine shared with other work (default 1)")
+    parser.add_argument("--no-opacus", action="store_true", help="skip the Opacus ghost-clipping comparison")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..train.bench import BenchConfig, format_report, parse_budget, run_benchmark
+
+    cfg = BenchConfig(layers=args.layers, d_model=args.d_model, heads=args.heads, vocab=args.vocab,
+                      seq_len=args.seq_len, batch=args.batch, steps=args.steps)
+    try:
+        cfg.validate()
+        budget = parse_budget(args.memory_budget)
+        budgets = [parse_budget(b) for b in args.budgets.split(",") if b.strip()] if args.budgets else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
+    try:
+        out = run_benchmark(cfg, clipping=args.clipping.replace("-", "_"), budget=budget, budgets=budgets,
+                            opacus=not args.no_opacus, rounds=args.rounds, log=log)
+    except (RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2) if args.json else format_report(out))
+    return 0

@@ -1,0 +1,35 @@
+"""``dpdist bench`` smoke test: a tiny model, 2 steps, JSON out, every number present and sane."""
+import json
+
+from dpdist.commands import bench
+from dpdist.train.bench import BenchConfig, nonprivate_step_flops, parse_budget
+
+TINY = ["--layers", "1", "--d-model", "32", "--heads", "2", "--vocab", "64", "--seq-len", "8", "--batch", "4",
+        "--steps", "2", "--no-opacus", "--json"]
+
+
+def _run(argv, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", *argv])
+    assert args.func(args) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_bench_json_has_positive_measurements(capsys):
+    out = _run(TINY + ["--budgets", "0,none"], capsys)
+    for key in ("nonprivate_step_s", "dp_step_s", "ratio", "nonprivate_peak_mb", "dp_peak_mb", "flop_floor_ratio"):
+        assert isinstance(out[key], (int, float)) and out[key] > 0, (key, out[key])
+    assert out["ratio"] == out["dp_step_s"] / out["nonprivate_step_s"]
+    assert out["flop_floor_ratio"] >= 1.0
+    assert [row["budget"] for row in out["frontier"]] == ["0 MB", "none (FLOP rule)"]
+    assert all(row["flop_floor_ratio"] >= 1.0 and row["step_s"] > 0 for row in out["frontier"])
+
+
+def test_flop_count_and_budget_parsing():
+    cfg = BenchConfig(layers=1, d_model=4, heads=1, vocab=10, seq_len=2, batch=1)
+    # forward: linears 2*2*(3*16+16+2*4*16) = 768, attention 4*4*4 = 64, vocab 2*2*4*10 = 160; step = 3x
+    assert nonprivate_step_flops(cfg) == 3 * (768 + 64 + 160)
+    assert parse_budget("none") == "none" and parse_budget("inf") == "unlimited" and parse_budget("256") == 256.0
