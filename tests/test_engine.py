@@ -68,10 +68,14 @@ def test_a_parameter_without_a_norm_rule_is_refused_by_name():
         PrivateGradient(m, clip_norm=1.0)
 
 
-def test_frozen_parameters_are_allowed():
+def test_frozen_parameters_are_allowed_and_get_no_noise():
     m = model()
     m.extra = nn.Linear(4, 4).double().requires_grad_(False)
+    m.pos_emb.weight.requires_grad_(False)
     assert all(type(layer) is not nn.Linear for layer in dp_layers(m))
+    PrivateGradient(m, clip_norm=CLIP, noise_multiplier=SIGMA, secret=SECRET).release(0)
+    assert m.extra.weight.grad is None and m.pos_emb.weight.grad is None
+    assert m.tok_emb.weight.grad is not None
 
 
 def test_memory_budget_is_respected_and_buys_time():

@@ -69,7 +69,7 @@ class PrivateGradient:
         self.expected_batch_size, self.secret = expected_batch_size, secret
         self.clipping, self.automatic_gamma, self.mode = clipping, automatic_gamma, mode
         self.dp_group, self.tp_group = dp_group, tp_group
-        self.names = {p: name for name, p in model.named_parameters()}
+        self.names = {p: name for name, p in model.named_parameters() if p.requires_grad}
         layers = dp_layers(model)
         elem_bytes = next(model.parameters()).element_size()
         self.plan: Plan = plan_strategies(layers, micro_batch_size, seq_len, elem_bytes, budget_bytes=memory_budget_bytes,
