@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dpdist.privacy.noise import derive_key, keystream_words
 from dpdist.privacy.sampling import PoissonSampler
 
 SECRET = 0xA11CE
@@ -30,6 +31,16 @@ def test_each_example_is_included_with_probability_q():
     assert np.all(np.abs(counts - steps * q) < 5 * math.sqrt(steps * q * (1 - q)))
     # The overall rate, Binomial(400000, 0.1), within 5 standard deviations (false alarm 5.7e-7).
     assert abs(counts.sum() - n * steps * q) < 5 * math.sqrt(n * steps * q * (1 - q))
+
+
+def test_example_i_uses_word_i_of_the_sample_keystream():
+    """One 64-bit AES-CTR keystream word per example, keyed by (secret, step, "sample"): a prefix of the
+    examples is selected the same way whatever the data set's size."""
+    words = keystream_words(derive_key(SECRET, 5, "sample"), 0, 300)
+    expected = np.flatnonzero((words >> np.uint64(11)) * 2.0**-53 < 0.2)
+    assert np.array_equal(PoissonSampler(300, 0.2, SECRET).selection(5), expected)
+    small = PoissonSampler(120, 0.2, SECRET).selection(5)
+    assert np.array_equal(small, expected[expected < 120])
 
 
 def test_plan_is_a_pure_function_of_secret_and_step():

@@ -5,6 +5,12 @@ The noise on element ``i`` (flat index in the FULL, unsharded parameter) of para
 replicas of a replicated parameter draw identical noise, distinct shards get independent noise, and
 neither the parallel layout nor a crash/resume changes a single value: a replayed step releases the
 same noise again, never a fresh draw.
+
+The generator is AES-128 in counter mode, keyed per stream by :func:`derive_key` (BLAKE2b keyed by the
+secret).  Both are standard pseudorandom functions, so the noise is computationally indistinguishable
+from true randomness to anyone without the secret, and AES-NI produces the keystream at several GB/s.
+Counter block b (the 128-bit big-endian counter b, starting from an all-zero initial block) gives
+keystream words 2b and 2b+1, so any word is reachable without generating the ones before it.
 """
 from __future__ import annotations
 
@@ -14,9 +20,13 @@ import operator
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-_WORDS_PER_BLOCK = 4  # Philox-4x64 emits four 64-bit words per counter value
-_BATCH = 1 << 20  # normals generated per pass (16 MiB of words): fastest on a 2-core CPU
+_BLOCK = 16  # bytes per AES block: two 64-bit keystream words, one Box-Muller pair
+_WORD = np.dtype("<u8")  # keystream words are read little-endian on every host
+_ZEROS = memoryview(np.zeros(1 << 22, np.uint8))  # plaintext: AES-CTR over zeros is the bare keystream
+_BATCH = 1 << 20  # normals generated per pass (8 MiB of keystream): fastest on a 2-core CPU
+_GAP = 1 << 11  # blocks of keystream (32 KiB) to skip by encrypting rather than by a new encryptor
 
 
 def derive_key(secret: int, *parts) -> int:
@@ -41,20 +51,39 @@ def derive_key(secret: int, *parts) -> int:
     return int.from_bytes(digest.digest(), "little")
 
 
-def philox_words(bitgen: np.random.Philox, start: int, count: int) -> np.ndarray:
-    """Raw 64-bit words ``start .. start+count-1`` of ``bitgen``'s stream, wherever it stood before.
+def _ctr(aes: algorithms.AES, block: int):
+    """An AES-CTR encryptor whose first keystream block is counter block ``block``."""
+    return Cipher(aes, modes.CTR(block.to_bytes(_BLOCK, "big"))).encryptor()
 
-    Philox-4x64 emits counter block b as words 4b .. 4b+3: set the counter to the block holding
-    ``start`` and drop the words before it.  (``advance(d)`` counts blocks too, not words, and is
-    relative to the current position; setting the counter is absolute and several times cheaper than
-    creating a fresh generator per run of a shard.)
+
+def _encrypt_zeros(encryptor, out: memoryview, nbytes: int) -> None:
+    """Write the next ``nbytes`` keystream bytes of ``encryptor`` into ``out`` (which may be longer).
+
+    Callers leave a spare block at the end of ``out``: older releases of cryptography wanted
+    ``len(data) + 15`` bytes of room in ``update_into`` (50 wants ``len(data)``).
     """
-    state = bitgen.state
-    state["state"]["counter"][:] = (start // _WORDS_PER_BLOCK, 0, 0, 0)
-    state["buffer_pos"] = _WORDS_PER_BLOCK  # nothing buffered: the next word starts a block
-    bitgen.state = state
-    skip = start % _WORDS_PER_BLOCK
-    return bitgen.random_raw(skip + count)[skip:]
+    for pos in range(0, nbytes, len(_ZEROS)):
+        encryptor.update_into(_ZEROS[:min(len(_ZEROS), nbytes - pos)], out[pos:])
+
+
+def _aes(key: int) -> algorithms.AES:
+    return algorithms.AES(key.to_bytes(16, "little"))
+
+
+def keystream_words(key: int, start: int, count: int) -> np.ndarray:
+    """64-bit words ``start .. start+count-1`` of the AES-128-CTR keystream of ``key`` (a 128-bit int).
+
+    Block b encrypts the big-endian counter b and is read as the little-endian words 2b and 2b+1:
+    start the counter at block ``start // 2`` and drop the first word if ``start`` is odd.
+    """
+    start, count = operator.index(start), operator.index(count)
+    if start < 0 or count < 0:
+        raise ValueError(f"need start >= 0 and count >= 0; got {start}, {count}")
+    block, skip = divmod(start, 2)
+    blocks = (skip + count + 1) // 2
+    words = np.empty(2 * blocks + 2, _WORD)  # one spare block: see _encrypt_zeros
+    _encrypt_zeros(_ctr(_aes(key), block), memoryview(words.view(np.uint8)), _BLOCK * blocks)
+    return words[skip:skip + count]
 
 
 def _flat_runs(full_shape: tuple[int, ...], box) -> tuple[list[tuple[int, int]], tuple[int, ...]]:
@@ -99,13 +128,21 @@ def _batches(runs: list[tuple[int, int]], size: int):
 
 
 def _box_muller(words: np.ndarray, out: torch.Tensor) -> None:
-    """One standard normal per pair of words (u1 from the first, u2 from the second), into float64 ``out``."""
+    """Two standard normals per pair of words, into contiguous float64 ``out`` (as long as ``words``).
+
+    Words 2p and 2p+1 give u1 and u2; out[2p] = r cos(2 pi u2) and out[2p+1] = r sin(2 pi u2) with
+    r = sqrt(-2 ln u1), two independent N(0, 1).  The transcendental functions run on contiguous
+    buffers of whole pairs, so a value never depends on where its pair sits in a batch.
+    """
     words >>= np.uint64(11)  # 53 random bits: every k / 2^53 is an exact double
     bits = words.view(np.int64)
     u1 = torch.from_numpy(bits[0::2].astype(np.float64))
     u2 = torch.from_numpy(bits[1::2].astype(np.float64))
     radius = u1.add_(1.0).mul_(2.0**-53).log_().mul_(-2.0).sqrt_()  # u1 = (k+1) / 2^53 in (0, 1]: no log(0)
-    torch.mul(u2.mul_(2 * math.pi * 2.0**-53).cos_(), radius, out=out)  # angle 2 pi u2, u2 = k / 2^53 in [0, 1)
+    angle = u2.mul_(2 * math.pi * 2.0**-53)  # angle 2 pi u2, u2 = k / 2^53 in [0, 1)
+    pairs = out.view(-1, 2)
+    torch.mul(torch.sin(angle), radius, out=pairs[:, 1])
+    torch.mul(angle.cos_(), radius, out=pairs[:, 0])
 
 
 def keyed_normal(secret: int, step: int, name: str, full_shape: tuple[int, ...],
@@ -113,17 +150,42 @@ def keyed_normal(secret: int, step: int, name: str, full_shape: tuple[int, ...],
     """Standard normal noise for the sub-box ``box`` of parameter ``name`` (of shape ``full_shape``).
 
     ``box=None`` is the whole tensor; otherwise one dimension may be a ``slice(start, stop)`` and the
-    others full, as a tensor-parallel shard is.  Element i of the full tensor uses Philox words 2i and
-    2i+1 (Box-Muller in float64), so any box equals the same slice of the whole, bit for bit.
+    others full, as a tensor-parallel shard is.  Elements 2p and 2p+1 of the full tensor are the
+    Box-Muller pair (float64) of keystream block p; a run that starts or ends inside a pair draws the
+    whole pair and drops the other half, so any box equals the same slice of the whole, bit for bit.
     """
     full_shape = tuple(int(n) for n in full_shape)
     runs, shape = _flat_runs(full_shape, box)
-    bitgen = np.random.Philox(key=derive_key(secret, step, "noise", name))
+    aes = _aes(derive_key(secret, step, "noise", name))
     out = torch.empty(math.prod(shape), dtype=torch.float64)
+    gap = memoryview(np.empty(_BLOCK * (_GAP + 1), np.uint8))  # discarded keystream between runs
     filled = 0
     for batch in _batches(runs, _BATCH):
-        chunks = [philox_words(bitgen, 2 * start, 2 * length) for start, length in batch]
         count = sum(length for _, length in batch)
-        _box_muller(chunks[0] if len(chunks) == 1 else np.concatenate(chunks), out[filled:filled + count])
+        pairs = [(start // 2, (start + length + 1) // 2) for start, length in batch]  # covering pairs [p0, p1)
+        total = sum(p1 - p0 for p0, p1 in pairs)
+        words = np.empty(2 * total + 2, _WORD)  # one spare block: see _encrypt_zeros
+        view, drop, pos = memoryview(words.view(np.uint8)), [], 0
+        encryptor, at = None, 0  # ``at``: the counter block the encryptor emits next
+        for (start, length), (p0, p1) in zip(batch, pairs):
+            if encryptor is None or not at <= p0 <= at + _GAP:
+                encryptor = _ctr(aes, p0)
+            elif p0 > at:  # a short gap between runs: running through it is cheaper than a new encryptor
+                _encrypt_zeros(encryptor, gap, _BLOCK * (p0 - at))
+            _encrypt_zeros(encryptor, view[_BLOCK * pos:], _BLOCK * (p1 - p0))
+            at = p1
+            if start % 2:
+                drop.append(2 * pos)  # the run starts at the second half of its first pair
+            pos += p1 - p0
+            if (start + length) % 2:
+                drop.append(2 * pos - 1)  # and ends at the first half of its last pair
+        if not drop:
+            _box_muller(words[:-2], out[filled:filled + count])
+        else:
+            normals = torch.empty(2 * total, dtype=torch.float64)
+            _box_muller(words[:-2], normals)
+            keep = torch.ones(2 * total, dtype=torch.bool)
+            keep[drop] = False
+            out[filled:filled + count] = normals[keep]
         filled += count
     return out.view(shape).to(dtype=dtype, device=device)

@@ -6,6 +6,10 @@ round-robin share over the *data-parallel* group (tensor-parallel peers see the 
 pads it into fixed-shape micro-batches.  The number of micro-batches comes from the global draw, so
 it is the same on every rank and no collective can hang; a step with no example still runs and
 releases only noise.
+
+Example i's uniform comes from word i of the AES-128-CTR keystream keyed by ``derive_key(secret, step,
+"sample")`` (the generator of the noise, see :mod:`dpdist.privacy.noise`): a standard PRF, so the
+selection is computationally unpredictable to anyone without the secret.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .noise import derive_key
+from .noise import derive_key, keystream_words
 
 
 @dataclass
@@ -47,7 +51,7 @@ class PoissonSampler:
 
     def selection(self, step: int) -> np.ndarray:
         """The sorted global indices of the examples in S_t: example i is in iff its uniform u_i < q."""
-        words = np.random.Philox(key=derive_key(self.secret, step, "sample")).random_raw(self.num_examples)
+        words = keystream_words(derive_key(self.secret, step, "sample"), 0, self.num_examples)
         uniforms = (words >> np.uint64(11)) * 2.0**-53  # 53-bit uniforms in [0, 1)
         return np.flatnonzero(uniforms < self.sample_rate)
 
