@@ -2,7 +2,8 @@
 
 (a) Flat and automatic clipping: ``dpdist.audit.clipped_sum`` in book-keeping mode and in two-pass
     mode, the oracle's ``vmap(grad)`` path and the oracle's naive per-example ``.backward()`` loop all
-    give the same sum_i c_i g_i (float64, relative error < 1e-9 per parameter), for every strategy, with
+    give the same sum_i c_i g_i (float64, relative error < 1e-9 per parameter), for every strategy
+    (ghost, materialise, stream; streamed chunks of one and two examples too), with
     a clip norm between the smallest and the largest per-example norm so that some examples are
     clipped and others are not.
 (b) Per-layer clipping: groups = the parameters of each module that owns parameters (the tied table
@@ -35,7 +36,7 @@ MODELS = {
     "untied-rmsnorm": dict(tie_embeddings=False, norm="rmsnorm"),
     "tied-padding-nobias": dict(padding_idx=3, bias=False),
 }
-STRATEGIES = ["ghost", "materialise", None]
+STRATEGIES = ["ghost", "materialise", "stream", None]
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,6 +107,29 @@ def test_per_layer_clipping(name, strategy):
            "oracle naive vs vmap")
     got = audit.clipped_sum(model, ids, labels, clip, clipping="per_layer", mode="bookkeeping", strategy=strategy)
     _check(got, ref, f"{name}/per_layer/{strategy}: engine vs oracle (K={len(groups)}, C_k={threshold:.4g})")
+
+
+@pytest.mark.parametrize("chunk_examples", [1, 2])
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_streamed_chunks(name, clipping, chunk_examples, monkeypatch):
+    """The ``stream`` strategy with chunks of 1 and of 2 examples (BATCH = 5: the last chunk is
+    short), so several chunks and, under per-layer clipping, several clip-factor calls per layer."""
+    from dpdist.privacy.rules import linear
+
+    model, ids, labels, grads, naive, clip = _case(name)
+    table_bytes = model.tok_emb.weight.numel() * model.tok_emb.weight.element_size()
+    monkeypatch.setattr(linear, "STREAM_CHUNK_BYTES", chunk_examples * table_bytes)
+    assert len(linear.example_chunks(BATCH, table_bytes)) == math.ceil(BATCH / chunk_examples)
+    groups = None
+    if clipping == "per_layer":
+        clip, groups, _, _ = _per_layer_clip(name)
+    ref = oracle.clipped_sum_from_grads(grads, clip, clipping, per_layer_groups=groups)
+    got = audit.clipped_sum(model, ids, labels, clip, clipping=clipping, mode="bookkeeping", strategy="stream")
+    _check(got, ref, f"{name}/{clipping}/stream, {chunk_examples} example(s) per chunk: engine vs oracle")
+    norms = audit.per_example_norms(model, ids, labels, strategy="stream")
+    ref_norms = oracle.norms_from_grads(grads)
+    assert float(((norms - ref_norms).abs() / ref_norms.clamp(min=1e-300))[ref_norms > 0].max()) < TOL
 
 
 # ------------------------------------------------------------------------------ (c) sensitivity

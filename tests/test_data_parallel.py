@@ -3,7 +3,8 @@
 Every layout runs the same noisy steps (the Poisson draw, the keyed noise and the initial weights are
 functions of the seed only) and must end, gathered to full shape, equal to one process in float64
 (relative 1e-10), with data-parallel replicas and tensor-parallel copies of replicated parameters
-bit-identical.  The same launches check per-example norms of the sharded model (tensor degrees 2 and
+bit-identical.  Per-layer clipping, streamed one example per chunk (so one tensor-group all-reduce
+per chunk of every layer), is checked the same way.  The same launches check per-example norms of the sharded model (tensor degrees 2 and
 4, vocabulary 41 padded to 42 and 44, tied embedding with repeated tokens and ignored labels) against
 brute force, and count what the DP machinery adds to a micro-batch's communication: one all-reduce of
 B floats over the tensor group.
@@ -32,6 +33,12 @@ def single():
 
 
 @pytest.fixture(scope="module")
+def single_per_layer():
+    model = train_tiny(Mesh(), "per_layer")
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
 def reference_norms():
     ids, labels = fixed_batch()
     grads = brute_force_grads(tiny_model(Mesh()), ids, labels)
@@ -40,7 +47,7 @@ def reference_norms():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("data, tensor", LAYOUTS, ids=lambda v: str(v))
-def test_layout_gives_the_single_process_result(tmp_path, single, reference_norms, data, tensor):
+def test_layout_gives_the_single_process_result(tmp_path, single, single_per_layer, reference_norms, data, tensor):
     out = tmp_path / "params.pt"
     torchrun("layout_steps.py", data * tensor, out, data, tensor)
     verdict = json.loads(Path(str(out) + ".json").read_text())
@@ -52,6 +59,11 @@ def test_layout_gives_the_single_process_result(tmp_path, single, reference_norm
         assert not torch.equal(value, initial[name]), f"{name} did not move"
         scale = float(value.abs().max().clamp(min=1e-12))
         assert torch.allclose(distributed[name], value, rtol=0, atol=1e-10 * scale), name
+    per_layer = torch.load(str(out) + ".per_layer.pt")
+    for name, value in single_per_layer.items():  # per-layer clipping, streamed, one all-reduce per chunk
+        assert not torch.equal(value, single[name]), f"{name}: per-layer run equals the flat one"
+        scale = float(value.abs().max().clamp(min=1e-12))
+        assert torch.allclose(per_layer[name], value, rtol=0, atol=1e-10 * scale), f"per-layer {name}"
     norms = torch.tensor(verdict["norms"], dtype=torch.float64)
     assert torch.allclose(norms, reference_norms, rtol=1e-9, atol=0)
     batch = reference_norms.numel()

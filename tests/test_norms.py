@@ -53,7 +53,7 @@ def _snapshot(model):
 
 
 @pytest.mark.parametrize("mode", ["bookkeeping", "two_pass"])
-@pytest.mark.parametrize("strategy", ["ghost", "materialise", None])
+@pytest.mark.parametrize("strategy", ["ghost", "materialise", "stream", None])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_norms_match_oracle(name, strategy, mode):
     model, ids, labels, ref = _case(name)

@@ -1,11 +1,13 @@
-"""Choose, per layer, between the ghost norm and materialised per-example gradients.
+"""Choose, per layer, how its per-example norms are computed (ghost, materialise or stream).
 
 Ghost norms need little memory but extra matmul work (about T^2 (p + d) per example); materialised
 per-example gradients need no extra matmul under book-keeping but keep B*p*d numbers until the clip
-factors are known.  Without a budget the FLOP rule 2T^2 <= p*d decides (Bu et al. 2022).  With a
-budget, start from the least memory and greedily switch the layers that save the most time per extra
-byte while the kept memory (summed over layers for book-keeping; the largest single layer for
-per-layer clipping, where nothing outlives its layer) fits.
+factors are known; streamed ones are formed a cache-sized chunk at a time (under per-layer clipping
+they replace the weight gradient and keep nothing; under flat clipping they cost a second matmul).
+Without a budget, flat clipping follows the FLOP rule 2T^2 <= p*d (Bu et al. 2022) and per-layer
+clipping streams.  With a budget, start from the least memory and greedily switch the layers that
+save the most time per extra byte while the kept memory (summed over layers for book-keeping; the
+largest single layer for per-layer clipping, where nothing outlives its layer) fits.
 """
 from __future__ import annotations
 
@@ -40,11 +42,11 @@ class Plan:
 
 def plan_strategies(layers: list[nn.Module], batch: int, seq_len: int, elem_bytes: int, *,
                     budget_bytes: float | None = None, per_layer: bool = False, force: str | None = None) -> Plan:
-    options = {layer: rule_for(layer).choices(layer, batch, seq_len, elem_bytes) for layer in layers}
+    options = {layer: rule_for(layer).choices(layer, batch, seq_len, elem_bytes, per_layer) for layer in layers}
     if force is not None:
         chosen = {layer: force if force in opts else next(iter(opts)) for layer, opts in options.items()}
     elif budget_bytes is None:
-        chosen = {layer: rule_for(layer).default_choice(layer, seq_len) for layer in layers}
+        chosen = {layer: rule_for(layer).default_choice(layer, seq_len, per_layer) for layer in layers}
     else:
         chosen = _fit_budget(options, budget_bytes, per_layer)
     return Plan(chosen, {layer: options[layer][name] for layer, name in chosen.items()})

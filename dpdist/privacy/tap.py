@@ -7,7 +7,8 @@ over the tensor group (the one collective clipping needs) gives every rank the f
 
 - ``bookkeeping``: keep each layer's state until ``accumulate_clipped(c)`` forms sum_i c_i grad_i once;
 - ``per_layer``: clip each layer group as soon as it is complete, with its own threshold, and keep
-  nothing (one tensor-group all-reduce per layer);
+  nothing (one tensor-group all-reduce per layer, or per chunk of examples for a rule that streams
+  its per-example gradients);
 - ``norms``: only the norms (pass 1 of two-pass clipping; pass 2 is an ordinary weighted backward).
 
 Clipped sums accumulate in ``grad_sums`` across micro-batches until the step releases them.
@@ -58,13 +59,22 @@ class PerExampleTap:
             return
         del self._pending[layer]
         state = rule.prepare(layer, pending, self.strategies[layer])
-        contribution = self._counted(rule.sq_norms(layer, state))
-        self._sq_norms = contribution if self._sq_norms is None else self._sq_norms + contribution
         if self.mode == "per_layer":
-            norms = self._tp_sum(contribution).sqrt()
-            self._accumulate(rule.clipped_sums(layer, state, clip_factors(norms, self.layer_clip_norm)))
-        elif self.mode == "bookkeeping":
-            self._states.append((layer, rule, state))
+            rows: list[torch.Tensor] = []
+            self._accumulate(rule.clip_layer(layer, state, lambda contributions: self._clip_rows(contributions, rows)))
+            contribution = torch.cat(rows)
+        else:
+            contribution = self._counted(rule.sq_norms(layer, state))
+            if self.mode == "bookkeeping":
+                self._states.append((layer, rule, state))
+        self._sq_norms = contribution if self._sq_norms is None else self._sq_norms + contribution
+
+    def _clip_rows(self, contributions: dict, rows: list) -> torch.Tensor:
+        """Per-layer clip factors of some consecutive examples from their local contributions (one
+        tensor-group all-reduce per call); the counted contributions are appended to ``rows``."""
+        counted = self._counted(contributions)
+        rows.append(counted)
+        return clip_factors(self._tp_sum(counted).sqrt(), self.layer_clip_norm)
 
     def take_sq_norms(self) -> torch.Tensor:
         """This micro-batch's per-example squared norms, summed over the tensor group; resets them.

@@ -17,6 +17,7 @@ from dpdist.config import ParallelConfig
 from dpdist.model.gpt import strip_vocab_padding
 from dpdist.parallel.cross_entropy import per_example_loss
 from dpdist.parallel.state import full_state_dict
+from dpdist.privacy.rules import linear
 from dpdist.privacy.sampling import PoissonSampler
 from dpdist.runtime.mesh import init_mesh, shutdown
 from dpdist.train.engine import PrivateGradient
@@ -38,20 +39,28 @@ def fixed_batch():
     return ids, labels
 
 
-def train_tiny(mesh) -> torch.nn.Module:
+def train_tiny(mesh, clipping: str = "flat") -> torch.nn.Module:
+    """STEPS noisy steps.  Per-layer clipping streams its per-example gradients one example per chunk,
+    so every chunk of every layer makes its own tensor-group all-reduce of clip-factor norms."""
     model = tiny_model(mesh)
     data = torch.randint(0, VOCAB, (N, 9), generator=torch.Generator().manual_seed(1))
     sampler = PoissonSampler(N, Q, SECRET, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, micro_batch_size=3)
     engine = PrivateGradient(model, clip_norm=0.5, noise_multiplier=1.0, expected_batch_size=Q * N, secret=SECRET,
-                             micro_batch_size=3, seq_len=8, dp_group=mesh.dp_group, tp_group=mesh.tp_group)
+                             micro_batch_size=3, seq_len=8, dp_group=mesh.dp_group, tp_group=mesh.tp_group,
+                             clipping=clipping)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    for step in range(STEPS):
-        for micro in sampler.plan(step).micro_batches:
-            rows = data[micro.indices]
-            engine.microbatch(rows[:, :-1], rows[:, 1:], micro.mask)
-        engine.release(step)
-        optimizer.step()
-        optimizer.zero_grad()
+    chunk_bytes = linear.STREAM_CHUNK_BYTES
+    linear.STREAM_CHUNK_BYTES = 1
+    try:
+        for step in range(STEPS):
+            for micro in sampler.plan(step).micro_batches:
+                rows = data[micro.indices]
+                engine.microbatch(rows[:, :-1], rows[:, 1:], micro.mask)
+            engine.release(step)
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        linear.STREAM_CHUNK_BYTES = chunk_bytes
     engine.detach()
     return model
 
@@ -107,7 +116,9 @@ if __name__ == "__main__":
         "tp_replicated_identical": identical_over(replicated, mesh.tp_group, mesh.tp_size),
     }
     full = strip_vocab_padding(full_state_dict(model, mesh.tp_group), CFG)
+    per_layer = strip_vocab_padding(full_state_dict(train_tiny(mesh, "per_layer"), mesh.tp_group), CFG)
     if mesh.rank == 0:
         torch.save(full, out)
+        torch.save(per_layer, out + ".per_layer.pt")
         json.dump(verdict, open(out + ".json", "w"))
     shutdown(mesh)

@@ -36,11 +36,14 @@ class NormRule:
 
     completing_site: str
 
-    def choices(self, layer: nn.Module, batch: int, seq_len: int, elem_bytes: int) -> dict[str, Cost]:
+    def choices(self, layer: nn.Module, batch: int, seq_len: int, elem_bytes: int,
+                per_layer: bool = False) -> dict[str, Cost]:
+        """The strategies this layer offers and their costs; ``per_layer`` says whether the clip
+        factors will be known as soon as the layer's record is complete (per-layer clipping)."""
         raise NotImplementedError
 
-    def default_choice(self, layer: nn.Module, seq_len: int) -> str:
-        return next(iter(self.choices(layer, 1, seq_len, 4)))
+    def default_choice(self, layer: nn.Module, seq_len: int, per_layer: bool = False) -> str:
+        return next(iter(self.choices(layer, 1, seq_len, 4, per_layer)))
 
     def prepare(self, layer: nn.Module, recorded: dict, strategy: str):
         raise NotImplementedError
@@ -50,6 +53,12 @@ class NormRule:
 
     def clipped_sums(self, layer: nn.Module, state, clip_factors) -> dict[nn.Parameter, "torch.Tensor"]:
         raise NotImplementedError
+
+    def clip_layer(self, layer: nn.Module, state, clip) -> dict[nn.Parameter, "torch.Tensor"]:
+        """Per-layer clipping of this layer alone.  ``clip`` turns local squared-norm contributions
+        (per parameter, for consecutive rows of the batch, in order) into those rows' clip factors; a
+        rule may call it chunk by chunk so that its per-example gradients never all exist at once."""
+        return self.clipped_sums(layer, state, clip(self.sq_norms(layer, state)))
 
 
 def register(*layer_types: type):

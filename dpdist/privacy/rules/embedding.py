@@ -4,7 +4,7 @@ Untied (algorithms.md §2.3): the per-example gradient of the table has one row 
 the sum of that token's output gradients, so ||grad E_i||^2 = sum_v ||sum_{t: s_t = v} g_t||^2.  It is
 computed in the O(T d) unique-index form (segment sums over (example, token) pairs) instead of the
 O(T^2 d) equality mask.  Ids outside this rank's rows and the padding token arrive as -1 and are
-excluded.  Tied: see ``phantom.py``; the output-side term offers the ghost/materialise choice.
+excluded.  Tied: see ``phantom.py``; the output side offers the ghost / materialise / stream choice.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from ...parallel.layers import VocabParallelEmbedding
 from . import Cost, NormRule, register
 from . import phantom
+from .linear import example_chunks, example_sq_norms, weighted_example_sum
 
 
 def token_sum_sq_norm(ids: torch.Tensor, grad_outputs: torch.Tensor) -> torch.Tensor:
@@ -26,7 +27,7 @@ def token_sum_sq_norm(ids: torch.Tensor, grad_outputs: torch.Tensor) -> torch.Te
     unique_keys, inverse = torch.unique(example * stride + ids[valid], return_inverse=True)
     sums = grad_outputs.new_zeros(unique_keys.numel(), dim).index_add_(0, inverse, grad_outputs[valid])
     owner = unique_keys // stride
-    return grad_outputs.new_zeros(batch).index_add_(0, owner, sums.pow(2).sum(1))
+    return grad_outputs.new_zeros(batch).index_add_(0, owner, example_sq_norms(sums))
 
 
 def weighted_token_sum(ids: torch.Tensor, grad_outputs: torch.Tensor, weights: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -41,20 +42,24 @@ def weighted_token_sum(ids: torch.Tensor, grad_outputs: torch.Tensor, weights: t
 class EmbeddingRule(NormRule):
     completing_site = "embed"  # the input lookup is the last backward call of a (tied) table
 
-    def choices(self, layer, batch, seq_len, elem_bytes):
+    def choices(self, layer, batch, seq_len, elem_bytes, per_layer=False):
         rows, dim = layer.weight.shape
         lookup = Cost(flops=4.0 * batch * seq_len * dim, kept_bytes=float(batch * seq_len * dim * elem_bytes))
         if not layer.tied_output:
             return {"ghost": lookup}
         return {name: Cost(lookup.flops + c.flops, lookup.kept_bytes + c.kept_bytes, c.touched_bytes)
-                for name, c in phantom.output_choices(batch, seq_len, rows, dim, elem_bytes).items()}
+                for name, c in phantom.output_choices(batch, seq_len, rows, dim, elem_bytes, per_layer).items()}
 
-    def default_choice(self, layer, seq_len):
+    def default_choice(self, layer, seq_len, per_layer=False):
+        if not layer.tied_output:
+            return "ghost"
+        if per_layer:
+            return "stream"
         rows, dim = layer.weight.shape
-        return "ghost" if not layer.tied_output or 2 * seq_len**2 <= rows * dim else "materialise"
+        return "ghost" if 2 * seq_len**2 <= rows * dim else "materialise"
 
     def prepare(self, layer, recorded, strategy):
-        state = {"ids": recorded["embed"]["ids"], "grad_embed": recorded["embed"]["grad_outputs"]}
+        state = {"ids": recorded["embed"]["ids"], "grad_embed": recorded["embed"]["grad_outputs"], "strategy": strategy}
         if layer.tied_output:
             if "project" not in recorded:
                 raise RuntimeError("a table built with tied_output=True was not used as the output layer")
@@ -62,7 +67,13 @@ class EmbeddingRule(NormRule):
                                                 strategy))
         return state
 
+    def _chunks(self, layer, state):
+        return example_chunks(state["ids"].shape[0], layer.weight.numel() * layer.weight.element_size())
+
     def sq_norms(self, layer, state):
+        if layer.tied_output and state["strategy"] == "stream":
+            norm = torch.cat([example_sq_norms(phantom.table_grads(state, rows)) for rows in self._chunks(layer, state)])
+            return {layer.weight: norm}
         norm = token_sum_sq_norm(state["ids"], state["grad_embed"])
         if layer.tied_output:
             norm = norm + phantom.output_and_cross_sq_norm(state)
@@ -73,3 +84,12 @@ class EmbeddingRule(NormRule):
         if layer.tied_output:
             grad += phantom.weighted_output_sum(state, clip_factors)
         return {layer.weight: grad}
+
+    def clip_layer(self, layer, state, clip):
+        if not (layer.tied_output and state["strategy"] == "stream"):
+            return super().clip_layer(layer, state, clip)
+        total = state["grad_embed"].new_zeros(layer.weight.shape)
+        for rows in self._chunks(layer, state):
+            grads = phantom.table_grads(state, rows)
+            total += weighted_example_sum(grads, clip({layer.weight: example_sq_norms(grads)}))
+        return {layer.weight: total}

@@ -1,11 +1,19 @@
-"""Linear layers on sequences: ghost norm or materialised per-example gradients (algorithms.md §2.2).
+"""Linear layers on sequences: ghost norm, materialised or streamed per-example gradients (algorithms.md §2.2).
 
 For input A_i (T x d) and output gradient G_i (T x p), the weight gradient is G_i^T A_i and
-||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T>: the ghost norm costs O(T^2 (p + d)) and O(T^2) memory;
-materialising costs no extra matmul work under book-keeping (it replaces the weight-gradient matmul)
-but keeps B*p*d numbers.  The bias gradient sum_t g_t is always materialised.  On a tensor-parallel
-rank each of these is the contribution of the local shard; a replicated row-parallel bias is counted
-once per tensor group by the caller.
+||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T>.  Three ways to get it:
+
+- ``ghost``: the Gram form, O(T^2 (p + d)) extra work and O(T^2) memory;
+- ``materialise``: form all B per-example gradients at once and keep them until the clip factors are
+  known; no extra matmul under book-keeping (it replaces the weight-gradient matmul) but B*p*d numbers;
+- ``stream``: form them a few examples at a time, each chunk small enough to stay in cache, and drop
+  it at once.  Under per-layer clipping the chunk's clip factors are known right away, so the chunk
+  is clipped and summed on the spot: the per-example matmuls replace the weight gradient and nothing
+  is kept.  Under flat clipping the chunks only give norms, and the clipped sum is a separate matmul.
+
+The bias gradient sum_t g_t is always materialised.  On a tensor-parallel rank each of these is the
+contribution of the local shard; a replicated row-parallel bias is counted once per tensor group by
+the caller.
 """
 from __future__ import annotations
 
@@ -13,6 +21,10 @@ import torch
 
 from ...parallel.layers import ColumnParallelLinear, RowParallelLinear
 from . import Cost, NormRule, register
+
+# Per-example gradients of one streamed chunk take at most this many bytes (about a CPU's last-level
+# cache share; a GPU simply gets larger chunks relative to its work).
+STREAM_CHUNK_BYTES = 4 * 2**20
 
 
 def _sequences(t: torch.Tensor) -> torch.Tensor:
@@ -27,9 +39,14 @@ def ghost_sq_norm(inputs: torch.Tensor, grad_outputs: torch.Tensor) -> torch.Ten
 
 
 def weighted_outer_sum(grad_outputs: torch.Tensor, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i G_i^T A_i as one matmul (book-keeping: the clipped weight gradient)."""
-    scaled = grad_outputs * weights.view(-1, 1, 1).to(grad_outputs.dtype)
-    return scaled.reshape(-1, scaled.shape[-1]).t() @ inputs.reshape(-1, inputs.shape[-1])
+    """sum_i w_i G_i^T A_i as one matmul (book-keeping: the clipped weight gradient).  The weights
+    scale the narrower operand: scaling a tied table's (B, T, V) logits gradient would copy it whole."""
+    scale = weights.view(-1, 1, 1)
+    if inputs.shape[-1] < grad_outputs.shape[-1]:
+        inputs = inputs * scale.to(inputs.dtype)
+    else:
+        grad_outputs = grad_outputs * scale.to(grad_outputs.dtype)
+    return grad_outputs.reshape(-1, grad_outputs.shape[-1]).t() @ inputs.reshape(-1, inputs.shape[-1])
 
 
 def weighted_example_sum(per_example: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -38,30 +55,55 @@ def weighted_example_sum(per_example: torch.Tensor, weights: torch.Tensor) -> to
     return (weights.to(flat.dtype) @ flat).view(per_example.shape[1:])
 
 
-def linear_choices(batch: int, seq_len: int, p: int, d: int, elem_bytes: int) -> dict[str, Cost]:
+def example_sq_norms(per_example: torch.Tensor) -> torch.Tensor:
+    """||X_i||^2 for per-example tensors X (B, ...), without a squared temporary of X's size."""
+    flat = per_example.reshape(per_example.shape[0], -1)
+    return torch.linalg.vecdot(flat, flat)
+
+
+def example_chunks(batch: int, bytes_per_example: int):
+    """Row slices of a batch whose per-example gradients fit ``STREAM_CHUNK_BYTES`` (at least one row)."""
+    size = max(1, STREAM_CHUNK_BYTES // max(bytes_per_example, 1))
+    return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
+
+
+def streamed_sq_norms(grad_outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """||G_i^T A_i||_F^2 per example, a cache-sized chunk of per-example gradients at a time."""
+    p, d = grad_outputs.shape[-1], inputs.shape[-1]
+    chunks = example_chunks(grad_outputs.shape[0], p * d * grad_outputs.element_size())
+    return torch.cat([example_sq_norms(torch.bmm(grad_outputs[rows].transpose(1, 2), inputs[rows])) for rows in chunks])
+
+
+def linear_choices(batch: int, seq_len: int, p: int, d: int, elem_bytes: int, per_layer: bool = False) -> dict[str, Cost]:
     # Ghost keeps the output gradients (the inputs are activations the step holds at its peak anyway).
     ghost = Cost(flops=2.0 * batch * seq_len**2 * (p + d + 1), kept_bytes=float(batch * seq_len * p * elem_bytes))
     materialise = Cost(flops=4.0 * batch * p * d, kept_bytes=float(batch * p * d * elem_bytes),
                        touched_bytes=3.0 * batch * p * d * elem_bytes)
-    return {"ghost": ghost, "materialise": materialise}
+    if per_layer:  # the chunks are clipped and summed where they are made: they replace the weight gradient
+        stream = Cost(flops=4.0 * batch * p * d, kept_bytes=float(min(batch * p * d * elem_bytes, STREAM_CHUNK_BYTES)))
+    else:  # norms from the chunks, then the clipped sum as one more matmul, as for ghost
+        stream = Cost(flops=2.0 * batch * seq_len * p * d + 2.0 * batch * p * d, kept_bytes=ghost.kept_bytes)
+    return {"ghost": ghost, "materialise": materialise, "stream": stream}
 
 
 @register(ColumnParallelLinear, RowParallelLinear)
 class LinearRule(NormRule):
     completing_site = "linear"
 
-    def choices(self, layer, batch, seq_len, elem_bytes):
+    def choices(self, layer, batch, seq_len, elem_bytes, per_layer=False):
         p, d = layer.weight.shape
-        return linear_choices(batch, seq_len, p, d, elem_bytes)
+        return linear_choices(batch, seq_len, p, d, elem_bytes, per_layer)
 
-    def default_choice(self, layer, seq_len):
+    def default_choice(self, layer, seq_len, per_layer=False):
+        if per_layer:
+            return "stream"  # no extra matmul and no memory: better than both others on every shape
         p, d = layer.weight.shape
         return "ghost" if 2 * seq_len**2 <= p * d else "materialise"  # the mixed rule (Bu et al. 2022)
 
     def prepare(self, layer, recorded, strategy):
         inputs = _sequences(recorded["linear"]["inputs"])
         grad_outputs = _sequences(recorded["linear"]["grad_outputs"])
-        state = {"bias": grad_outputs.sum(1) if layer.bias is not None else None}
+        state = {"bias": grad_outputs.sum(1) if layer.bias is not None else None, "strategy": strategy}
         if strategy == "materialise":
             state["weight"] = torch.bmm(grad_outputs.transpose(1, 2), inputs)  # (B, p, d)
         else:
@@ -69,12 +111,14 @@ class LinearRule(NormRule):
         return state
 
     def sq_norms(self, layer, state):
-        if "weight" in state:
-            norms = {layer.weight: state["weight"].pow(2).sum((1, 2))}
+        if state["strategy"] == "materialise":
+            norms = {layer.weight: example_sq_norms(state["weight"])}
+        elif state["strategy"] == "stream":
+            norms = {layer.weight: streamed_sq_norms(state["grad_outputs"], state["inputs"])}
         else:
             norms = {layer.weight: ghost_sq_norm(state["inputs"], state["grad_outputs"])}
         if state["bias"] is not None:
-            norms[layer.bias] = state["bias"].pow(2).sum(1)
+            norms[layer.bias] = example_sq_norms(state["bias"])
         return norms
 
     def clipped_sums(self, layer, state, clip_factors):
@@ -85,3 +129,21 @@ class LinearRule(NormRule):
         if state["bias"] is not None:
             sums[layer.bias] = weighted_example_sum(state["bias"], clip_factors)
         return sums
+
+    def clip_layer(self, layer, state, clip):
+        if state["strategy"] != "stream":
+            return super().clip_layer(layer, state, clip)
+        grad_outputs, inputs, bias = state["grad_outputs"], state["inputs"], state["bias"]
+        weight_sum = grad_outputs.new_zeros(layer.weight.shape)
+        bias_sum = None if bias is None else bias.new_zeros(layer.bias.shape)
+        p, d = layer.weight.shape
+        for rows in example_chunks(inputs.shape[0], p * d * inputs.element_size()):
+            per_example = torch.bmm(grad_outputs[rows].transpose(1, 2), inputs[rows])  # (chunk, p, d)
+            contributions = {layer.weight: example_sq_norms(per_example)}
+            if bias is not None:
+                contributions[layer.bias] = example_sq_norms(bias[rows])
+            factors = clip(contributions)
+            weight_sum += weighted_example_sum(per_example, factors)
+            if bias is not None:
+                bias_sum += weighted_example_sum(bias[rows], factors)
+        return {layer.weight: weight_sum} if bias is None else {layer.weight: weight_sum, layer.bias: bias_sum}

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from ...parallel.layers import Norm
 from . import Cost, NormRule, register
-from .linear import weighted_example_sum
+from .linear import example_sq_norms, weighted_example_sum
 
 
 @register(Norm)
 class NormLayerRule(NormRule):
     completing_site = "norm"
 
-    def choices(self, layer, batch, seq_len, elem_bytes):
+    def choices(self, layer, batch, seq_len, elem_bytes, per_layer=False):
         d = layer.dim
         return {"materialise": Cost(flops=4.0 * batch * seq_len * d, kept_bytes=float(2 * batch * d * elem_bytes))}
 
@@ -27,7 +27,7 @@ class NormLayerRule(NormRule):
         return state
 
     def sq_norms(self, layer, state):
-        return {param: g.pow(2).sum(1) for param, g in state.items()}
+        return {param: example_sq_norms(g) for param, g in state.items()}
 
     def clipped_sums(self, layer, state, clip_factors):
         return {param: weighted_example_sum(g, clip_factors) for param, g in state.items()}
