@@ -88,7 +88,7 @@ class PrivacyConfig:
     clipping: str = "flat"  # flat | per_layer | automatic
     automatic_gamma: float = 0.01  # automatic clipping: c_i = C / (n_i + gamma)
     mode: str = "bookkeeping"  # bookkeeping (one backward) | two_pass (second backward on sum c_i L_i)
-    memory_budget_mb: float | None = None  # per-layer ghost/materialise choice; None = FLOP rule 2T^2 <= pd
+    memory_budget_mb: float | None = None  # per-layer ghost/materialise/stream choice; None = default (strategy.py)
     max_epsilon: float | None = None  # stop cleanly before this would be exceeded; default target_epsilon
     seed: int | None = None  # None = secret from OS entropy; a fixed seed makes the noise reproducible (tests)
     accountant: str = "pld"  # pld | rdp: which one gives the headline epsilon

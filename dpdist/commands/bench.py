@@ -25,8 +25,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=6, help="steps per mode; the first is excluded (default 6)")
     parser.add_argument("--clipping", choices=("flat", "per-layer", "automatic"), default="flat")
     parser.add_argument("--memory-budget", default="none", metavar="MB",
-                        help="memory budget for the per-layer ghost/materialise choice: MB, 'none' (FLOP rule, "
-                             "the default) or 'unlimited'")
+                        help="memory budget for the per-layer ghost/materialise/stream choice: MB, 'none' (the engine's "
+                             "default choice; the default) or 'unlimited'")
     parser.add_argument("--budgets", default=None, metavar="LIST",
                         help="comma-separated budgets for a frontier table, e.g. 0,256,1024,none,unlimited")
     parser.add_argument("--rounds", type=int, default=1,

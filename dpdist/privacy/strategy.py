@@ -5,7 +5,8 @@ per-example gradients need no extra matmul under book-keeping but keep B*p*d num
 factors are known; streamed ones are formed a cache-sized chunk at a time (under per-layer clipping
 they replace the weight gradient and keep nothing; under flat clipping they cost a second matmul).
 Without a budget, flat clipping follows the FLOP rule 2T^2 <= p*d (Bu et al. 2022) and per-layer
-clipping streams.  With a budget, start from the least memory and greedily switch the layers that
+clipping takes, per layer, the faster by ``time_cost`` of ghost and stream (neither keeps much; ghost
+wins at short sequences on the project's CPU, stream as T^2 grows past p*d/(p+d)).  With a budget, start from the least memory and greedily switch the layers that
 save the most time per extra byte while the kept memory (summed over layers for book-keeping; the
 largest single layer for per-layer clipping, where nothing outlives its layer) fits.
 """
@@ -17,9 +18,10 @@ from torch import nn
 
 from .rules import Cost, rule_for
 
-# A byte of memory traffic costs about as much time as this many flops on a CPU (a rough ratio of
-# arithmetic throughput to memory bandwidth; it only orders the choices).
-FLOPS_PER_BYTE = 8.0
+# A byte of memory traffic costs about as much time as this many flops: measured on the project's
+# 2-core CPU (BENCHMARKS.md), where ghost norms run at ~170 GFLOP/s and per-example gradients that
+# spill out of cache move at ~9 GB/s.  It only orders the choices.
+FLOPS_PER_BYTE = 20.0
 
 
 def time_cost(cost: Cost) -> float:
@@ -45,8 +47,11 @@ def plan_strategies(layers: list[nn.Module], batch: int, seq_len: int, elem_byte
     options = {layer: rule_for(layer).choices(layer, batch, seq_len, elem_bytes, per_layer) for layer in layers}
     if force is not None:
         chosen = {layer: force if force in opts else next(iter(opts)) for layer, opts in options.items()}
+    elif budget_bytes is None and per_layer:  # nothing outlives its layer: the fastest of what keeps little
+        chosen = {layer: min([n for n in opts if n != "materialise"] or list(opts), key=lambda n, o=opts: time_cost(o[n]))
+                  for layer, opts in options.items()}
     elif budget_bytes is None:
-        chosen = {layer: rule_for(layer).default_choice(layer, seq_len, per_layer) for layer in layers}
+        chosen = {layer: rule_for(layer).default_choice(layer, seq_len) for layer in layers}
     else:
         chosen = _fit_budget(options, budget_bytes, per_layer)
     return Plan(chosen, {layer: options[layer][name] for layer, name in chosen.items()})

@@ -58,8 +58,9 @@ class BenchConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Memory budgets: a number of MB, "none" (no budget: the engine's FLOP rule 2T^2 <= pd chooses per
-# layer) or "unlimited" (a budget so large that the time-cost model alone chooses).
+# Memory budgets: a number of MB, "none" (no budget: the engine's default choice per layer, the FLOP
+# rule 2T^2 <= pd for flat clipping) or "unlimited" (a budget so large that the time-cost model alone
+# chooses).
 
 NONE, UNLIMITED = "none", "unlimited"
 
@@ -95,9 +96,11 @@ def budget_bytes(budget) -> float | None:
     return float(budget) * 2**20
 
 
-def budget_label(budget) -> str:
-    if budget in (NONE, UNLIMITED):
-        return {NONE: "none (FLOP rule)", UNLIMITED: "unlimited"}[budget]
+def budget_label(budget, clipping: str = "flat") -> str:
+    if budget == NONE:
+        return "none (fastest lean)" if clipping == "per_layer" else "none (FLOP rule)"
+    if budget == UNLIMITED:
+        return "unlimited"
     return f"{budget:g} MB"
 
 
@@ -366,7 +369,7 @@ def opacus_available() -> bool:
 # The whole benchmark
 
 def _dp_row(cfg: BenchConfig, base: dict, result: dict, clipping: str, budget, floor_base: float) -> dict:
-    return {"clipping": clipping, "budget": budget_label(budget),
+    return {"clipping": clipping, "budget": budget_label(budget, clipping),
             "memory_budget_mb": budget if isinstance(budget, float) else (None if budget == NONE else UNLIMITED),
             "step_s": result["step_s"], "step_min_s": result["step_min_s"],
             "ratio": result["step_s"] / base["step_s"], "ratio_min": result["step_min_s"] / base["step_min_s"],
@@ -401,7 +404,7 @@ def run_benchmark(cfg: BenchConfig, *, clipping: str = "flat", budget="none", bu
 
     modes = [("nonprivate", "non-private step", {})]
     for b in [budget] + [b for b in sweep if b != budget]:
-        modes.append((("dp", b), f"dpdist DP step, {clipping} clipping, memory budget {budget_label(b)}",
+        modes.append((("dp", b), f"dpdist DP step, {clipping} clipping, memory budget {budget_label(b, clipping)}",
                       {"clipping": clipping, "budget": b}))
     if use_opacus:
         modes.append(("plain_nonprivate", "plain-torch untied model, non-private (Opacus's reference)", {}))

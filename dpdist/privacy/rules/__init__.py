@@ -42,8 +42,9 @@ class NormRule:
         factors will be known as soon as the layer's record is complete (per-layer clipping)."""
         raise NotImplementedError
 
-    def default_choice(self, layer: nn.Module, seq_len: int, per_layer: bool = False) -> str:
-        return next(iter(self.choices(layer, 1, seq_len, 4, per_layer)))
+    def default_choice(self, layer: nn.Module, seq_len: int) -> str:
+        """Flat clipping's choice without a memory budget (the FLOP rule where there is a choice)."""
+        return next(iter(self.choices(layer, 1, seq_len, 4)))
 
     def prepare(self, layer: nn.Module, recorded: dict, strategy: str):
         raise NotImplementedError

@@ -50,13 +50,9 @@ class EmbeddingRule(NormRule):
         return {name: Cost(lookup.flops + c.flops, lookup.kept_bytes + c.kept_bytes, c.touched_bytes)
                 for name, c in phantom.output_choices(batch, seq_len, rows, dim, elem_bytes, per_layer).items()}
 
-    def default_choice(self, layer, seq_len, per_layer=False):
-        if not layer.tied_output:
-            return "ghost"
-        if per_layer:
-            return "stream"
+    def default_choice(self, layer, seq_len):
         rows, dim = layer.weight.shape
-        return "ghost" if 2 * seq_len**2 <= rows * dim else "materialise"
+        return "ghost" if not layer.tied_output or 2 * seq_len**2 <= rows * dim else "materialise"
 
     def prepare(self, layer, recorded, strategy):
         state = {"ids": recorded["embed"]["ids"], "grad_embed": recorded["embed"]["grad_outputs"], "strategy": strategy}

@@ -74,16 +74,26 @@ def streamed_sq_norms(grad_outputs: torch.Tensor, inputs: torch.Tensor) -> torch
     return torch.cat([example_sq_norms(torch.bmm(grad_outputs[rows].transpose(1, 2), inputs[rows])) for rows in chunks])
 
 
+def stream_cost(batch: int, seq_len: int, p: int, d: int, elem_bytes: int, per_layer: bool, ghost: Cost) -> Cost:
+    """Per-layer clipping: the chunks are clipped and summed where they are made, so they replace the
+    weight gradient and keep nothing.  Flat clipping: norms from the chunks, then the clipped sum as
+    one more matmul, as for ghost.  Either way every per-example gradient is written once and read
+    once or twice (norm, weighted sum): on the project's CPU that traffic costs about what it costs
+    for materialised gradients, cache-sized chunks or not (BENCHMARKS.md)."""
+    size = batch * p * d * elem_bytes
+    if per_layer:
+        return Cost(flops=4.0 * batch * p * d, kept_bytes=float(min(size, STREAM_CHUNK_BYTES)), touched_bytes=3.0 * size)
+    return Cost(flops=2.0 * batch * seq_len * p * d + 2.0 * batch * p * d, kept_bytes=ghost.kept_bytes,
+                touched_bytes=2.0 * size)
+
+
 def linear_choices(batch: int, seq_len: int, p: int, d: int, elem_bytes: int, per_layer: bool = False) -> dict[str, Cost]:
     # Ghost keeps the output gradients (the inputs are activations the step holds at its peak anyway).
     ghost = Cost(flops=2.0 * batch * seq_len**2 * (p + d + 1), kept_bytes=float(batch * seq_len * p * elem_bytes))
     materialise = Cost(flops=4.0 * batch * p * d, kept_bytes=float(batch * p * d * elem_bytes),
                        touched_bytes=3.0 * batch * p * d * elem_bytes)
-    if per_layer:  # the chunks are clipped and summed where they are made: they replace the weight gradient
-        stream = Cost(flops=4.0 * batch * p * d, kept_bytes=float(min(batch * p * d * elem_bytes, STREAM_CHUNK_BYTES)))
-    else:  # norms from the chunks, then the clipped sum as one more matmul, as for ghost
-        stream = Cost(flops=2.0 * batch * seq_len * p * d + 2.0 * batch * p * d, kept_bytes=ghost.kept_bytes)
-    return {"ghost": ghost, "materialise": materialise, "stream": stream}
+    return {"ghost": ghost, "materialise": materialise,
+            "stream": stream_cost(batch, seq_len, p, d, elem_bytes, per_layer, ghost)}
 
 
 @register(ColumnParallelLinear, RowParallelLinear)
@@ -94,9 +104,7 @@ class LinearRule(NormRule):
         p, d = layer.weight.shape
         return linear_choices(batch, seq_len, p, d, elem_bytes, per_layer)
 
-    def default_choice(self, layer, seq_len, per_layer=False):
-        if per_layer:
-            return "stream"  # no extra matmul and no memory: better than both others on every shape
+    def default_choice(self, layer, seq_len):
         p, d = layer.weight.shape
         return "ghost" if 2 * seq_len**2 <= p * d else "materialise"  # the mixed rule (Bu et al. 2022)
 

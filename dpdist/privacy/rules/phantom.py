@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import Cost
-from .linear import STREAM_CHUNK_BYTES, ghost_sq_norm, weighted_example_sum, weighted_outer_sum
+from .linear import ghost_sq_norm, stream_cost, weighted_example_sum, weighted_outer_sum
 
 
 def output_choices(batch: int, seq_len: int, rows: int, dim: int, elem_bytes: int, per_layer: bool) -> dict[str, Cost]:
@@ -27,11 +27,9 @@ def output_choices(batch: int, seq_len: int, rows: int, dim: int, elem_bytes: in
                  kept_bytes=float(batch * seq_len * rows * elem_bytes))
     materialise = Cost(flops=4.0 * batch * rows * dim + 2.0 * batch * seq_len * dim,
                        kept_bytes=float(batch * rows * dim * elem_bytes), touched_bytes=3.0 * batch * rows * dim * elem_bytes)
-    if per_layer:  # see linear.linear_choices: the chunks replace the weight gradient
-        stream = Cost(flops=4.0 * batch * rows * dim, kept_bytes=ghost.kept_bytes + min(batch * rows * dim * elem_bytes,
-                                                                                       STREAM_CHUNK_BYTES))
-    else:
-        stream = Cost(flops=2.0 * batch * seq_len * rows * dim + 2.0 * batch * rows * dim, kept_bytes=ghost.kept_bytes)
+    stream = stream_cost(batch, seq_len, rows, dim, elem_bytes, per_layer, ghost)
+    if per_layer:  # the logits gradient is kept until the input lookup's record completes the table
+        stream = Cost(stream.flops, stream.kept_bytes + ghost.kept_bytes, stream.touched_bytes)
     return {"ghost": ghost, "materialise": materialise, "stream": stream}
 
 
