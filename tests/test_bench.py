@@ -33,3 +33,15 @@ def test_flop_count_and_budget_parsing():
     # forward: linears 2*2*(3*16+16+2*4*16) = 768, attention 4*4*4 = 64, vocab 2*2*4*10 = 160; step = 3x
     assert nonprivate_step_flops(cfg) == 3 * (768 + 64 + 160)
     assert parse_budget("none") == "none" and parse_budget("inf") == "unlimited" and parse_budget("256") == 256.0
+
+
+def test_parallel_bench_counts_what_dp_adds(capsys):
+    """``--data 2 --tensor 2`` under torchrun: DP adds exactly one all-reduce of the local batch's
+    B-vector (2 examples per replica, float32: 8 bytes) over the tensor group, and nothing over the
+    data group (the clipped sums replace the gradient all-reduce, byte for byte)."""
+    out = _run(["--layers", "1", "--d-model", "32", "--heads", "2", "--vocab", "63", "--seq-len", "8", "--batch", "4",
+                "--steps", "2", "--data", "2", "--tensor", "2", "--json"], capsys)
+    assert (out["data"], out["tensor"], out["local_batch"]) == (2, 2, 2)
+    assert out["dp_added_calls"] == {"tensor": 1} and out["dp_added_bytes"] == {"tensor": 2 * 4}
+    assert out["nonprivate_comm"]["bytes"]["data"] == out["dp_comm"]["bytes"]["data"] == out["gradient_allreduce_bytes"]
+    assert out["nonprivate_step_s"] > 0 and out["dp_step_s"] > 0 and out["ratio"] > 0

@@ -2,7 +2,9 @@
 
 Each mode runs in a fresh process (peak RSS is per process); see ``dpdist.train.bench``.  Prints a
 table, or one JSON object with ``--json``.  ``--budgets 0,256,1024,none,unlimited`` adds a frontier
-(time and memory at several memory budgets) in the same run.
+(time and memory at several memory budgets) in the same run.  ``--data D --tensor T`` (D x T > 1)
+runs the step on a data x tensor mesh under torchrun instead, with the communication that DP adds; see
+``dpdist.train.bench_parallel``.
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ def add_parser(subparsers) -> None:
                         help="repeat every mode this many times (interleaved) and keep each mode's fastest round; "
                              "helps on a machine shared with other work (default 1)")
     parser.add_argument("--no-opacus", action="store_true", help="skip the Opacus ghost-clipping comparison")
+    parser.add_argument("--data", type=int, default=1, help="data-parallel degree (with --tensor: a torchrun mesh)")
+    parser.add_argument("--tensor", type=int, default=1,
+                        help="tensor-parallel degree; D x T > 1 runs the parallel benchmark (time and communication)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.set_defaults(func=run)
 
@@ -50,6 +55,8 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
+    if args.data * args.tensor > 1 or args.data < 1 or args.tensor < 1:
+        return _run_parallel(args, cfg, log)
     try:
         out = run_benchmark(cfg, clipping=args.clipping.replace("-", "_"), budget=budget, budgets=budgets,
                             opacus=not args.no_opacus, rounds=args.rounds, log=log)
@@ -57,4 +64,33 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(out, indent=2) if args.json else format_report(out))
+    return 0
+
+
+def _run_parallel(args, cfg, log) -> int:
+    from ..train import bench_parallel
+
+    problems = []
+    if args.data < 1 or args.tensor < 1:
+        problems.append(f"--data and --tensor must be >= 1; got {args.data} and {args.tensor}")
+    if args.budgets or args.memory_budget != "none" or args.rounds != 1:
+        problems.append("--budgets, --memory-budget and --rounds belong to the single-process benchmark; "
+                        "drop them with --data/--tensor")
+    if args.tensor > 1 and (args.d_model % args.tensor or args.heads % args.tensor or 4 * args.d_model % args.tensor):
+        problems.append(f"--heads ({args.heads}) and --d-model ({args.d_model}) must be multiples of --tensor ({args.tensor})")
+    if args.batch % args.data:
+        problems.append(f"--batch ({args.batch}) must be a multiple of --data ({args.data})")
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    import dataclasses
+
+    spec = {"config": dataclasses.asdict(cfg), "data": args.data, "tensor": args.tensor,
+            "clipping": args.clipping.replace("-", "_")}
+    try:
+        out = bench_parallel.launch(spec, log=log)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2) if args.json else bench_parallel.format_report(out))
     return 0
