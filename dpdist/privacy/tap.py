@@ -70,11 +70,18 @@ class PerExampleTap:
         self._sq_norms = contribution if self._sq_norms is None else self._sq_norms + contribution
 
     def _clip_rows(self, contributions: dict, rows: list) -> torch.Tensor:
-        """Per-layer clip factors of some consecutive examples from their local contributions (one
-        tensor-group all-reduce per call); the counted contributions are appended to ``rows``."""
+        """Per-layer clip factors of some consecutive examples from their local contributions; the
+        counted contributions are appended to ``rows``.  A layer with a sharded parameter needs one
+        tensor-group all-reduce per call.  A layer of replicated parameters only (a norm layer, the
+        position table) has the same per-example gradients on every tensor rank, so its local norms
+        are already the full ones and no collective is needed."""
         counted = self._counted(contributions)
         rows.append(counted)
-        return clip_factors(self._tp_sum(counted).sqrt(), self.layer_clip_norm)
+        if any(getattr(param, "tensor_model_parallel", False) for param in contributions):
+            full = self._tp_sum(counted)
+        else:
+            full = sum(contributions.values())
+        return clip_factors(full.sqrt(), self.layer_clip_norm)
 
     def take_sq_norms(self) -> torch.Tensor:
         """This micro-batch's per-example squared norms, summed over the tensor group; resets them.
