@@ -45,6 +45,29 @@ def test_quickstart_command_runs_end_to_end(tmp_path, small):
         assert secret not in (run / public).read_text()
 
 
+@pytest.mark.slow
+def test_tensor_parallel_main_job_saves_the_full_model(tmp_path, small):
+    """``parallel.tensor=2``: the main job on a 1 x 2 mesh, and its saved model is full-shape (the
+    vocabulary padding stripped), loadable into a single-process model of the same config."""
+    import torch
+    import yaml
+
+    from dpdist import ModelConfig, build_model
+
+    result = subprocess.run([sys.executable, "-m", "dpdist.cli", *small("parallel.data=1", "parallel.tensor=2",
+                                                                       "train.steps=2", "train.log_every=1")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run = tmp_path / "run"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+    assert "1 data x 2 tensor" in result.stdout
+    model_cfg = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    single = build_model(ModelConfig(**model_cfg))
+    state = torch.load(run / "final/model.pt")
+    single.load_state_dict(state)  # strict: every name, every full shape
+    assert state["tok_emb.weight"].shape[0] == 512
+
+
 @pytest.mark.parametrize("extra, message", [
     (["data.path=/nonexistent/corpus.txt"], "data.path"),
     (["privacy.delta=0.5"], "privacy.delta"),
