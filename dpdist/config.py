@@ -136,9 +136,13 @@ class TrainConfig:
     log_every: int = 10
     run_dir: str | None = None  # default: runs/<date>-<time>; an existing run directory is never reused
     progress: bool = True
+    checkpoint_every: int = 0  # steps between sharded checkpoints (0: only when stopped by a signal)
+    keep_checkpoints: int = 2  # newest committed checkpoints kept; older ones are removed after each commit
 
     def validate(self) -> None:
-        _positive(self, "train", "steps", "micro_batch_size", "log_every")
+        _positive(self, "train", "steps", "micro_batch_size", "log_every", "keep_checkpoints")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"train.checkpoint_every must be >= 0 (0: only on a stop signal); got {self.checkpoint_every}")
         if self.batch_size is not None and self.batch_size <= 0:
             raise ConfigError(f"train.batch_size must be > 0; got {self.batch_size}")
         if self.lr <= 0:

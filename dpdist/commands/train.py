@@ -1,8 +1,10 @@
 """``dpdist train --config FILE [key=value ...]``: validate, prepare, then run 1 process or launch torchrun.
 
-Everything that can be wrong with the input (config, corpus, privacy parameters) is checked here,
-before any process group starts; the effective config and the resolved privacy plan are written into
-a fresh run directory that the workers read.
+Everything that can be wrong with the input (config, corpus, privacy parameters, a checkpoint to
+resume) is checked here, before any process group starts; the effective config and the resolved
+privacy plan are written into the run directory that the workers read.  A run directory is fresh
+unless ``--resume`` continues it: ``auto`` takes ``train.run_dir``'s latest complete checkpoint (or
+starts there when it has none yet), a ``step-*`` folder names the checkpoint itself.
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--config", help="YAML run config (default: built-in defaults)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=5 privacy.seed=1")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the launch command only")
+    parser.add_argument("--resume", metavar="auto|CHECKPOINT",
+                        help="continue a run: 'auto' = the latest complete checkpoint under train.run_dir (a fresh "
+                             "start there if it has none), or a checkpoint folder (RUN/checkpoints/step-*)")
     parser.set_defaults(func=run)
 
 
@@ -29,24 +34,47 @@ def fresh_run_dir(requested: str | None) -> Path:
     """The run directory to create; an existing, non-empty one is refused (its ledger must never be mixed)."""
     path = Path(requested) if requested else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if path.exists() and any(path.iterdir()):
-        raise ConfigError(f"run directory {str(path)!r} already holds a run; choose another train.run_dir")
+        raise ConfigError(f"run directory {str(path)!r} already holds a run; choose another train.run_dir, or continue it with --resume auto")
     return path
 
 
-def prepare_run(cfg: RunConfig) -> tuple[Path, "RunPlan"]:
+def resumed_run(cfg: RunConfig, resume: str) -> tuple[Path, Path | None]:
+    """The run directory to continue and the checkpoint to start from (None: none saved yet)."""
+    from ..train.checkpoint import latest_checkpoint, read_record
+
+    if resume == "auto":
+        if not cfg.train.run_dir:
+            raise ConfigError("--resume auto needs train.run_dir: the run directory whose latest checkpoint to continue")
+        run_dir = Path(cfg.train.run_dir)
+        return run_dir, latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    checkpoint = Path(resume)
+    if not checkpoint.is_dir():
+        raise ConfigError(f"--resume {resume}: no such checkpoint folder; give RUN/checkpoints/step-* or 'auto'")
+    read_record(checkpoint)
+    run_dir = checkpoint.parent.parent
+    if cfg.train.run_dir and Path(cfg.train.run_dir).resolve() != run_dir.resolve():
+        raise ConfigError(f"--resume {resume} belongs to run {run_dir}, not train.run_dir={cfg.train.run_dir}; drop "
+                          "train.run_dir or make them agree")
+    return run_dir, checkpoint
+
+
+def prepare_run(cfg: RunConfig, resume: str | None = None) -> tuple[Path, "RunPlan", Path | None]:
     from ..data.dataset import prepare_data
+    from ..train.checkpoint import check_compatible, read_record
     from ..train.plan import resolve_plan
 
-    run_dir = fresh_run_dir(cfg.train.run_dir)
+    run_dir, checkpoint = resumed_run(cfg, resume) if resume else (fresh_run_dir(cfg.train.run_dir), None)
     data = prepare_data(cfg.data)
     cfg.model.vocab_size = data.vocab_size
     cfg.validate()
     plan = resolve_plan(cfg, data.num_train, data.num_val, data.vocab_size)
+    if checkpoint is not None:
+        check_compatible(read_record(checkpoint), checkpoint, cfg, plan)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.train.run_dir = str(run_dir)
     dump_config(cfg, run_dir / "config.yaml")
     plan.save(run_dir / "plan.json")
-    return run_dir, plan
+    return run_dir, plan, checkpoint
 
 
 def describe(cfg: RunConfig, plan) -> str:
@@ -63,9 +91,10 @@ def describe(cfg: RunConfig, plan) -> str:
     return "\n".join(lines)
 
 
-def launch_command(cfg: RunConfig, run_dir: Path) -> list[str]:
+def launch_command(cfg: RunConfig, run_dir: Path, checkpoint: Path | None = None) -> list[str]:
+    resume = str(checkpoint) if checkpoint is not None else "auto"
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.parallel.world_size}",
-            "-m", "dpdist.train.worker", str(run_dir)]
+            "-m", "dpdist.train.worker", str(run_dir), "--resume", resume]
 
 
 def run(args) -> int:
@@ -73,18 +102,20 @@ def run(args) -> int:
         cfg = load_config(args.config, args.overrides)
         if launched_world_size() > 1:
             raise ConfigError("dpdist train launches its own processes; run it once, not under torchrun")
-        run_dir, plan = prepare_run(cfg)
+        run_dir, plan, checkpoint = prepare_run(cfg, args.resume)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(describe(cfg, plan), flush=True)
-    command = launch_command(cfg, run_dir)
+    if checkpoint is not None:
+        print(f"resuming from {checkpoint}", flush=True)
+    command = launch_command(cfg, run_dir, checkpoint)
     if args.dry_run:
         print(" ".join(command))
         return 0
     if cfg.parallel.world_size == 1:
         from ..train.worker import run_worker
-        summary = run_worker(run_dir)
+        summary = run_worker(run_dir, str(checkpoint) if checkpoint is not None else "auto")
     else:
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // cfg.parallel.world_size)))
         result = subprocess.run(command, env=env)
@@ -98,6 +129,9 @@ def run(args) -> int:
 
 
 def format_summary(summary: dict, cfg: RunConfig) -> str:
+    if summary["stopped_by_signal"]:
+        return (f"stopped by a signal after step {summary['steps']}; checkpoint {summary['checkpoint']}\n"
+                f"  continue with: dpdist train --config {cfg.train.run_dir}/config.yaml --resume auto")
     lines = [f"done: {summary['steps']} steps" + (" (stopped: privacy budget reached)" if summary["budget_stopped"] else ""),
              f"  final train loss {summary['train_loss']:.4f}, validation loss {summary['val_loss']:.4f} "
              f"(perplexity {summary['val_perplexity']:.1f})"]
@@ -106,5 +140,7 @@ def format_summary(summary: dict, cfg: RunConfig) -> str:
                      f"{summary['delta']:.2e}, sigma {summary['noise_multiplier']:.4f}, q {summary['sample_rate']:.5f}")
     else:
         lines.append("  privacy: none (privacy.enabled=false)")
-    lines.append(f"  model: {summary['checkpoint']}")
+    lines.append(f"  model: {summary['model']}")
+    if summary.get("resumed_from"):
+        lines.append(f"  resumed from {summary['resumed_from']}")
     return "\n".join(lines)

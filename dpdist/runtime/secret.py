@@ -34,6 +34,18 @@ def warn_fixed_seed(seed: int) -> None:
           file=sys.stderr)
 
 
+def load_secret(run_dir: Path) -> int | None:
+    """The secret a run saved earlier (a resume must reuse it: fresh noise on a replayed step would
+    release the same gradient twice with independent noise), or None when there is none."""
+    path = Path(run_dir) / "private" / "secret"
+    if not path.is_file():
+        return None
+    try:
+        return int(path.read_text().strip(), 16)
+    except ValueError:
+        raise ValueError(f"{path} is corrupt; it must hold the run's secret as one hexadecimal number") from None
+
+
 def save_secret(value: int, run_dir: Path) -> Path:
     """Write the secret where a resume can find it: ``<run>/private/secret``, readable by the owner only."""
     private = Path(run_dir) / "private"

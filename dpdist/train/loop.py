@@ -26,9 +26,11 @@ from ..privacy.accounting import DISPLAY_PLD_GRID
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.sampling import PoissonSampler
 from ..runtime.mesh import Mesh
-from ..runtime.secret import save_secret, shared_secret, warn_fixed_seed
+from ..runtime.secret import load_secret, save_secret, shared_secret, warn_fixed_seed
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .engine import PrivateGradient
 from .plan import RunPlan
+from .stop import StopSignal
 
 
 def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -61,16 +63,50 @@ def validation_loss(model, data, mesh: Mesh, micro_batch_size: int, max_examples
     return total / max(count, 1.0)
 
 
-def train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh) -> dict:
+def run_secret(cfg: RunConfig, run_dir: Path, mesh: Mesh) -> int:
+    """The run's secret: the saved one when the run directory has it (a restart or resume), else new."""
+    saved = load_secret(run_dir)
+    secret = saved if saved is not None else shared_secret(cfg.privacy.seed, mesh.world_group)
+    _barrier(mesh)  # every rank has read the saved secret (or received the new one) before rank 0 writes it
+    if mesh.is_main:
+        if cfg.privacy.seed is not None:
+            warn_fixed_seed(cfg.privacy.seed)
+        if saved is None:
+            save_secret(secret, run_dir)
+    return secret
+
+
+def _barrier(mesh: Mesh) -> None:
+    if mesh.world_size > 1:
+        dist.barrier()
+
+
+def resume_point(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint to start from: ``auto`` is the run's latest complete one (None: a fresh start)."""
+    if resume in (None, "none"):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    return Path(resume)
+
+
+def train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str | None = "auto") -> dict:
     data = prepare_data(cfg.data)
     model = build_model(cfg.model, tp_group=mesh.tp_group, device=mesh.device)
     optimizer = make_optimizer(cfg, model)
     privacy = cfg.privacy
-    secret = shared_secret(privacy.seed, mesh.world_group)
-    if mesh.is_main:
-        if privacy.seed is not None:
-            warn_fixed_seed(privacy.seed)
-        save_secret(secret, run_dir)
+    secret = run_secret(cfg, run_dir, mesh)
+    start, resumed_from = 0, None
+    checkpoint = resume_point(resume, run_dir)
+    if checkpoint is not None:
+        record = load_checkpoint(checkpoint, model, optimizer, cfg, plan, mesh)
+        start, resumed_from = record["next_step"], str(checkpoint)
+        if privacy.enabled and mesh.is_main:
+            entries = len(PrivacyLedger(run_dir / "ledger.jsonl").entries())
+            if entries < record["ledger_entries"]:
+                raise CheckpointError(f"{run_dir / 'ledger.jsonl'} has {entries} releases but the checkpoint was "
+                                      f"saved after {record['ledger_entries']}: the ledger lost entries, so epsilon "
+                                      "would be under-counted. Restore the ledger; dpdist will not resume without it")
     sampler = PoissonSampler(plan.num_examples, plan.sample_rate, secret, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
                              micro_batch_size=cfg.train.micro_batch_size)
     engine = None
@@ -86,8 +122,16 @@ def train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh) -> dict:
     bar = tqdm(total=plan.max_steps, desc="dp-train" if privacy.enabled else "train", unit="step", file=sys.stderr,
                disable=not (mesh.is_main and cfg.train.progress), dynamic_ncols=True)
     window = {"loss": 0.0, "examples": 0.0, "clipped": 0.0, "tokens": 0.0, "seconds": 0.0}
-    last_loss, epsilon, step = float("nan"), 0.0, 0
-    for step in range(plan.max_steps):
+    last_loss, epsilon, stopped_at = float("nan"), 0.0, None
+    bar.update(start)
+    stop = StopSignal(mesh)
+
+    def checkpoint_at(next_step: int) -> None:
+        entries = len(ledger.entries()) if ledger is not None else 0
+        save_checkpoint(run_dir, next_step, model, optimizer, cfg, plan, mesh, ledger_entries=entries,
+                        keep=cfg.train.keep_checkpoints)
+
+    for step in range(start, plan.max_steps):
         started = time.perf_counter()
         step_plan = sampler.plan(step)
         loss_sum = clipped = examples = 0.0
@@ -129,18 +173,31 @@ def train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh) -> dict:
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", eps=f"{epsilon:.2f}")
             window = dict.fromkeys(window, 0.0)
         bar.update(1)
+        if stop.requested():  # every rank agrees at this step boundary
+            checkpoint_at(step + 1)
+            stopped_at = step + 1
+            break
+        if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < plan.max_steps:
+            checkpoint_at(step + 1)
     bar.close()
+    stop.restore()
+    if stopped_at is not None:
+        return {"steps": stopped_at, "stopped_by_signal": True, "resumed_from": resumed_from,
+                "checkpoint": str(latest_checkpoint(run_dir))}
+    if cfg.train.checkpoint_every:
+        checkpoint_at(plan.max_steps)
     val_loss = validation_loss(model, data, mesh, cfg.train.micro_batch_size) if data.num_val else float("nan")
     summary = {"steps": plan.max_steps, "train_loss": last_loss, "val_loss": val_loss,
                "val_perplexity": math.exp(min(val_loss, 50.0)), "delta": plan.delta,
                "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
-               "budget_stopped": plan.max_steps < cfg.train.steps}
+               "budget_stopped": plan.max_steps < cfg.train.steps, "stopped_by_signal": False,
+               "resumed_from": resumed_from}
     if mesh.is_main:
         if ledger is not None:
             summary["epsilon"] = ledger.epsilon(plan.delta, accountant="pld")
             summary["epsilon_rdp"] = ledger.epsilon(plan.delta, accountant="rdp")
         metrics.close()
-    summary["checkpoint"] = str(save_model(model, cfg, run_dir, mesh))
+    summary["model"] = str(save_model(model, cfg, run_dir, mesh))
     return summary
 
 

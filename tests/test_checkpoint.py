@@ -1,0 +1,158 @@
+"""Sharded checkpoints: exact resume, resume at another layout, and refusals (issue 4).
+
+- Exact resume, noise on: K steps, checkpoint, a new ``train`` call resumed from it to N, against N
+  steps in one go: bit-identical parameters and the same ledger, at (data, tensor) = (2, 1) and (1, 2).
+- Reshard: a checkpoint saved at (2, 2) continued at (1, 4) and at (4, 1) ends where an uninterrupted
+  single-process run ends (float64, relative 1e-10), padded vocabulary included (vocab 509 pads to 510
+  at tensor 2 and 512 at tensor 4).
+- Refusals with a message that says what to do: a truncated or altered shard file, a checkpoint whose
+  privacy-relevant config differs, a different model; a partial folder left by a crash is never taken
+  for the latest checkpoint.
+"""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from launch import torchrun  # noqa: E402
+
+from dpdist.cli import main  # noqa: E402
+from dpdist.commands.train import prepare_run  # noqa: E402
+from dpdist.config import dump_config, load_config  # noqa: E402
+from dpdist.privacy.ledger import PrivacyLedger  # noqa: E402
+from dpdist.runtime.mesh import Mesh  # noqa: E402
+from dpdist.train import checkpoint  # noqa: E402
+from dpdist.train.loop import train  # noqa: E402
+from dpdist.train.plan import RunPlan  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, K = 6, 3
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def overrides(cache, run_dir, data=1, tensor=1, dtype="float32", *extra):
+    return [f"data.cache_dir={cache}", "data.max_corpus_mb=0.5", "data.vocab_size=509", "data.seq_len=32",
+            "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=32", f"model.dtype={dtype}",
+            f"train.steps={STEPS}", "train.batch_size=24", "train.micro_batch_size=8", f"train.checkpoint_every={K}",
+            "train.progress=false", "privacy.seed=11", "privacy.noise_multiplier=1.0", "privacy.target_epsilon=null",
+            "privacy.allow_large_delta=true", f"parallel.data={data}", f"parallel.tensor={tensor}",
+            f"train.run_dir={run_dir}", *extra]
+
+
+def prepared(cache, run_dir, *args, **kwargs) -> Path:
+    cfg = load_config(ROOT / "configs/default.yaml", overrides(cache, run_dir, *args, **kwargs))
+    run_dir, _, _ = prepare_run(cfg)
+    return run_dir
+
+
+def final_model(run_dir: Path) -> dict:
+    return torch.load(run_dir / "final" / "model.pt")
+
+
+def ledger(run_dir: Path) -> list:
+    return [(e["step"], e["sample_rate"], e["noise_multiplier"]) for e in PrivacyLedger(run_dir / "ledger.jsonl").entries()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data, tensor", [(2, 1), (1, 2)], ids=lambda v: str(v))
+def test_exact_resume(tmp_path, cache, data, tensor):
+    whole = prepared(cache, tmp_path / "whole", data, tensor)
+    split = prepared(cache, tmp_path / "split", data, tensor)
+    torchrun("resume_steps.py", data * tensor, "exact", whole, split, K)
+    summary = json.loads((split / "summary.json").read_text()) if (split / "summary.json").exists() else None
+    a, b = final_model(whole), final_model(split)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+    assert ledger(whole) == ledger(split) and [e[0] for e in ledger(split)] == list(range(STEPS))
+    assert [p.name for p in checkpoint.complete_checkpoints(split)] == ["step-00000003", "step-00000006"]
+    assert summary is None or summary.get("resumed_from", "").endswith("step-00000003")
+
+
+@pytest.mark.slow
+def test_reshard_resume(tmp_path, cache):
+    saved = prepared(cache, tmp_path / "saved", 2, 2, "float64")
+    torchrun("resume_steps.py", 4, "save", saved, K)
+    assert checkpoint.latest_checkpoint(saved).name == "step-00000003"
+    reference_dir = prepared(cache, tmp_path / "reference", 1, 1, "float64")
+    cfg = load_config(reference_dir / "config.yaml")
+    train(cfg, RunPlan.load(reference_dir / "plan.json"), reference_dir, Mesh(), resume="none")
+    reference = final_model(reference_dir)
+    for data, tensor in [(1, 4), (4, 1)]:
+        moved = tmp_path / f"moved-{data}x{tensor}"
+        shutil.copytree(saved, moved)
+        cfg = load_config(moved / "config.yaml")
+        cfg.parallel.data, cfg.parallel.tensor, cfg.train.run_dir = data, tensor, str(moved)
+        dump_config(cfg, moved / "config.yaml")
+        torchrun("resume_steps.py", data * tensor, "continue", moved)
+        got = final_model(moved)
+        for name, value in reference.items():
+            scale = float(value.abs().max().clamp(min=1e-12))
+            assert torch.allclose(got[name], value, rtol=0, atol=1e-10 * scale), f"({data},{tensor}) {name}"
+        assert ledger(moved) == ledger(reference_dir)
+
+
+@pytest.fixture(scope="module")
+def one_checkpoint(tmp_path_factory, cache):
+    """A single-process run with checkpoints at steps 3 and 6."""
+    run_dir = prepared(cache, tmp_path_factory.mktemp("one") / "run")
+    cfg = load_config(run_dir / "config.yaml")
+    train(cfg, RunPlan.load(run_dir / "plan.json"), run_dir, Mesh(), resume="none")
+    return run_dir
+
+
+def test_damaged_shards_are_refused(tmp_path, one_checkpoint):
+    source = checkpoint.latest_checkpoint(one_checkpoint)
+    shard = next(f.name for f in source.iterdir() if f.suffix == ".distcp")
+    truncated = shutil.copytree(source, tmp_path / "truncated")
+    with open(truncated / shard, "r+b") as handle:
+        handle.truncate((truncated / shard).stat().st_size // 2)
+    with pytest.raises(checkpoint.CheckpointError, match="truncated"):
+        checkpoint.read_record(truncated)
+    altered = shutil.copytree(source, tmp_path / "altered")
+    data = bytearray((altered / shard).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (altered / shard).write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match="checksum"):
+        checkpoint.read_record(altered)
+    checkpoint.read_record(source)  # the original is intact
+
+
+def test_partial_folder_is_not_a_checkpoint(tmp_path, one_checkpoint):
+    run = shutil.copytree(one_checkpoint, tmp_path / "run")
+    latest = checkpoint.latest_checkpoint(run)
+    crashed = run / "checkpoints" / ("step-00000009" + checkpoint.PARTIAL)  # what a crash mid-save leaves
+    crashed.mkdir()
+    (crashed / "__0_0.distcp").write_bytes(b"half a shard")
+    assert checkpoint.latest_checkpoint(run) == latest
+
+
+@pytest.mark.parametrize("change, message", [
+    ("privacy.clip_norm=2.0", "clip_norm"),
+    ("privacy.noise_multiplier=2.0", "noise_multiplier"),
+    ("model.d_model=64", "different model"),
+])
+def test_resume_refuses_a_changed_run(tmp_path, capsys, cache, one_checkpoint, change, message):
+    run = shutil.copytree(one_checkpoint, tmp_path / "run")
+    before = sorted(p.name for p in checkpoint.complete_checkpoints(run))
+    args = ["train", "--config", str(ROOT / "configs/default.yaml"), *overrides(cache, run), change, "--resume", "auto"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+    assert sorted(p.name for p in checkpoint.complete_checkpoints(run)) == before  # nothing deleted
+
+
+def test_resume_needs_a_run_directory_and_a_real_checkpoint(tmp_path, capsys, cache):
+    args = ["train", "--config", str(ROOT / "configs/default.yaml"), f"data.cache_dir={cache}"]
+    assert main([*args, "--resume", "auto"]) == 2
+    assert "needs train.run_dir" in capsys.readouterr().err
+    assert main([*args, "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "no such checkpoint folder" in capsys.readouterr().err
