@@ -168,16 +168,41 @@ class ParallelConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """How ``torchrun`` is started (see ``dpdist.runtime.launch``); inside a Slurm job the node count
+    and rendezvous come from ``SLURM_*`` instead."""
+
+    nnodes: int = 1  # > 1: multi-node; every node runs the printed torchrun command
+    rdzv_endpoint: str | None = None  # host:port of the c10d rendezvous, required with nnodes > 1
+    rdzv_id: str = "dpdist"  # the same on every node of one job
+    max_restarts: int = 0  # torchrun restarts the workers this often after a failure; they resume from a checkpoint
+    shutdown_timeout: int = 120  # seconds torchrun gives workers to checkpoint after a stop signal before SIGKILL
+
+    def validate(self) -> None:
+        _positive(self, "launch", "nnodes", "shutdown_timeout")
+        if self.max_restarts < 0:
+            raise ConfigError(f"launch.max_restarts must be >= 0; got {self.max_restarts}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError("launch.nnodes > 1 needs launch.rdzv_endpoint=HOST:PORT (a host every node reaches)")
+        if self.rdzv_endpoint and ":" not in self.rdzv_endpoint:
+            raise ConfigError(f"launch.rdzv_endpoint must be HOST:PORT; got {self.rdzv_endpoint!r}")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def validate(self) -> "RunConfig":
-        for section in (self.model, self.data, self.privacy, self.train, self.parallel):
+        for section in (self.model, self.data, self.privacy, self.train, self.parallel, self.launch):
             section.validate()
+        if self.parallel.world_size % self.launch.nnodes:
+            raise ConfigError(f"parallel.data x parallel.tensor = {self.parallel.world_size} processes do not split "
+                              f"evenly over launch.nnodes = {self.launch.nnodes} nodes")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}); "

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +19,8 @@ from pathlib import Path
 
 from ..config import ConfigError, RunConfig, dump_config, load_config
 from ..runtime.mesh import launched_world_size
+
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)  # SIGINT (Ctrl-C) reaches torchrun from the terminal itself
 
 
 def add_parser(subparsers) -> None:
@@ -91,39 +95,55 @@ def describe(cfg: RunConfig, plan) -> str:
     return "\n".join(lines)
 
 
-def launch_command(cfg: RunConfig, run_dir: Path, checkpoint: Path | None = None) -> list[str]:
-    resume = str(checkpoint) if checkpoint is not None else "auto"
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.parallel.world_size}",
-            "-m", "dpdist.train.worker", str(run_dir), "--resume", resume]
+def run_forwarding_signals(command: list[str], env: dict) -> int:
+    """Run torchrun and pass it the stop signals this process gets (a scheduler signals the process
+    it started; torchrun forwards them to the workers, which checkpoint and stop)."""
+    child = subprocess.Popen(command, env=env)
+    previous = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum)) for sig in STOP_SIGNALS}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run(args) -> int:
+    from ..runtime.launch import rendezvous, torchrun_command
+
     try:
         cfg = load_config(args.config, args.overrides)
         if launched_world_size() > 1:
             raise ConfigError("dpdist train launches its own processes; run it once, not under torchrun")
+        nnodes, _ = rendezvous(cfg, dict(os.environ))
+        if nnodes > 1 and not args.dry_run:
+            raise ConfigError(f"a {nnodes}-node job: prepare it once with --dry-run, which prints the torchrun command, "
+                              "then run that command on every node (slurm/dpdist.sbatch does both)")
         run_dir, plan, checkpoint = prepare_run(cfg, args.resume)
+        resume = str(checkpoint) if checkpoint is not None else "auto"
+        command = torchrun_command(cfg, run_dir, resume, dict(os.environ))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(describe(cfg, plan), flush=True)
     if checkpoint is not None:
         print(f"resuming from {checkpoint}", flush=True)
-    command = launch_command(cfg, run_dir, checkpoint)
     if args.dry_run:
-        print(" ".join(command))
+        print(shlex.join(command))
         return 0
+    (run_dir / "summary.json").unlink(missing_ok=True)  # a stale one must not pass for this launch's
     if cfg.parallel.world_size == 1:
         from ..train.worker import run_worker
-        summary = run_worker(run_dir, str(checkpoint) if checkpoint is not None else "auto")
+        summary = run_worker(run_dir, resume)
     else:
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // cfg.parallel.world_size)))
-        result = subprocess.run(command, env=env)
-        if result.returncode != 0:
-            print(f"error: training processes failed (exit {result.returncode}); see the output above and "
-                  f"{run_dir}", file=sys.stderr)
-            return result.returncode
-        summary = json.loads((run_dir / "summary.json").read_text())
+        code = run_forwarding_signals(command, env)
+        summary_path = run_dir / "summary.json"
+        # torchrun exits non-zero after forwarding a signal even when the workers stopped cleanly
+        if not summary_path.exists():
+            print(f"error: training processes failed (exit {code}); see the output above and {run_dir}; "
+                  f"continue from the last checkpoint with --resume auto train.run_dir={run_dir}", file=sys.stderr)
+            return code or 1
+        summary = json.loads(summary_path.read_text())
     print(format_summary(summary, cfg))
     return 0
 

@@ -1,0 +1,61 @@
+"""The torchrun command line of a run: on one machine, on several nodes, or inside a Slurm job.
+
+- one machine: ``torchrun --standalone`` (a local rendezvous on a free port);
+- several nodes (``launch.nnodes > 1``): a c10d rendezvous at ``launch.rdzv_endpoint``; every node
+  runs the same command;
+- inside a Slurm allocation (``SLURM_JOB_ID`` set, more than one node): nodes from ``SLURM_NNODES``,
+  the rendezvous on ``MASTER_ADDR`` (else the allocation's first host) and ``MASTER_PORT`` (else
+  29500), the job id as rendezvous id; ``srun`` starts one such command per node.
+
+Every launch forwards SIGUSR2 as well as torchrun's default signals to the workers (Slurm's warning
+before the time limit), which checkpoint at the next step boundary and stop; ``launch.max_restarts``
+lets torchrun restart failed workers, which resume from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from ..config import ConfigError, RunConfig
+
+SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"
+DEFAULT_PORT = 29500
+
+
+def slurm_first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list (``n[1-4]`` -> ``n1``), as ``scontrol`` expands it."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        out = None
+    if out is None or out.returncode != 0 or not out.stdout.split():
+        raise ConfigError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol; set MASTER_ADDR to the "
+                          "first node's address")
+    return out.stdout.split()[0]
+
+
+def rendezvous(cfg: RunConfig, env: dict) -> tuple[int, list[str]]:
+    """(number of nodes, torchrun's rendezvous arguments) for this environment."""
+    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NNODES", "1")) > 1:
+        nnodes = int(env["SLURM_NNODES"])
+        host = env.get("MASTER_ADDR") or slurm_first_host(env.get("SLURM_JOB_NODELIST", ""))
+        endpoint = f"{host}:{env.get('MASTER_PORT', DEFAULT_PORT)}"
+        return nnodes, [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
+                        f"--rdzv_id={env['SLURM_JOB_ID']}"]
+    if cfg.launch.nnodes > 1:
+        return cfg.launch.nnodes, [f"--nnodes={cfg.launch.nnodes}", "--rdzv_backend=c10d",
+                                   f"--rdzv_endpoint={cfg.launch.rdzv_endpoint}", f"--rdzv_id={cfg.launch.rdzv_id}"]
+    return 1, ["--standalone"]
+
+
+def torchrun_command(cfg: RunConfig, run_dir: Path, resume: str, env: dict) -> list[str]:
+    nnodes, rdzv = rendezvous(cfg, env)
+    world = cfg.parallel.world_size
+    if world % nnodes:
+        raise ConfigError(f"{world} processes (parallel.data x parallel.tensor) do not split evenly over {nnodes} "
+                          "nodes; change the layout or the node count")
+    return [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--nproc_per_node={world // nnodes}",
+            f"--max-restarts={cfg.launch.max_restarts}", f"--signals-to-handle={SIGNALS}",
+            f"--shutdown-timeout={cfg.launch.shutdown_timeout}",
+            "-m", "dpdist.train.worker", str(run_dir), "--resume", resume]
