@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,7 @@ def prepare_run(cfg: RunConfig, resume: str | None = None) -> tuple[Path, "RunPl
     if checkpoint is not None:
         check_compatible(read_record(checkpoint), checkpoint, cfg, plan)
     run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(data.tokenizer_path, run_dir / "tokenizer.model")  # the run's own, for export
     cfg.train.run_dir = str(run_dir)
     dump_config(cfg, run_dir / "config.yaml")
     plan.save(run_dir / "plan.json")

@@ -1,0 +1,59 @@
+"""``dpdist export``: one safetensors file with the weights, the tokenizer and the privacy report, and no secret."""
+import base64
+import json
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+from safetensors import safe_open
+
+from dpdist.cli import main
+from dpdist.commands.export import MODEL_KEY, PRIVACY_KEY, TOKENIZER_KEY
+from dpdist.privacy.ledger import PrivacyLedger
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("export")
+    run_dir = base / "run"
+    args = ["train", "--config", str(ROOT / "configs/default.yaml"), f"data.cache_dir={base / 'cache'}",
+            "data.max_corpus_mb=0.5", "data.vocab_size=512", "data.seq_len=32", "model.d_model=32", "model.n_layers=1",
+            "model.max_seq_len=32", "train.steps=3", "train.batch_size=16", "train.progress=false",
+            "parallel.data=1", f"train.run_dir={run_dir}"]
+    assert main(args) == 0
+    return run_dir
+
+
+def test_export_holds_weights_tokenizer_and_the_ledgers_epsilon(tmp_path, capsys, finished_run):
+    out = tmp_path / "model.safetensors"
+    assert main(["export", str(finished_run), "--out", str(out)]) == 0
+    assert "epsilon =" in capsys.readouterr().out
+    final = torch.load(finished_run / "final" / "model.pt")
+    with safe_open(str(out), framework="pt") as f:
+        assert set(f.keys()) == set(final)
+        for name in final:
+            assert torch.equal(f.get_tensor(name), final[name]), name
+        meta = f.metadata()
+    report = json.loads(meta[PRIVACY_KEY])
+    plan = json.loads((finished_run / "plan.json").read_text())
+    ledger = PrivacyLedger(finished_run / "ledger.jsonl")
+    assert report["steps"] == 3 == len(ledger.entries())
+    assert report["epsilon"] == ledger.epsilon(plan["delta"], "pld") and report["delta"] == plan["delta"]
+    assert report["noise_multiplier"] == plan["noise_multiplier"] and report["fixed_seed"] is False
+    assert json.loads(meta[MODEL_KEY])["vocab_size"] == 512
+    tokenizer = spm.SentencePieceProcessor(model_proto=base64.b64decode(meta[TOKENIZER_KEY]))
+    assert tokenizer.vocab_size() == 512
+    secret = (finished_run / "private" / "secret").read_text().strip()
+    blob = out.read_bytes()
+    assert secret.encode() not in blob and int(secret, 16).to_bytes(16, "little") not in blob
+
+
+def test_export_refuses_an_unfinished_run(tmp_path, capsys, finished_run):
+    (tmp_path / "config.yaml").write_text((finished_run / "config.yaml").read_text())
+    assert main(["export", str(tmp_path)]) == 2
+    assert "no final model" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nothing")]) == 2
+    assert "not a dpdist run directory" in capsys.readouterr().err
