@@ -90,7 +90,20 @@ def resume_point(resume: str | None, run_dir: Path) -> Path | None:
     return Path(resume)
 
 
-def train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str | None = "auto") -> dict:
+def train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str | None = "auto",
+          stop: StopSignal | None = None) -> dict:
+    """Train from the resume point to ``plan.max_steps``, or until ``stop`` is requested (then
+    checkpoint and return early); ``stop`` defaults to handlers installed for this call."""
+    own_stop = stop is None
+    stop = stop or StopSignal()
+    try:
+        return _train(cfg, plan, run_dir, mesh, resume, stop)
+    finally:
+        if own_stop:
+            stop.restore()
+
+
+def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str | None, stop: StopSignal) -> dict:
     data = prepare_data(cfg.data)
     model = build_model(cfg.model, tp_group=mesh.tp_group, device=mesh.device)
     optimizer = make_optimizer(cfg, model)
@@ -124,7 +137,6 @@ def train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str 
     window = {"loss": 0.0, "examples": 0.0, "clipped": 0.0, "tokens": 0.0, "seconds": 0.0}
     last_loss, epsilon, stopped_at = float("nan"), 0.0, None
     bar.update(start)
-    stop = StopSignal(mesh)
 
     def checkpoint_at(next_step: int) -> None:
         entries = len(ledger.entries()) if ledger is not None else 0
@@ -173,14 +185,13 @@ def train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str 
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", eps=f"{epsilon:.2f}")
             window = dict.fromkeys(window, 0.0)
         bar.update(1)
-        if stop.requested():  # every rank agrees at this step boundary
+        if stop.requested(mesh):  # every rank agrees at this step boundary
             checkpoint_at(step + 1)
             stopped_at = step + 1
             break
         if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < plan.max_steps:
             checkpoint_at(step + 1)
     bar.close()
-    stop.restore()
     if stopped_at is not None:
         return {"steps": stopped_at, "stopped_by_signal": True, "resumed_from": resumed_from,
                 "checkpoint": str(latest_checkpoint(run_dir))}

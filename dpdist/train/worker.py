@@ -16,17 +16,19 @@ from ..config import load_config
 from ..runtime.mesh import init_mesh, shutdown
 from .loop import train
 from .plan import RunPlan
+from .stop import StopSignal
 
 
 DONE = "DONE"
 
 
 def run_worker(run_dir: Path, resume: str = "auto") -> dict:
+    stop = StopSignal()  # before anything slow: an early signal must not kill the process
     cfg = load_config(run_dir / "config.yaml")
     plan = RunPlan.load(run_dir / "plan.json")
     mesh = init_mesh(cfg.parallel)
     try:
-        summary = train(cfg, plan, run_dir, mesh, resume=resume)
+        summary = train(cfg, plan, run_dir, mesh, resume=resume, stop=stop)
         if mesh.is_main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             if not summary["stopped_by_signal"]:
@@ -34,6 +36,7 @@ def run_worker(run_dir: Path, resume: str = "auto") -> dict:
         return summary
     finally:
         shutdown(mesh)
+        stop.restore()
 
 
 if __name__ == "__main__":
