@@ -110,7 +110,7 @@ def run_forwarding_signals(command: list[str], env: dict) -> int:
 
 
 def run(args) -> int:
-    from ..runtime.launch import rendezvous, torchrun_command
+    from ..runtime.launch import LAUNCH_ENV, rendezvous, torchrun_command
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -130,14 +130,15 @@ def run(args) -> int:
     if checkpoint is not None:
         print(f"resuming from {checkpoint}", flush=True)
     if args.dry_run:
-        print(shlex.join(command))
+        print(shlex.join(["env", *(f"{k}={v}" for k, v in LAUNCH_ENV.items()), *command]))
         return 0
     (run_dir / "summary.json").unlink(missing_ok=True)  # a stale one must not pass for this launch's
     if cfg.parallel.world_size == 1:
         from ..train.worker import run_worker
         summary = run_worker(run_dir, resume)
     else:
-        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // cfg.parallel.world_size)))
+        env = dict(os.environ, **LAUNCH_ENV,
+                   OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // cfg.parallel.world_size)))
         code = run_forwarding_signals(command, env)
         summary_path = run_dir / "summary.json"
         # torchrun exits non-zero after forwarding a signal even when the workers stopped cleanly

@@ -9,7 +9,8 @@
 
 Every launch forwards SIGUSR2 as well as torchrun's default signals to the workers (Slurm's warning
 before the time limit), which checkpoint at the next step boundary and stop; ``launch.max_restarts``
-lets torchrun restart failed workers, which resume from the latest checkpoint.
+lets torchrun restart failed workers, which resume from the latest checkpoint.  Launch torchrun with
+``LAUNCH_ENV`` in its environment.
 """
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ from ..config import ConfigError, RunConfig
 
 SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"
 DEFAULT_PORT = 29500
+# torchrun's agent shares its rendezvous store with the workers' process group by default; workers it
+# restarts then read the previous attempt's gloo addresses and fail to connect (pytorch/pytorch#135712,
+# seen here with --max-restarts).  A store of their own per attempt avoids that.
+LAUNCH_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def slurm_first_host(nodelist: str) -> str:
