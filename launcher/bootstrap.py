@@ -60,3 +60,13 @@ def bootstrap(extras: tuple[str, ...] = ()) -> Path:
     step(f"installing dpdist (editable) from {target}", [python, "-m", "pip", "install", "-q", "-e", target])
     STAMP.write_text(json.dumps({"pyproject": digest, "extras": sorted(kept | set(extras))}))
     return BIN
+
+
+def exec_dpdist(args: list[str], who: str) -> None:
+    """Set up, then become ``dpdist ARGS``: the job's exit status and signals are then its own."""
+    command = [str(bootstrap() / "dpdist"), *args]
+    sys.stdout.flush()
+    try:
+        os.execv(command[0], command)
+    except OSError as exc:
+        sys.exit(f"[{who}] failed to start {command[0]}: {exc}")

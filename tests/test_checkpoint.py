@@ -156,3 +156,38 @@ def test_resume_needs_a_run_directory_and_a_real_checkpoint(tmp_path, capsys, ca
     assert "needs train.run_dir" in capsys.readouterr().err
     assert main([*args, "--resume", str(tmp_path / "nowhere")]) == 2
     assert "no such checkpoint folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.13])
+def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path, delay):
+    """A process committing checkpoints back to back (about 30 MB each) is killed with SIGKILL at an
+    arbitrary moment, almost surely inside a save or a removal: the latest complete checkpoint is
+    intact and loads, with the parameters of its step."""
+    import signal
+    import subprocess
+    import time
+
+    sys.path.insert(0, str(Path(__file__).parent / "dist"))
+    import save_loop
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "dist" / "save_loop.py"), str(run_dir)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(3):
+            line = proc.stdout.readline()
+            assert line.startswith("committed"), line
+        time.sleep(delay)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    latest = checkpoint.latest_checkpoint(run_dir)
+    record = checkpoint.read_record(latest)  # every file present and matching its checksum
+    step = record["next_step"]
+    cfg, model = save_loop.model_at(0)
+    optimizer = save_loop.make_optimizer(cfg, model)
+    checkpoint.load_checkpoint(latest, model, optimizer, cfg, save_loop.PLAN, Mesh())
+    _, expected = save_loop.model_at(step)
+    for (name, got), want in zip(model.named_parameters(), expected.parameters()):
+        assert torch.equal(got, want), f"{name} is not the step-{step} value"

@@ -198,6 +198,7 @@ def save_checkpoint(run_dir: Path, next_step: int, model, optimizer, cfg: RunCon
         os.replace(partial, final)
         _fsync_dir(final.parent)
         for old in complete_checkpoints(run_dir)[:-keep]:
+            (old / PRIVACY_FILE).unlink()  # first: a removal cut short never leaves a "complete" husk
             shutil.rmtree(old)
     _barrier(mesh)
     return final
@@ -250,6 +251,12 @@ def load_checkpoint(folder: Path, model, optimizer, cfg: RunConfig, plan: RunPla
     _init_optimizer_state(optimizer)
     device_mesh = _device_mesh(mesh)
     state = _state(model, optimizer, cfg, device_mesh)
+    saved = set(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+    missing = sorted(set(state) - saved)
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} lacks {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")
+                              + f": it was saved with another optimizer or model (train.optimizer is "
+                              f"{cfg.train.optimizer!r}); resume with the config it was saved with")
     try:
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(folder), no_dist=mesh.world_size == 1)
