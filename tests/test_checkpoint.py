@@ -191,3 +191,19 @@ def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path, delay):
     _, expected = save_loop.model_at(step)
     for (name, got), want in zip(model.named_parameters(), expected.parameters()):
         assert torch.equal(got, want), f"{name} is not the step-{step} value"
+
+
+@pytest.mark.parametrize("damage", ["drop the last line", "change a noise multiplier"])
+def test_resume_refuses_a_ledger_that_lost_or_changed_releases(tmp_path, one_checkpoint, damage):
+    run = shutil.copytree(one_checkpoint, tmp_path / "run")
+    lines = (run / "ledger.jsonl").read_text().splitlines()
+    assert (checkpoint.latest_checkpoint(run) / checkpoint.LEDGER).read_text().splitlines() == lines
+    if damage == "drop the last line":
+        lines = lines[:-1]
+    else:
+        entry = json.loads(lines[0])
+        lines[0] = json.dumps({**entry, "noise_multiplier": entry["noise_multiplier"] * 2})
+    (run / "ledger.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = load_config(run / "config.yaml")
+    with pytest.raises(checkpoint.CheckpointError, match="under-counted"):
+        train(cfg, RunPlan.load(run / "plan.json"), run, Mesh(), resume="auto")

@@ -48,6 +48,19 @@ def test_inside_slurm_the_allocation_decides():
         torchrun_command(config("parallel.data=3"), Path("run"), "auto", env=env)
 
 
+def test_a_taken_rendezvous_port_is_refused():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = config("launch.nnodes=2", f"launch.rdzv_endpoint=127.0.0.1:{port}")
+        with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is already in use"):
+            torchrun_command(cfg, Path("run"), "auto", env={})
+    torchrun_command(cfg, Path("run"), "auto", env={})  # free again
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["launch.nnodes=2"], "launch.rdzv_endpoint"),
     (["launch.nnodes=2", "launch.rdzv_endpoint=head"], "HOST:PORT"),

@@ -14,6 +14,8 @@ lets torchrun restart failed workers, which resume from the latest checkpoint.  
 """
 from __future__ import annotations
 
+import ipaddress
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -54,8 +56,30 @@ def rendezvous(cfg: RunConfig, env: dict) -> tuple[int, list[str]]:
     return 1, ["--standalone"]
 
 
+def check_endpoint_port(endpoint: str) -> None:
+    """Refuse a rendezvous port that is already taken on this machine (where the rendezvous will be
+    hosted when the endpoint names it): torchrun's own error comes late and says little."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        local = host in ("localhost", socket.gethostname()) or ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return  # not resolvable here: another node's address, checked where it runs
+    if not local:
+        return
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the rendezvous store does: TIME_WAIT is fine
+        try:
+            probe.bind(("127.0.0.1" if host == "localhost" else socket.gethostbyname(host), int(port)))
+        except OSError:
+            raise ConfigError(f"rendezvous port {port} on {host} is already in use; choose a free one "
+                              "(launch.rdzv_endpoint, or MASTER_PORT inside Slurm)") from None
+
+
 def torchrun_command(cfg: RunConfig, run_dir: Path, resume: str, env: dict) -> list[str]:
     nnodes, rdzv = rendezvous(cfg, env)
+    endpoint = next((arg.split("=", 1)[1] for arg in rdzv if arg.startswith("--rdzv_endpoint=")), None)
+    if endpoint is not None:
+        check_endpoint_port(endpoint)
     world = cfg.parallel.world_size
     if world % nnodes:
         raise ConfigError(f"{world} processes (parallel.data x parallel.tensor) do not split evenly over {nnodes} "

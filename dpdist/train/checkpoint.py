@@ -2,7 +2,9 @@
 
 Layout: ``<run>/checkpoints/step-<k>/`` holds DCP's files (each rank writes its own shards) and
 ``privacy.json`` (the step to resume at, the values the guarantee depends on, the ledger length, the
-layout, and a manifest of every file with its size and SHA-256).  Tensor-parallel shards are exposed
+layout, and a manifest of every file with its size and SHA-256) and ``ledger.jsonl``, a copy of the
+run's ledger at that step.  The run's own ledger stays authoritative and is never rolled back; a
+resume checks that it still begins with the copy.  Tensor-parallel shards are exposed
 to DCP as DTensor views of the *unpadded* full parameters, so a checkpoint written at one
 (data, tensor) layout loads at another and DCP reshards.  Replicated tensors are saved under one key
 (DCP writes them once).  Nothing here holds per-rank RNG state: the sampling and the noise are
@@ -31,11 +33,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from ..config import ConfigError, RunConfig
+from ..privacy.ledger import PrivacyLedger
 from ..runtime.mesh import Mesh
 from .plan import RunPlan
 
 CHECKPOINTS = "checkpoints"
-PRIVACY_FILE = "privacy.json"
+PRIVACY_FILE, LEDGER = "privacy.json", "ledger.jsonl"
 PREFIX, PARTIAL = "step-", ".partial"
 VOCAB_TABLES = ("tok_emb.weight", "lm_head.weight")
 FORMAT = 1
@@ -171,7 +174,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, next_step: int, model, optimizer, cfg: RunConfig, plan: RunPlan, mesh: Mesh,
-                    ledger_entries: int, keep: int) -> Path:
+                    keep: int) -> Path:
     """Write the checkpoint to resume at ``next_step`` (a collective: every rank calls it at a step
     boundary), commit it atomically, and keep the newest ``keep`` committed ones."""
     final = step_folder(run_dir, next_step)
@@ -186,7 +189,11 @@ def save_checkpoint(run_dir: Path, next_step: int, model, optimizer, cfg: RunCon
         dcp.save(_state(model, optimizer, cfg, device_mesh), checkpoint_id=str(partial), no_dist=mesh.world_size == 1)
     _barrier(mesh)
     if mesh.is_main:
-        record = {"format": FORMAT, "next_step": next_step, "ledger_entries": ledger_entries,
+        run_ledger = Path(run_dir) / LEDGER
+        if run_ledger.exists():
+            shutil.copyfile(run_ledger, partial / LEDGER)
+        entries = len(PrivacyLedger(partial / LEDGER).entries())
+        record = {"format": FORMAT, "next_step": next_step, "ledger_entries": entries,
                   "privacy": privacy_identity(cfg, plan), "model": asdict(cfg.model),
                   "layout": {"data": mesh.dp_size, "tensor": mesh.tp_size}, "files": _manifest(partial)}
         with open(partial / PRIVACY_FILE, "w") as handle:
@@ -242,6 +249,18 @@ def check_compatible(record: dict, folder: Path, cfg: RunConfig, plan: RunPlan) 
     if shape:
         raise CheckpointError(f"checkpoint {folder} holds a different model ({'; '.join(shape)}); resume with the "
                               "model config it was saved with")
+
+
+def check_ledger(folder: Path, run_ledger: Path) -> None:
+    """The run's ledger must still hold every release the checkpoint's copy holds, in order: a
+    shorter or rewritten ledger would under-count epsilon, so the run may not continue on it."""
+    saved = PrivacyLedger(Path(folder) / LEDGER).entries()
+    current = PrivacyLedger(run_ledger).entries()
+    if current[:len(saved)] != saved:
+        raise CheckpointError(f"{run_ledger} has {len(current)} releases and does not begin with the {len(saved)} "
+                              f"recorded in {folder / LEDGER}: the ledger lost or changed entries, so epsilon would "
+                              f"be under-counted. Restore it (the checkpoint's copy is a lower bound); dpdist will not "
+                              "resume on it")
 
 
 def load_checkpoint(folder: Path, model, optimizer, cfg: RunConfig, plan: RunPlan, mesh: Mesh) -> dict:

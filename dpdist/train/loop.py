@@ -27,7 +27,7 @@ from ..privacy.ledger import PrivacyLedger
 from ..privacy.sampling import PoissonSampler
 from ..runtime.mesh import Mesh
 from ..runtime.secret import load_secret, save_secret, shared_secret, warn_fixed_seed
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import check_ledger, latest_checkpoint, load_checkpoint, save_checkpoint
 from .engine import PrivateGradient
 from .plan import RunPlan
 from .stop import StopSignal
@@ -115,11 +115,7 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
         record = load_checkpoint(checkpoint, model, optimizer, cfg, plan, mesh)
         start, resumed_from = record["next_step"], str(checkpoint)
         if privacy.enabled and mesh.is_main:
-            entries = len(PrivacyLedger(run_dir / "ledger.jsonl").entries())
-            if entries < record["ledger_entries"]:
-                raise CheckpointError(f"{run_dir / 'ledger.jsonl'} has {entries} releases but the checkpoint was "
-                                      f"saved after {record['ledger_entries']}: the ledger lost entries, so epsilon "
-                                      "would be under-counted. Restore the ledger; dpdist will not resume without it")
+            check_ledger(checkpoint, run_dir / "ledger.jsonl")
     sampler = PoissonSampler(plan.num_examples, plan.sample_rate, secret, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
                              micro_batch_size=cfg.train.micro_batch_size)
     engine = None
@@ -139,9 +135,7 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
     bar.update(start)
 
     def checkpoint_at(next_step: int) -> None:
-        entries = len(ledger.entries()) if ledger is not None else 0
-        save_checkpoint(run_dir, next_step, model, optimizer, cfg, plan, mesh, ledger_entries=entries,
-                        keep=cfg.train.keep_checkpoints)
+        save_checkpoint(run_dir, next_step, model, optimizer, cfg, plan, mesh, keep=cfg.train.keep_checkpoints)
 
     for step in range(start, plan.max_steps):
         started = time.perf_counter()

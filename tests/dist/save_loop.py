@@ -44,5 +44,5 @@ if __name__ == "__main__":
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1)
-        save_checkpoint(run_dir, step, model, optimizer, cfg, PLAN, Mesh(), ledger_entries=step, keep=2)
+        save_checkpoint(run_dir, step, model, optimizer, cfg, PLAN, Mesh(), keep=2)
         print(f"committed {step}", flush=True)
