@@ -2,6 +2,7 @@
 checkpoints and a resume finishes the run; a killed worker is restarted and resumes (issue 4)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from dpdist.cli import main
 from dpdist.config import ConfigError, load_config
@@ -89,7 +91,7 @@ def train_args(cache, run_dir, *extra):
     return [sys.executable, "-m", "dpdist.cli", "train", "--config", str(ROOT / "configs/default.yaml"),
             f"data.cache_dir={cache}", "data.max_corpus_mb=0.5", "data.vocab_size=512", "data.seq_len=32",
             "model.d_model=32", "model.n_layers=1", "model.max_seq_len=32", "train.batch_size=16",
-            "train.micro_batch_size=8", "train.checkpoint_every=2", "train.progress=false", "privacy.seed=5",
+            "train.micro_batch_size=8", "train.checkpoint_every=2", "train.progress=false",
             "privacy.noise_multiplier=1.0", "privacy.target_epsilon=null", "privacy.allow_large_delta=true",
             f"train.run_dir={run_dir}", *extra]
 
@@ -131,6 +133,17 @@ def test_stop_signal_checkpoints_and_resume_finishes(tmp_path, cache):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming from {checkpoint.step_folder(run_dir, stopped)}" in resumed.stdout
     assert steps_in_ledger(run_dir) == list(range(steps)) and (run_dir / "DONE").exists()
+
+    # The secret came from OS entropy; the resumed workers must all have used the saved one.  An
+    # uninterrupted run handed the same secret (a run directory that holds only it) ends identically.
+    reference = tmp_path / "reference"
+    (reference / "private").mkdir(parents=True)
+    shutil.copy(run_dir / "private" / "secret", reference / "private" / "secret")
+    whole = subprocess.run(train_args(cache, reference, f"train.steps={steps}") + ["--resume", "auto"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    a, b = torch.load(reference / "final" / "model.pt"), torch.load(run_dir / "final" / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def worker_pids(run_dir: Path) -> list[int]:

@@ -164,6 +164,8 @@ def format_summary(summary: dict, cfg: RunConfig) -> str:
     else:
         lines.append("  privacy: none (privacy.enabled=false)")
     lines.append(f"  model: {summary['model']}")
+    if summary.get("checkpoint"):
+        lines.append(f"  checkpoint: {summary['checkpoint']}")
     if summary.get("resumed_from"):
         lines.append(f"  resumed from {summary['resumed_from']}")
     return "\n".join(lines)

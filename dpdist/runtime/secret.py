@@ -17,11 +17,18 @@ import torch.distributed as dist
 SECRET_BITS = 124  # two non-negative int64 halves of 62 bits
 
 
-def shared_secret(fixed_seed: int | None, group=None) -> int:
-    if fixed_seed is not None:
-        return fixed_seed
-    value = secrets.randbits(SECRET_BITS)
+def shared_secret(fixed_seed: int | None, group=None, saved: int | None = None) -> int:
+    """The run's secret on every rank: ``saved`` (a resumed run's) if given, else the fixed seed,
+    else fresh OS entropy; always rank 0's value, broadcast, so no rank can end up with another."""
+    if saved is not None:
+        value = saved
+    elif fixed_seed is not None:
+        value = fixed_seed
+    else:
+        value = secrets.randbits(SECRET_BITS)
     if group is not None:
+        if not 0 <= value < 2**SECRET_BITS:
+            raise ValueError(f"the secret must be a non-negative integer below 2**{SECRET_BITS}")
         halves = torch.tensor([value >> 62, value & ((1 << 62) - 1)], dtype=torch.int64)
         dist.broadcast(halves, src=0, group=group)
         value = (int(halves[0]) << 62) | int(halves[1])

@@ -64,21 +64,16 @@ def validation_loss(model, data, mesh: Mesh, micro_batch_size: int, max_examples
 
 
 def run_secret(cfg: RunConfig, run_dir: Path, mesh: Mesh) -> int:
-    """The run's secret: the saved one when the run directory has it (a restart or resume), else new."""
-    saved = load_secret(run_dir)
-    secret = saved if saved is not None else shared_secret(cfg.privacy.seed, mesh.world_group)
-    _barrier(mesh)  # every rank has read the saved secret (or received the new one) before rank 0 writes it
+    """The run's secret: the saved one when the run directory has it (a restart or resume), else new;
+    rank 0 reads or draws it and every rank receives rank 0's."""
+    saved = load_secret(run_dir) if mesh.is_main else None
+    secret = shared_secret(cfg.privacy.seed, mesh.world_group, saved=saved)
     if mesh.is_main:
         if cfg.privacy.seed is not None:
             warn_fixed_seed(cfg.privacy.seed)
         if saved is None:
             save_secret(secret, run_dir)
     return secret
-
-
-def _barrier(mesh: Mesh) -> None:
-    if mesh.world_size > 1:
-        dist.barrier()
 
 
 def resume_point(resume: str | None, run_dir: Path) -> Path | None:
@@ -203,6 +198,8 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
             summary["epsilon_rdp"] = ledger.epsilon(plan.delta, accountant="rdp")
         metrics.close()
     summary["model"] = str(save_model(model, cfg, run_dir, mesh))
+    latest = latest_checkpoint(run_dir)
+    summary["checkpoint"] = str(latest) if latest is not None else None
     return summary
 
 
