@@ -45,7 +45,7 @@ def fresh_run_dir(requested: str | None) -> Path:
 
 def resumed_run(cfg: RunConfig, resume: str) -> tuple[Path, Path | None]:
     """The run directory to continue and the checkpoint to start from (None: none saved yet)."""
-    from ..train.checkpoint import latest_checkpoint, read_record
+    from ..train.checkpoint import latest_checkpoint
 
     if resume == "auto":
         if not cfg.train.run_dir:
@@ -55,7 +55,6 @@ def resumed_run(cfg: RunConfig, resume: str) -> tuple[Path, Path | None]:
     checkpoint = Path(resume)
     if not checkpoint.is_dir():
         raise ConfigError(f"--resume {resume}: no such checkpoint folder; give RUN/checkpoints/step-* or 'auto'")
-    read_record(checkpoint)
     run_dir = checkpoint.parent.parent
     if cfg.train.run_dir and Path(cfg.train.run_dir).resolve() != run_dir.resolve():
         raise ConfigError(f"--resume {resume} belongs to run {run_dir}, not train.run_dir={cfg.train.run_dir}; drop "
@@ -69,12 +68,13 @@ def prepare_run(cfg: RunConfig, resume: str | None = None) -> tuple[Path, "RunPl
     from ..train.plan import resolve_plan
 
     run_dir, checkpoint = resumed_run(cfg, resume) if resume else (fresh_run_dir(cfg.train.run_dir), None)
+    record = read_record(checkpoint) if checkpoint is not None else None  # intact files, before the slow data step
     data = prepare_data(cfg.data)
     cfg.model.vocab_size = data.vocab_size
     cfg.validate()
     plan = resolve_plan(cfg, data.num_train, data.num_val, data.vocab_size)
-    if checkpoint is not None:
-        check_compatible(read_record(checkpoint), checkpoint, cfg, plan)
+    if record is not None:
+        check_compatible(record, checkpoint, cfg, plan)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(data.tokenizer_path, run_dir / "tokenizer.model")  # the run's own, for export
     cfg.train.run_dir = str(run_dir)
@@ -116,7 +116,7 @@ def run(args) -> int:
         cfg = load_config(args.config, args.overrides)
         if launched_world_size() > 1:
             raise ConfigError("dpdist train launches its own processes; run it once, not under torchrun")
-        nnodes, _ = rendezvous(cfg, dict(os.environ))
+        nnodes = rendezvous(cfg, dict(os.environ))[0]
         if nnodes > 1 and not args.dry_run:
             raise ConfigError(f"a {nnodes}-node job: prepare it once with --dry-run, which prints the torchrun command, "
                               "then run that command on every node (slurm/dpdist.sbatch does both)")

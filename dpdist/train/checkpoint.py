@@ -235,6 +235,24 @@ def read_record(folder: Path) -> dict:
     return record
 
 
+def _read_on_main(folder: Path, mesh: Mesh) -> dict:
+    """``read_record`` on rank 0 only (it hashes every file: once per job, not once per rank), its
+    record or its refusal then shared with every rank so that all of them stop or none does."""
+    record, error = None, None
+    if mesh.is_main:
+        try:
+            record = read_record(folder)
+        except CheckpointError as exc:
+            error = str(exc)
+    if mesh.world_size > 1:
+        shared = [record, error]
+        dist.broadcast_object_list(shared, src=0)
+        record, error = shared
+    if error is not None:
+        raise CheckpointError(error)
+    return record
+
+
 def check_compatible(record: dict, folder: Path, cfg: RunConfig, plan: RunPlan) -> None:
     mine = privacy_identity(cfg, plan)
     changed = [f"{key}: checkpoint {record['privacy'].get(key)!r}, run {value!r}"
@@ -265,7 +283,7 @@ def check_ledger(folder: Path, run_ledger: Path) -> None:
 
 def load_checkpoint(folder: Path, model, optimizer, cfg: RunConfig, plan: RunPlan, mesh: Mesh) -> dict:
     """Load model and optimizer (resharded to this run's layout) in place; return the record."""
-    record = read_record(folder)
+    record = _read_on_main(folder, mesh)
     check_compatible(record, folder, cfg, plan)
     _init_optimizer_state(optimizer)
     device_mesh = _device_mesh(mesh)
