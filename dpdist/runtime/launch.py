@@ -42,18 +42,15 @@ def slurm_first_host(nodelist: str) -> str:
     return out.stdout.split()[0]
 
 
-def rendezvous(cfg: RunConfig, env: dict) -> tuple[int, list[str]]:
-    """(number of nodes, torchrun's rendezvous arguments) for this environment."""
+def rendezvous(cfg: RunConfig, env: dict) -> tuple[int, str | None, str | None]:
+    """(number of nodes, c10d endpoint HOST:PORT, rendezvous id) for this environment; one node
+    has neither endpoint nor id (a standalone rendezvous)."""
     if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NNODES", "1")) > 1:
-        nnodes = int(env["SLURM_NNODES"])
         host = env.get("MASTER_ADDR") or slurm_first_host(env.get("SLURM_JOB_NODELIST", ""))
-        endpoint = f"{host}:{env.get('MASTER_PORT', DEFAULT_PORT)}"
-        return nnodes, [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
-                        f"--rdzv_id={env['SLURM_JOB_ID']}"]
+        return int(env["SLURM_NNODES"]), f"{host}:{env.get('MASTER_PORT', DEFAULT_PORT)}", env["SLURM_JOB_ID"]
     if cfg.launch.nnodes > 1:
-        return cfg.launch.nnodes, [f"--nnodes={cfg.launch.nnodes}", "--rdzv_backend=c10d",
-                                   f"--rdzv_endpoint={cfg.launch.rdzv_endpoint}", f"--rdzv_id={cfg.launch.rdzv_id}"]
-    return 1, ["--standalone"]
+        return cfg.launch.nnodes, cfg.launch.rdzv_endpoint, cfg.launch.rdzv_id
+    return 1, None, None
 
 
 def check_endpoint_port(endpoint: str) -> None:
@@ -76,10 +73,12 @@ def check_endpoint_port(endpoint: str) -> None:
 
 
 def torchrun_command(cfg: RunConfig, run_dir: Path, resume: str, env: dict) -> list[str]:
-    nnodes, rdzv = rendezvous(cfg, env)
-    endpoint = next((arg.split("=", 1)[1] for arg in rdzv if arg.startswith("--rdzv_endpoint=")), None)
-    if endpoint is not None:
+    nnodes, endpoint, rdzv_id = rendezvous(cfg, env)
+    if endpoint is None:
+        rdzv = ["--standalone"]
+    else:
         check_endpoint_port(endpoint)
+        rdzv = [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={rdzv_id}"]
     world = cfg.parallel.world_size
     if world % nnodes:
         raise ConfigError(f"{world} processes (parallel.data x parallel.tensor) do not split evenly over {nnodes} "
