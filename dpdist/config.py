@@ -138,9 +138,11 @@ class TrainConfig:
     progress: bool = True
     checkpoint_every: int = 0  # steps between sharded checkpoints (0: only when stopped by a signal)
     keep_checkpoints: int = 2  # newest committed checkpoints kept; older ones are removed after each commit
+    backend: str = "native"  # native | deepspeed (ZeRO; settings in the deepspeed section)
 
     def validate(self) -> None:
         _positive(self, "train", "steps", "micro_batch_size", "log_every", "keep_checkpoints")
+        _choice("train.backend", self.backend, ("native", "deepspeed"))
         if self.checkpoint_every < 0:
             raise ConfigError(f"train.checkpoint_every must be >= 0 (0: only on a stop signal); got {self.checkpoint_every}")
         if self.batch_size is not None and self.batch_size <= 0:
@@ -189,6 +191,31 @@ class LaunchConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine behind ``train.backend=deepspeed`` (``dpdist.train.deepspeed_backend``).
+
+    ``config_file`` is a DeepSpeed JSON passed through to ``deepspeed.initialize``; a key set here
+    (not None) overrides it, and one left None is taken from the file or else from the default noted.
+    Batch sizes, gradient accumulation, clipping and the optimizer are dpdist's own (Poisson sampling
+    decides the accumulation boundary, per-example clipping replaces DeepSpeed's), so the file may not
+    set them; ``dpdist.deepspeed_config`` says what is refused and why.
+    """
+
+    zero_stage: int | None = None  # 1 or 2 (default 1); 3 is refused: README, "DeepSpeed"
+    bf16: bool | None = None  # bf16 weights and gradients, fp32 master partitions (default false); fp16 is refused
+    reduce_bucket_size: int | None = None  # elements per gradient reduction bucket (DeepSpeed default 5e8)
+    allgather_bucket_size: int | None = None  # elements per parameter all-gather bucket (DeepSpeed default 5e8)
+    overlap_comm: bool | None = None  # overlap the gradient reduction with the backward (DeepSpeed default)
+    config_file: str | None = None  # a DeepSpeed JSON
+
+    def validate(self) -> None:
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"deepspeed.{key} must be > 0; got {value}")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -196,10 +223,15 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def validate(self) -> "RunConfig":
-        for section in (self.model, self.data, self.privacy, self.train, self.parallel, self.launch):
+        for section in (self.model, self.data, self.privacy, self.train, self.parallel, self.launch, self.deepspeed):
             section.validate()
+        if self.train.backend == "deepspeed":
+            from .deepspeed_config import resolve_deepspeed_config
+
+            resolve_deepspeed_config(self)  # refuses what would break the guarantee, before anything starts
         if self.parallel.world_size % self.launch.nnodes:
             raise ConfigError(f"parallel.data x parallel.tensor = {self.parallel.world_size} processes do not split "
                               f"evenly over launch.nnodes = {self.launch.nnodes} nodes")

@@ -154,10 +154,33 @@ def keyed_normal(secret: int, step: int, name: str, full_shape: tuple[int, ...],
     Box-Muller pair (float64) of keystream block p; a run that starts or ends inside a pair draws the
     whole pair and drops the other half, so any box equals the same slice of the whole, bit for bit.
     """
-    full_shape = tuple(int(n) for n in full_shape)
-    runs, shape = _flat_runs(full_shape, box)
+    runs, shape = _flat_runs(tuple(int(n) for n in full_shape), box)
+    return keyed_normal_runs(secret, step, name, runs).view(shape).to(dtype=dtype, device=device)
+
+
+def keyed_normal_slice(secret: int, step: int, name: str, full_shape: tuple[int, ...], box, start: int,
+                       stop: int, *, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Elements ``start:stop`` of ``keyed_normal(..., box).reshape(-1)``, drawing only those.
+
+    A ZeRO optimizer partition holds such a flat range of a (shard of a) parameter: its owner draws
+    exactly the noise the whole parameter would carry there, so partitioning changes no value.
+    """
+    runs, shape = _flat_runs(tuple(int(n) for n in full_shape), box)
+    if not 0 <= start <= stop <= math.prod(shape):
+        raise ValueError(f"flat range {start}:{stop} is outside a box of {math.prod(shape)} elements")
+    picked, offset = [], 0
+    for run_start, length in runs:  # the box's runs, in its own (row-major) order
+        lo, hi = max(start, offset), min(stop, offset + length)
+        if lo < hi:
+            picked.append((run_start + lo - offset, hi - lo))
+        offset += length
+    return keyed_normal_runs(secret, step, name, picked).to(dtype=dtype, device=device)
+
+
+def keyed_normal_runs(secret: int, step: int, name: str, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """Float64 noise of the flat index runs ``(start, length)`` of parameter ``name``, concatenated."""
     aes = _aes(derive_key(secret, step, "noise", name))
-    out = torch.empty(math.prod(shape), dtype=torch.float64)
+    out = torch.empty(sum(length for _, length in runs), dtype=torch.float64)
     gap = memoryview(np.empty(_BLOCK * (_GAP + 1), np.uint8))  # discarded keystream between runs
     filled = 0
     for batch in _batches(runs, _BATCH):
@@ -188,4 +211,4 @@ def keyed_normal(secret: int, step: int, name: str, full_shape: tuple[int, ...],
             keep[drop] = False
             out[filled:filled + count] = normals[keep]
         filled += count
-    return out.view(shape).to(dtype=dtype, device=device)
+    return out

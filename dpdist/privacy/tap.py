@@ -94,6 +94,7 @@ class PerExampleTap:
         sq_norms, self._sq_norms = self._sq_norms, None
         return self._tp_sum(sq_norms)
 
+    @torch.no_grad()  # the recorded inputs are activations that require grad: build no graph on them
     def accumulate_clipped(self, clip: torch.Tensor) -> None:
         """Book-keeping: add sum_i c_i grad_i of every recorded layer to ``grad_sums``, then forget the records."""
         for layer, rule, state in self._states:

@@ -137,8 +137,18 @@ def _sha256(path: Path) -> str:
 
 
 def _manifest(folder: Path) -> dict:
-    return {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-            for f in sorted(folder.iterdir()) if f.is_file() and f.name != PRIVACY_FILE}
+    """Every file under ``folder`` (DeepSpeed writes a sub-folder) but the record, with size and hash."""
+    return {f.relative_to(folder).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != PRIVACY_FILE}
+
+
+def backend_identity(cfg: RunConfig) -> dict:
+    """Which engine wrote the state: a DeepSpeed checkpoint holds ZeRO partitions of one layout."""
+    if cfg.train.backend != "deepspeed":
+        return {"name": "native"}
+    from ..deepspeed_config import resolve_deepspeed_config
+
+    return {"name": "deepspeed", "zero_stage": resolve_deepspeed_config(cfg)["zero_optimization"]["stage"]}
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -174,9 +184,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, next_step: int, model, optimizer, cfg: RunConfig, plan: RunPlan, mesh: Mesh,
-                    keep: int) -> Path:
+                    keep: int, deepspeed_engine=None) -> Path:
     """Write the checkpoint to resume at ``next_step`` (a collective: every rank calls it at a step
-    boundary), commit it atomically, and keep the newest ``keep`` committed ones."""
+    boundary), commit it atomically, and keep the newest ``keep`` committed ones.  With a DeepSpeed
+    engine its own checkpoint (model, ZeRO partitions, optimizer state) replaces the DCP files."""
     final = step_folder(run_dir, next_step)
     partial = final.with_name(final.name + PARTIAL)
     if mesh.is_main:
@@ -184,9 +195,14 @@ def save_checkpoint(run_dir: Path, next_step: int, model, optimizer, cfg: RunCon
             shutil.rmtree(partial)  # left by a crash during an earlier save of this same step
         partial.mkdir(parents=True)
     _barrier(mesh)
-    device_mesh = _device_mesh(mesh)
-    with _quiet_single_process():
-        dcp.save(_state(model, optimizer, cfg, device_mesh), checkpoint_id=str(partial), no_dist=mesh.world_size == 1)
+    if deepspeed_engine is not None:
+        from .deepspeed_backend import CHECKPOINT_TAG
+
+        deepspeed_engine.save_checkpoint(str(partial), tag=CHECKPOINT_TAG, save_latest=False)
+    else:
+        with _quiet_single_process():
+            dcp.save(_state(model, optimizer, cfg, _device_mesh(mesh)), checkpoint_id=str(partial),
+                     no_dist=mesh.world_size == 1)
     _barrier(mesh)
     if mesh.is_main:
         run_ledger = Path(run_dir) / LEDGER
@@ -195,7 +211,8 @@ def save_checkpoint(run_dir: Path, next_step: int, model, optimizer, cfg: RunCon
         entries = len(PrivacyLedger(partial / LEDGER).entries())
         record = {"format": FORMAT, "next_step": next_step, "ledger_entries": entries,
                   "privacy": privacy_identity(cfg, plan), "model": asdict(cfg.model),
-                  "layout": {"data": mesh.dp_size, "tensor": mesh.tp_size}, "files": _manifest(partial)}
+                  "layout": {"data": mesh.dp_size, "tensor": mesh.tp_size}, "backend": backend_identity(cfg),
+                  "files": _manifest(partial)}
         with open(partial / PRIVACY_FILE, "w") as handle:
             json.dump(record, handle, indent=2)
             handle.flush()
@@ -253,6 +270,21 @@ def _read_on_main(folder: Path, mesh: Mesh) -> dict:
     return record
 
 
+def check_backend(record: dict, folder: Path, cfg: RunConfig, mesh: Mesh) -> None:
+    """A DeepSpeed checkpoint resumes only under DeepSpeed at its own stage and layout (ZeRO
+    partitions do not reshard here); a native one only natively."""
+    saved, mine = record.get("backend", {"name": "native"}), backend_identity(cfg)
+    if saved["name"] != mine["name"]:
+        raise CheckpointError(f"checkpoint {folder} was written by the {saved['name']} backend and this run uses "
+                              f"train.backend={mine['name']}; resume with train.backend={saved['name']}")
+    layout = {"data": mesh.dp_size, "tensor": mesh.tp_size}
+    if mine["name"] == "deepspeed" and (saved != mine or record["layout"] != layout):
+        raise CheckpointError(f"checkpoint {folder} holds ZeRO stage {saved.get('zero_stage')} partitions for "
+                              f"(data, tensor) = ({record['layout']['data']}, {record['layout']['tensor']}); resume "
+                              f"with that stage and layout (this run: stage {mine['zero_stage']}, "
+                              f"({mesh.dp_size}, {mesh.tp_size}))")
+
+
 def check_compatible(record: dict, folder: Path, cfg: RunConfig, plan: RunPlan) -> None:
     mine = privacy_identity(cfg, plan)
     changed = [f"{key}: checkpoint {record['privacy'].get(key)!r}, run {value!r}"
@@ -281,10 +313,21 @@ def check_ledger(folder: Path, run_ledger: Path) -> None:
                               "resume on it")
 
 
-def load_checkpoint(folder: Path, model, optimizer, cfg: RunConfig, plan: RunPlan, mesh: Mesh) -> dict:
+def load_checkpoint(folder: Path, model, optimizer, cfg: RunConfig, plan: RunPlan, mesh: Mesh,
+                    deepspeed_engine=None) -> dict:
     """Load model and optimizer (resharded to this run's layout) in place; return the record."""
     record = _read_on_main(folder, mesh)
     check_compatible(record, folder, cfg, plan)
+    check_backend(record, folder, cfg, mesh)
+    if deepspeed_engine is not None:
+        from .deepspeed_backend import CHECKPOINT_TAG
+
+        loaded, _ = deepspeed_engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=False)
+        if loaded is None:
+            raise CheckpointError(f"checkpoint {folder} has no DeepSpeed state under {CHECKPOINT_TAG}/; resume from "
+                                  "an older checkpoint")
+        return record
     _init_optimizer_state(optimizer)
     device_mesh = _device_mesh(mesh)
     state = _state(model, optimizer, cfg, device_mesh)

@@ -83,24 +83,36 @@ class PrivateGradient:
         logits = self.model(input_ids)
         return per_example_loss(logits, labels, vocab_start=getattr(self.model, "vocab_start", 0), tp_group=self.tp_group)
 
-    def microbatch(self, input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> MicroBatchStats:
-        """Add sum_i c_i grad L_i of this micro-batch to the clipped sums; ``mask`` marks real rows."""
+    def microbatch(self, input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None, *,
+                   last: bool = True) -> MicroBatchStats:
+        """Add sum_i c_i grad L_i of this micro-batch to the clipped sums; ``mask`` marks real rows and
+        ``last`` the step's final micro-batch (where a backend that reduces during the backward reduces)."""
         losses = self.loss(input_ids, labels)
         mask = torch.ones_like(losses) if mask is None else mask.to(losses.dtype)
         losses = losses * mask  # padding rows get a zero gradient, hence a zero norm
-        losses.sum().backward(retain_graph=self.mode == "two_pass")
+        self._recording_backward(losses.sum())
         norms = self.tap.take_sq_norms().sqrt()
         if self.clipping != "per_layer":
             clip = clip_factors(norms, self.clip_norm, self.clipping, self.automatic_gamma) * mask
             if self.mode == "two_pass":
-                self._weighted_backward(losses, clip)
+                self._weighted_backward(losses, clip, last)
             else:
                 self.tap.accumulate_clipped(clip)
         real = mask > 0
         return MicroBatchStats(loss_sum=float(losses.detach().sum()), examples=int(real.sum()),
                                clipped=int((norms[real] > self.clip_norm).sum()), norm_sum=float(norms[real].sum()))
 
-    def _weighted_backward(self, losses: torch.Tensor, clip: torch.Tensor) -> None:
+    def _recording_backward(self, loss: torch.Tensor) -> None:
+        """The backward in which the layers record for the tap.  ``autograd.grad`` with respect to the
+        parameters runs every layer's backward but no gradient accumulation, so a wrapper that reduces
+        gradients as they accumulate (DeepSpeed ZeRO) sees nothing of this unclipped pass."""
+        params = list(self.names)
+        grads = torch.autograd.grad(loss, params, retain_graph=self.mode == "two_pass", allow_unused=True)
+        formed = [self.names[p] for p, g in zip(params, grads) if g is not None]
+        if formed:
+            raise RuntimeError(f"layers formed unclipped weight gradients outside the tap: {', '.join(formed[:3])}")
+
+    def _weighted_backward(self, losses: torch.Tensor, clip: torch.Tensor, last: bool) -> None:
         params = list(self.names)
         for p in params:
             p.grad = None
@@ -129,7 +141,7 @@ class PrivateGradient:
         std = self.noise_multiplier * self.clip_norm
         for p, g in zip(params, grads):
             if std > 0:
-                g = g + std * keyed_normal(self.secret, step, self.names[p], p.full_shape, _shard_box(p),
+                g = g + std * keyed_normal(self.secret, step, self.names[p], p.full_shape, shard_box(p),
                                            dtype=g.dtype, device=g.device)
             p.grad = (g / self.expected_batch_size).to(p.dtype)
 
@@ -137,7 +149,38 @@ class PrivateGradient:
         self.tap.detach()
 
 
-def _shard_box(param: nn.Parameter):
+class NonPrivateGradient:
+    """The non-private step in the same shape as ``PrivateGradient`` (the baseline of every ratio):
+    the summed per-example losses over qN, backpropagated, then summed over the data group."""
+
+    def __init__(self, model: nn.Module, *, expected_batch_size: float, dp_group=None, tp_group=None):
+        self.model, self.expected_batch_size = model, expected_batch_size
+        self.dp_group, self.tp_group = dp_group, tp_group
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids)
+        return per_example_loss(logits, labels, vocab_start=getattr(self.model, "vocab_start", 0), tp_group=self.tp_group)
+
+    def microbatch(self, input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None, *,
+                   last: bool = True) -> MicroBatchStats:
+        losses = self.loss(input_ids, labels)
+        mask = torch.ones_like(losses) if mask is None else mask.to(losses.dtype)
+        losses = losses * mask
+        self._backward(losses.sum() / self.expected_batch_size, last)
+        return MicroBatchStats(loss_sum=float(losses.detach().sum()), examples=int((mask > 0).sum()), clipped=0,
+                               norm_sum=0.0)
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def release(self, step: int) -> None:
+        if group_size(self.dp_group) > 1:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=self.dp_group)
+
+
+def shard_box(param: nn.Parameter):
     """Where this rank's shard sits inside the full parameter (None when it holds all of it)."""
     if not getattr(param, "tensor_model_parallel", False):
         return None

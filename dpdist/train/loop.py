@@ -28,7 +28,7 @@ from ..privacy.sampling import PoissonSampler
 from ..runtime.mesh import Mesh
 from ..runtime.secret import load_secret, save_secret, shared_secret, warn_fixed_seed
 from .checkpoint import check_ledger, latest_checkpoint, load_checkpoint, save_checkpoint
-from .engine import PrivateGradient
+from .engine import NonPrivateGradient, PrivateGradient
 from .plan import RunPlan
 from .stop import StopSignal
 
@@ -38,6 +38,28 @@ def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimi
     if t.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+
+
+def make_gradient(cfg: RunConfig, plan: RunPlan, model, optimizer, mesh: Mesh, secret: int):
+    """The step's gradient computation, the optimizer the loop steps, and the DeepSpeed engine (or None)."""
+    privacy = cfg.privacy
+    private = None
+    if privacy.enabled:
+        budget = privacy.memory_budget_mb * 2**20 if privacy.memory_budget_mb is not None else None
+        private = dict(clip_norm=privacy.clip_norm, noise_multiplier=plan.noise_multiplier, secret=secret,
+                       clipping=privacy.clipping, automatic_gamma=privacy.automatic_gamma, mode=privacy.mode,
+                       micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
+                       memory_budget_bytes=budget)
+    if cfg.train.backend == "deepspeed":
+        from . import deepspeed_backend
+
+        run = deepspeed_backend.setup(cfg, model, optimizer, mesh, expected_batch_size=plan.expected_batch_size,
+                                      private=private)
+        return run.gradient, run.optimizer, run.engine
+    common = {"expected_batch_size": plan.expected_batch_size, "dp_group": mesh.dp_group, "tp_group": mesh.tp_group}
+    if private is not None:
+        return PrivateGradient(model, **private, **common), optimizer, None
+    return NonPrivateGradient(model, **common), optimizer, None
 
 
 def _all_sum(values: list[float], mesh: Mesh) -> list[float]:
@@ -104,23 +126,16 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
     optimizer = make_optimizer(cfg, model)
     privacy = cfg.privacy
     secret = run_secret(cfg, run_dir, mesh)
+    sampler = PoissonSampler(plan.num_examples, plan.sample_rate, secret, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
+                             micro_batch_size=cfg.train.micro_batch_size)
+    gradient, optimizer, ds_engine = make_gradient(cfg, plan, model, optimizer, mesh, secret)
     start, resumed_from = 0, None
     checkpoint = resume_point(resume, run_dir)
     if checkpoint is not None:
-        record = load_checkpoint(checkpoint, model, optimizer, cfg, plan, mesh)
+        record = load_checkpoint(checkpoint, model, optimizer, cfg, plan, mesh, deepspeed_engine=ds_engine)
         start, resumed_from = record["next_step"], str(checkpoint)
         if privacy.enabled and mesh.is_main:
             check_ledger(checkpoint, run_dir / "ledger.jsonl")
-    sampler = PoissonSampler(plan.num_examples, plan.sample_rate, secret, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
-                             micro_batch_size=cfg.train.micro_batch_size)
-    engine = None
-    if privacy.enabled:
-        budget = privacy.memory_budget_mb * 2**20 if privacy.memory_budget_mb is not None else None
-        engine = PrivateGradient(model, clip_norm=privacy.clip_norm, noise_multiplier=plan.noise_multiplier,
-                                 expected_batch_size=plan.expected_batch_size, secret=secret,
-                                 clipping=privacy.clipping, automatic_gamma=privacy.automatic_gamma, mode=privacy.mode,
-                                 micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
-                                 memory_budget_bytes=budget, dp_group=mesh.dp_group, tp_group=mesh.tp_group)
     ledger = PrivacyLedger(run_dir / "ledger.jsonl") if privacy.enabled and mesh.is_main else None
     metrics = open(run_dir / "metrics.jsonl", "a") if mesh.is_main else None
     bar = tqdm(total=plan.max_steps, desc="dp-train" if privacy.enabled else "train", unit="step", file=sys.stderr,
@@ -130,31 +145,22 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
     bar.update(start)
 
     def checkpoint_at(next_step: int) -> None:
-        save_checkpoint(run_dir, next_step, model, optimizer, cfg, plan, mesh, keep=cfg.train.keep_checkpoints)
+        save_checkpoint(run_dir, next_step, model, optimizer, cfg, plan, mesh, keep=cfg.train.keep_checkpoints,
+                        deepspeed_engine=ds_engine)
 
     for step in range(start, plan.max_steps):
         started = time.perf_counter()
         step_plan = sampler.plan(step)
         loss_sum = clipped = examples = 0.0
-        for micro in step_plan.micro_batches:
+        last = len(step_plan.micro_batches) - 1
+        for k, micro in enumerate(step_plan.micro_batches):
             input_ids, labels = data.train_batch(micro.indices)
             input_ids, labels, mask = input_ids.to(mesh.device), labels.to(mesh.device), micro.mask.to(mesh.device)
-            if engine is not None:
-                stats = engine.microbatch(input_ids, labels, mask)
-                loss_sum, clipped, examples = loss_sum + stats.loss_sum, clipped + stats.clipped, examples + stats.examples
-            else:
-                losses = per_example_loss(model(input_ids), labels, vocab_start=model.vocab_start,
-                                          tp_group=mesh.tp_group) * mask
-                (losses.sum() / plan.expected_batch_size).backward()
-                loss_sum, examples = loss_sum + float(losses.detach().sum()), examples + float(mask.sum())
-        if engine is not None:
-            engine.release(step)
-            if ledger is not None:
-                ledger.append(step, plan.sample_rate, plan.noise_multiplier)  # before the update is applied
-        elif mesh.dp_size > 1:
-            for p in model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, group=mesh.dp_group)
+            stats = gradient.microbatch(input_ids, labels, mask, last=k == last)
+            loss_sum, clipped, examples = loss_sum + stats.loss_sum, clipped + stats.clipped, examples + stats.examples
+        gradient.release(step)
+        if ledger is not None:
+            ledger.append(step, plan.sample_rate, plan.noise_multiplier)  # before the update is applied
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_sum, examples, clipped = _all_sum([loss_sum, examples, clipped], mesh)
