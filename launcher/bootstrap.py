@@ -39,6 +39,7 @@ def bootstrap(extras: tuple[str, ...] = ()) -> Path:
         sys.exit(f"[setup] failed: dpdist needs Python >= 3.10; this is {sys.version.split()[0]}")
     os.environ["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     os.environ["PIP_USER"] = "0"  # a user-wide pip config must not turn installs into --user ones
+    os.environ.setdefault("DS_BUILD_OPS", "0")  # DeepSpeed (an extra): no C++ ops built at install; none is used
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     try:
         stamp = json.loads(STAMP.read_text())

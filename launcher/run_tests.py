@@ -1,4 +1,5 @@
-"""``python3 launcher/run_tests.py [pytest args ...]``: set up ``.venv`` with the test extra, then pytest.
+"""``python3 launcher/run_tests.py [pytest args ...]``: set up ``.venv`` with the test and deepspeed
+extras (the DeepSpeed backend is tested on CPU too), then pytest.
 
 The exit status is pytest's, except that "no tests collected" (5) is a failure: a typo in a path or a
 ``-k`` expression must not pass CI.
@@ -14,7 +15,7 @@ NO_TESTS_COLLECTED = 5
 
 
 def main() -> int:
-    python = str(bootstrap(("test",)) / "python")
+    python = str(bootstrap(("test", "deepspeed")) / "python")
     try:
         code = subprocess.call([python, "-m", "pytest", *sys.argv[1:]])
     except KeyboardInterrupt:

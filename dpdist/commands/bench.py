@@ -4,7 +4,8 @@ Each mode runs in a fresh process (peak RSS is per process); see ``dpdist.train.
 table, or one JSON object with ``--json``.  ``--budgets 0,256,1024,none,unlimited`` adds a frontier
 (time and memory at several memory budgets) in the same run.  ``--data D --tensor T`` (D x T > 1)
 runs the step on a data x tensor mesh under torchrun instead, with the communication that DP adds; see
-``dpdist.train.bench_parallel``.
+``dpdist.train.bench_parallel``.  ``--backend deepspeed --data D`` compares DeepSpeed ZeRO-1/2 with the
+native backend, DP and non-private, time and memory per rank (``dpdist.train.bench_backend``).
 """
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--data", type=int, default=1, help="data-parallel degree (with --tensor: a torchrun mesh)")
     parser.add_argument("--tensor", type=int, default=1,
                         help="tensor-parallel degree; D x T > 1 runs the parallel benchmark (time and communication)")
+    parser.add_argument("--backend", choices=("native", "deepspeed"), default="native",
+                        help="deepspeed: ZeRO stages against the native backend at --data D (>= 2) x --tensor T")
+    parser.add_argument("--zero-stages", default="1,2", metavar="LIST", help="with --backend deepspeed (default 1,2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.set_defaults(func=run)
 
@@ -55,6 +59,8 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
+    if args.backend == "deepspeed":
+        return _run_backends(args, cfg, log)
     if args.data * args.tensor > 1 or args.data < 1 or args.tensor < 1:
         return _run_parallel(args, cfg, log)
     try:
@@ -67,9 +73,7 @@ def run(args) -> int:
     return 0
 
 
-def _run_parallel(args, cfg, log) -> int:
-    from ..train import bench_parallel
-
+def _mesh_problems(args) -> list[str]:
     problems = []
     if args.data < 1 or args.tensor < 1:
         problems.append(f"--data and --tensor must be >= 1; got {args.data} and {args.tensor}")
@@ -80,6 +84,40 @@ def _run_parallel(args, cfg, log) -> int:
         problems.append(f"--heads ({args.heads}) and --d-model ({args.d_model}) must be multiples of --tensor ({args.tensor})")
     if args.batch % args.data:
         problems.append(f"--batch ({args.batch}) must be a multiple of --data ({args.data})")
+    return problems
+
+
+def _run_backends(args, cfg, log) -> int:
+    import dataclasses
+
+    from ..train import bench_backend
+
+    problems = _mesh_problems(args)
+    if args.data < 2:
+        problems.append("--backend deepspeed shards over the data group: give --data 2 or more")
+    try:
+        stages = tuple(int(s) for s in args.zero_stages.split(",") if s.strip())
+    except ValueError:
+        stages = ()
+    if not stages or any(s not in (1, 2) for s in stages):
+        problems.append(f"--zero-stages must list stages 1 and/or 2; got {args.zero_stages!r}")
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    try:
+        out = bench_backend.run_benchmark(dataclasses.asdict(cfg), data=args.data, tensor=args.tensor,
+                                          clipping=args.clipping.replace("-", "_"), stages=stages, log=log)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2) if args.json else bench_backend.format_report(out))
+    return 0
+
+
+def _run_parallel(args, cfg, log) -> int:
+    from ..train import bench_parallel
+
+    problems = _mesh_problems(args)
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return 2

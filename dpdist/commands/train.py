@@ -84,10 +84,14 @@ def prepare_run(cfg: RunConfig, resume: str | None = None) -> tuple[Path, "RunPl
 
 
 def describe(cfg: RunConfig, plan) -> str:
+    from ..deepspeed_config import resolve_deepspeed_config
+
     p = cfg.privacy
     lines = [f"data: {plan.num_examples} training sequences of {cfg.data.seq_len} tokens (one sequence = one "
              f"privacy unit), vocab {plan.vocab_size}",
-             f"parallel: {cfg.parallel.data} data x {cfg.parallel.tensor} tensor on {cfg.parallel.device}"]
+             f"parallel: {cfg.parallel.data} data x {cfg.parallel.tensor} tensor on {cfg.parallel.device}"
+             + (f", DeepSpeed ZeRO-{resolve_deepspeed_config(cfg)['zero_optimization']['stage']}"
+                if cfg.train.backend == "deepspeed" else "")]
     if p.enabled:
         lines.append(f"privacy: clip {p.clip_norm} ({p.clipping}), sigma {plan.noise_multiplier:.4f}, sample rate "
                      f"{plan.sample_rate:.5f} (expected batch {plan.expected_batch_size:.1f}), delta {plan.delta:.2e}, "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,7 @@ def import_deepspeed(device: torch.device):
     comm = importlib.import_module("deepspeed.comm.torch")  # not deepspeed.comm.torch as attribute: that is torch
     if hasattr(comm, "build_shm_op"):
         comm.build_shm_op = lambda: None
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor. is deprecated", category=FutureWarning)
     return deepspeed
 
 
