@@ -45,3 +45,27 @@ def test_parallel_bench_counts_what_dp_adds(capsys):
     assert out["dp_added_calls"] == {"tensor": 1} and out["dp_added_bytes"] == {"tensor": 2 * 4}
     assert out["nonprivate_comm"]["bytes"]["data"] == out["dp_comm"]["bytes"]["data"] == out["gradient_allreduce_bytes"]
     assert out["nonprivate_step_s"] > 0 and out["dp_step_s"] > 0 and out["ratio"] > 0
+
+
+def test_backend_bench_compares_zero_with_native(capsys):
+    """``--backend deepspeed --data 2``: every case ran in its own launch and is reported against its
+    non-private twin and the native backend (here ZeRO-2 only, to keep the launches few)."""
+    out = _run(["--layers", "1", "--d-model", "32", "--heads", "2", "--vocab", "64", "--seq-len", "8", "--batch", "4",
+                "--steps", "2", "--data", "2", "--backend", "deepspeed", "--zero-stages", "2", "--json"], capsys)
+    cases = [(r["backend"], r["zero_stage"], r["private"]) for r in out["rows"]]
+    assert cases == [("native", None, False), ("native", None, True), ("deepspeed", 2, False), ("deepspeed", 2, True)]
+    for row in out["rows"]:
+        assert row["step_s"] > 0 and row["peak_rss_mb"] > 0 and row["dp_over_nonprivate"] > 0
+    native_dp = out["rows"][1]
+    assert native_dp["time_over_native"] == 1.0 and native_dp["memory_over_native"] == 1.0
+
+
+def test_backend_bench_refuses_a_single_replica(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--backend", "deepspeed", "--zero-stages", "3"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "--data 2 or more" in err and "--zero-stages must list stages 1 and/or 2" in err

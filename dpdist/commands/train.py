@@ -64,7 +64,8 @@ def resumed_run(cfg: RunConfig, resume: str) -> tuple[Path, Path | None]:
 
 def prepare_run(cfg: RunConfig, resume: str | None = None) -> tuple[Path, "RunPlan", Path | None]:
     from ..data.dataset import prepare_data
-    from ..train.checkpoint import check_compatible, read_record
+    from ..runtime.mesh import Mesh
+    from ..train.checkpoint import check_backend, check_compatible, read_record
     from ..train.plan import resolve_plan
 
     run_dir, checkpoint = resumed_run(cfg, resume) if resume else (fresh_run_dir(cfg.train.run_dir), None)
@@ -75,6 +76,7 @@ def prepare_run(cfg: RunConfig, resume: str | None = None) -> tuple[Path, "RunPl
     plan = resolve_plan(cfg, data.num_train, data.num_val, data.vocab_size)
     if record is not None:
         check_compatible(record, checkpoint, cfg, plan)
+        check_backend(record, checkpoint, cfg, Mesh(dp_size=cfg.parallel.data, tp_size=cfg.parallel.tensor))
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(data.tokenizer_path, run_dir / "tokenizer.model")  # the run's own, for export
     cfg.train.run_dir = str(run_dir)
