@@ -33,6 +33,12 @@ class MicroBatchStats:
     norm_sum: float
 
 
+def model_losses(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:
+    """The per-example losses (B,) of a batch, vocabulary-parallel when the model is."""
+    logits = model(input_ids)
+    return per_example_loss(logits, labels, vocab_start=getattr(model, "vocab_start", 0), tp_group=tp_group)
+
+
 def dp_layers(model: nn.Module) -> list[nn.Module]:
     """The layers that own trainable parameters, each of which must have a norm rule."""
     layers, covered = [], set()
@@ -80,8 +86,7 @@ class PrivateGradient:
                                  layer_clip_norm=layer_clip).attach()
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids)
-        return per_example_loss(logits, labels, vocab_start=getattr(self.model, "vocab_start", 0), tp_group=self.tp_group)
+        return model_losses(self.model, input_ids, labels, self.tp_group)
 
     def microbatch(self, input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None, *,
                    last: bool = True) -> MicroBatchStats:
@@ -158,8 +163,7 @@ class NonPrivateGradient:
         self.dp_group, self.tp_group = dp_group, tp_group
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids)
-        return per_example_loss(logits, labels, vocab_start=getattr(self.model, "vocab_start", 0), tp_group=self.tp_group)
+        return model_losses(self.model, input_ids, labels, self.tp_group)
 
     def microbatch(self, input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None, *,
                    last: bool = True) -> MicroBatchStats:
