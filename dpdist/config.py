@@ -36,9 +36,21 @@ class ModelConfig:
     padding_idx: int | None = None  # token id whose embedding is zero and never trained
     dtype: str = "float32"  # float32 | float64 | bfloat16
     init_seed: int = 0  # public: the initial weights are not private
+    # Re-Attention (algorithms.md section 4; dpdist.model.reattention): subtract the DP-noise key
+    # uncertainty from the attention logits.  The variance multiplier lambda scales every propagated
+    # variance (0: plain attention exactly).  Token frequencies: "dp" (a Gaussian release of per-sequence
+    # presence counts, charged to the ledger), "uniform", or a path to a JSON list of PUBLIC counts.
+    reattention: bool = False
+    reattention_lambda: float = 1.0
+    reattention_layers: str = "all"  # "all" or comma-separated block indices, e.g. "0,1"
+    reattention_frequencies: str = "dp"
+    reattention_frequency_noise: float = 10.0  # noise multiplier of the "dp" count release
 
     def validate(self) -> None:
         _positive(self, "model", "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "mlp_ratio")
+        if self.reattention_lambda < 0 or self.reattention_frequency_noise <= 0:
+            raise ConfigError("model.reattention_lambda must be >= 0 and model.reattention_frequency_noise > 0; got "
+                              f"{self.reattention_lambda} and {self.reattention_frequency_noise}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model ({self.d_model}) must be a multiple of model.n_heads ({self.n_heads})")
         if self.padding_idx is not None and not 0 <= self.padding_idx < self.vocab_size:
@@ -62,9 +74,17 @@ class DataConfig:
     val_fraction: float = 0.02
     canaries: bool = True  # plant fake secrets in the embedded corpus (for exposure measurements)
     cache_dir: str = ".cache/dpdist"
+    # "text" (path / embedded corpus, tokenised) or "zipf_items": generated long-tailed item sequences
+    # for next-item prediction (dpdist.data.items; items are tokens, evaluated by NDCG@10 / HIT@10)
+    source: str = "text"
+    num_items: int = 2000
+    zipf_exponent: float = 1.1
+    num_sequences: int = 20000
+    items_seed: int = 0  # the generated task is public: its seed is not a secret
 
     def validate(self) -> None:
-        _positive(self, "data", "seq_len", "vocab_size", "max_corpus_mb")
+        _positive(self, "data", "seq_len", "vocab_size", "max_corpus_mb", "num_items", "zipf_exponent", "num_sequences")
+        _choice("data.source", self.source, ("text", "zipf_items"))
         _choice("data.tokenizer_model", self.tokenizer_model, ("bpe", "unigram"))
         if not 0.0 <= self.val_fraction < 0.5:
             raise ConfigError(f"data.val_fraction must be in [0, 0.5); got {self.val_fraction}")
@@ -191,6 +211,47 @@ class LaunchConfig:
 
 
 @dataclass
+class AnadpConfig:
+    """ANADP adaptive noise allocation (algorithms.md section 7; dpdist.privacy.anadp): per-layer
+    clipping thresholds C_k = C/sqrt(K) and noise s_k = sigma C_k / sqrt(w_k), with importance weights
+    w_k from moving averages of the already-released noisy gradient, so sum_k C_k^2/s_k^2 = 1/sigma^2."""
+
+    enabled: bool = False
+    beta1: float = 0.85  # smoothing of the sensitivity |w * g_noisy|
+    beta2: float = 0.85  # smoothing of its uncertainty
+    warmup_steps: int = 20  # uniform noise (plain per-layer DP-SGD) for this many steps
+    refresh_every: int = 1  # steps between re-allocations after the warm-up
+    temperature: float = 1.0  # w_k proportional to S_k ** temperature
+    min_weight: float = 0.1  # floor of w_k as a fraction of the uniform share 1/K
+
+    def validate(self) -> None:
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"anadp.beta1 and anadp.beta2 must be in [0, 1); got {self.beta1}, {self.beta2}")
+        if self.warmup_steps < 0 or self.refresh_every < 1 or self.temperature < 0 or not 0 < self.min_weight <= 1:
+            raise ConfigError("anadp needs warmup_steps >= 0, refresh_every >= 1, temperature >= 0 and 0 < min_weight "
+                              f"<= 1; got {self.warmup_steps}, {self.refresh_every}, {self.temperature}, {self.min_weight}")
+
+
+@dataclass
+class LsgConfig:
+    """LSG low-rank + sparse gradients (algorithms.md section 8; dpdist.privacy.lsg): each block weight
+    matrix is trained through rank-r carriers L, R chosen from already-released weights, with noise
+    only on a batch-independent support of density rho in the r(p+d) carrier coordinates."""
+
+    enabled: bool = False
+    rank: int = 1
+    density: float = 1.0  # fraction of carrier coordinates kept (and noised)
+    refresh_every: int = 10  # steps between carrier (and mask) refreshes
+    mask: str = "previous"  # previous: top coordinates of the last noisy carrier gradient | random: public seed
+
+    def validate(self) -> None:
+        if self.rank < 1 or not 0 < self.density <= 1 or self.refresh_every < 1:
+            raise ConfigError(f"lsg needs rank >= 1, 0 < density <= 1 and refresh_every >= 1; got {self.rank}, "
+                              f"{self.density}, {self.refresh_every}")
+        _choice("lsg.mask", self.mask, ("previous", "random"))
+
+
+@dataclass
 class DeepSpeedConfig:
     """The DeepSpeed engine behind ``train.backend=deepspeed`` (``dpdist.train.deepspeed_backend``).
 
@@ -224,10 +285,16 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    anadp: AnadpConfig = field(default_factory=AnadpConfig)
+    lsg: LsgConfig = field(default_factory=LsgConfig)
 
     def validate(self) -> "RunConfig":
-        for section in (self.model, self.data, self.privacy, self.train, self.parallel, self.launch, self.deepspeed):
+        for section in (self.model, self.data, self.privacy, self.train, self.parallel, self.launch, self.deepspeed,
+                        self.anadp, self.lsg):
             section.validate()
+        if self.anadp.enabled and self.privacy.clipping != "per_layer":
+            raise ConfigError("anadp.enabled allocates noise per layer group, which needs the groups clipped "
+                              "separately: set privacy.clipping=per_layer")
         if self.train.backend == "deepspeed":
             from .deepspeed_config import resolve_deepspeed_config
 

@@ -106,10 +106,14 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _state(model, optimizer, cfg: RunConfig, device_mesh) -> dict:
+def _state(model, optimizer, cfg: RunConfig, device_mesh, extra: dict | None = None) -> dict:
+    """What DCP saves: parameters, optimizer slots, and ``extra`` (key -> (tensor, the parameter whose
+    sharding it shares, or None)), e.g. ANADP's importance state."""
     params = dict(model.named_parameters())
     state = {f"model/{name}": _view(name, p.detach(), p, cfg, device_mesh) for name, p in params.items()}
     by_param = {p: name for name, p in params.items()}
+    for key, (tensor, param) in (extra or {}).items():
+        state[key] = tensor if param is None else _view(by_param[param], tensor, param, cfg, device_mesh)
     for p, slots in optimizer.state.items():
         name = by_param[p]
         for key, value in slots.items():
@@ -184,7 +188,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, next_step: int, model, optimizer, cfg: RunConfig, plan: RunPlan, mesh: Mesh,
-                    keep: int, deepspeed_engine=None) -> Path:
+                    keep: int, deepspeed_engine=None, extra: dict | None = None) -> Path:
     """Write the checkpoint to resume at ``next_step`` (a collective: every rank calls it at a step
     boundary), commit it atomically, and keep the newest ``keep`` committed ones.  With a DeepSpeed
     engine its own checkpoint (model, ZeRO partitions, optimizer state) replaces the DCP files."""
@@ -201,7 +205,7 @@ def save_checkpoint(run_dir: Path, next_step: int, model, optimizer, cfg: RunCon
         deepspeed_engine.save_checkpoint(str(partial), tag=CHECKPOINT_TAG, save_latest=False)
     else:
         with _quiet_single_process():
-            dcp.save(_state(model, optimizer, cfg, _device_mesh(mesh)), checkpoint_id=str(partial),
+            dcp.save(_state(model, optimizer, cfg, _device_mesh(mesh), extra), checkpoint_id=str(partial),
                      no_dist=mesh.world_size == 1)
     _barrier(mesh)
     if mesh.is_main:
@@ -314,7 +318,7 @@ def check_ledger(folder: Path, run_ledger: Path) -> None:
 
 
 def load_checkpoint(folder: Path, model, optimizer, cfg: RunConfig, plan: RunPlan, mesh: Mesh,
-                    deepspeed_engine=None) -> dict:
+                    deepspeed_engine=None, extra: dict | None = None) -> dict:
     """Load model and optimizer (resharded to this run's layout) in place; return the record."""
     record = _read_on_main(folder, mesh)
     check_compatible(record, folder, cfg, plan)
@@ -330,7 +334,7 @@ def load_checkpoint(folder: Path, model, optimizer, cfg: RunConfig, plan: RunPla
         return record
     _init_optimizer_state(optimizer)
     device_mesh = _device_mesh(mesh)
-    state = _state(model, optimizer, cfg, device_mesh)
+    state = _state(model, optimizer, cfg, device_mesh, extra)
     saved = set(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
     missing = sorted(set(state) - saved)
     if missing:
@@ -355,6 +359,8 @@ def load_checkpoint(folder: Path, model, optimizer, cfg: RunConfig, plan: RunPla
                     _copy_back(slots[key], value)
                 else:
                     slots[key] = value
+        for key, (tensor, _) in (extra or {}).items():
+            _copy_back(tensor, state[key])
     return record
 
 

@@ -18,6 +18,8 @@ from torch import nn
 
 from ..parallel.cross_entropy import per_example_loss
 from ..parallel.mappings import group_size
+from ..config import AnadpConfig
+from ..privacy.anadp import NoiseAllocation
 from ..privacy.clipping import clip_factors, per_layer_threshold
 from ..privacy.noise import keyed_normal
 from ..privacy.rules import has_rule
@@ -68,9 +70,12 @@ class PrivateGradient:
                  expected_batch_size: float = 1.0, secret: int = 0, clipping: str = "flat",
                  automatic_gamma: float = 0.01, mode: str = "bookkeeping", micro_batch_size: int = 1,
                  seq_len: int = 1, memory_budget_bytes: float | None = None, strategy: str | None = None,
-                 dp_group=None, tp_group=None):
+                 dp_group=None, tp_group=None, anadp: AnadpConfig | None = None):
         if mode == "two_pass" and clipping == "per_layer":
             raise ValueError("per-layer clipping already clips during the backward; use mode='bookkeeping'")
+        if anadp is not None and anadp.enabled and clipping != "per_layer":
+            raise ValueError("ANADP allocates noise per layer group and needs the groups clipped separately: set "
+                             "privacy.clipping=per_layer")
         self.model, self.clip_norm, self.noise_multiplier = model, clip_norm, noise_multiplier
         self.expected_batch_size, self.secret = expected_batch_size, secret
         self.clipping, self.automatic_gamma, self.mode = clipping, automatic_gamma, mode
@@ -84,6 +89,11 @@ class PrivateGradient:
         layer_clip = per_layer_threshold(clip_norm, len(layers)) if clipping == "per_layer" else None
         self.tap = PerExampleTap(layers, self.plan.strategies, mode=tap_mode, tp_group=tp_group,
                                  layer_clip_norm=layer_clip).attach()
+        self.allocation = None
+        if anadp is not None and anadp.enabled:
+            groups = [[p for p in layer.parameters(recurse=False) if p.requires_grad] for layer in layers]
+            self.allocation = NoiseAllocation(groups, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+                                              cfg=anadp, tp_group=tp_group)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return model_losses(self.model, input_ids, labels, self.tp_group)
@@ -143,12 +153,19 @@ class PrivateGradient:
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat, group=self.dp_group)
             grads = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
-        std = self.noise_multiplier * self.clip_norm
+        stds = self.allocation.stds() if self.allocation is not None else None
         for p, g in zip(params, grads):
+            std = self.allocation.std_of(p, stds) if stds is not None else self.noise_multiplier * self.clip_norm
             if std > 0:
                 g = g + std * keyed_normal(self.secret, step, self.names[p], p.full_shape, shard_box(p),
                                            dtype=g.dtype, device=g.device)
             p.grad = (g / self.expected_batch_size).to(p.dtype)
+        if self.allocation is not None:
+            self.allocation.observe(step, {p: p.grad for p in params})
+
+    def checkpoint_state(self) -> dict:
+        """State beyond model and optimizer that an exact resume needs (ANADP's importance)."""
+        return self.allocation.checkpoint_state(self.names) if self.allocation is not None else {}
 
     def detach(self) -> None:
         self.tap.detach()

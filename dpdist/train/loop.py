@@ -49,7 +49,7 @@ def make_gradient(cfg: RunConfig, plan: RunPlan, model, optimizer, mesh: Mesh, s
         private = dict(clip_norm=privacy.clip_norm, noise_multiplier=plan.noise_multiplier, secret=secret,
                        clipping=privacy.clipping, automatic_gamma=privacy.automatic_gamma, mode=privacy.mode,
                        micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
-                       memory_budget_bytes=budget)
+                       memory_budget_bytes=budget, anadp=cfg.anadp)
     if cfg.train.backend == "deepspeed":
         from . import deepspeed_backend
 
@@ -60,6 +60,11 @@ def make_gradient(cfg: RunConfig, plan: RunPlan, model, optimizer, mesh: Mesh, s
     if private is not None:
         return PrivateGradient(model, **private, **common), optimizer, None
     return NonPrivateGradient(model, **common), optimizer, None
+
+
+def gradient_state(gradient) -> dict:
+    """The step's own state a checkpoint must carry (ANADP's importance); none for the others."""
+    return gradient.checkpoint_state() if hasattr(gradient, "checkpoint_state") else {}
 
 
 def _all_sum(values: list[float], mesh: Mesh) -> list[float]:
@@ -132,7 +137,8 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
     start, resumed_from = 0, None
     checkpoint = resume_point(resume, run_dir)
     if checkpoint is not None:
-        record = load_checkpoint(checkpoint, model, optimizer, cfg, plan, mesh, deepspeed_engine=ds_engine)
+        record = load_checkpoint(checkpoint, model, optimizer, cfg, plan, mesh, deepspeed_engine=ds_engine,
+                                 extra=gradient_state(gradient))
         start, resumed_from = record["next_step"], str(checkpoint)
         if privacy.enabled and mesh.is_main:
             check_ledger(checkpoint, run_dir / "ledger.jsonl")
@@ -146,7 +152,7 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
 
     def checkpoint_at(next_step: int) -> None:
         save_checkpoint(run_dir, next_step, model, optimizer, cfg, plan, mesh, keep=cfg.train.keep_checkpoints,
-                        deepspeed_engine=ds_engine)
+                        deepspeed_engine=ds_engine, extra=gradient_state(gradient))
 
     for step in range(start, plan.max_steps):
         started = time.perf_counter()

@@ -1,0 +1,170 @@
+"""ANADP adaptive noise allocation (issue 6): the privacy invariant, the uniform case, the whitened
+sensitivity of an adversarial example, importance from released gradients only, exact resume.
+
+- The invariant sum_k C_k^2 / s_k^2 <= 1 / sigma^2 holds on every step of a run whose weights really
+  move away from uniform after the warm-up (so the check is not vacuous), and a broken allocation is
+  refused at run time.
+- With uniform importance (a warm-up longer than the run, or temperature 0) the parameters equal plain
+  DP-SGD with per-layer clipping bit for bit.
+- One example with a huge gradient: sigma * sqrt(sum_k ||g_k||^2 / s_k^2) <= 1 under a skewed allocation
+  (and close to 1, since every group is clipped).
+- The weights used at step t are a function of the released gradients before t: replacing the batch of
+  step t changes nothing about the weights step t uses.
+- A run resumed from a checkpoint equals the uninterrupted run (the importance state is checkpointed).
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from runs import STEPS, final_model, ledger, prepared
+
+from dpdist import ModelConfig, build_model
+from dpdist.config import AnadpConfig, ConfigError, load_config
+from dpdist.privacy.sampling import PoissonSampler
+from dpdist.runtime.mesh import Mesh
+from dpdist.train.engine import PrivateGradient
+from dpdist.train.loop import train
+from dpdist.train.plan import RunPlan
+
+SIGMA, CLIP, N, Q, SECRET, VOCAB = 1.5, 0.5, 30, 0.3, 5, 37
+CFG = ModelConfig(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, dtype="float64")
+DATA = torch.randint(0, VOCAB, (N, 9), generator=torch.Generator().manual_seed(3))
+
+
+def engine_for(model, anadp: AnadpConfig | None, clip=CLIP, sigma=SIGMA):
+    return PrivateGradient(model, clip_norm=clip, noise_multiplier=sigma, expected_batch_size=Q * N, secret=SECRET,
+                           clipping="per_layer", micro_batch_size=4, seq_len=8, anadp=anadp)
+
+
+def run(anadp: AnadpConfig | None, steps: int = 8, record=None):
+    model = build_model(CFG)
+    engine = engine_for(model, anadp)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    sampler = PoissonSampler(N, Q, SECRET, micro_batch_size=4)
+    for step in range(steps):
+        for micro in sampler.plan(step).micro_batches:
+            rows = DATA[micro.indices]
+            engine.microbatch(rows[:, :-1], rows[:, 1:], micro.mask)
+        if record is not None:
+            record(engine, step)
+        engine.release(step)
+        optimizer.step()
+        optimizer.zero_grad()
+    engine.detach()
+    return model, engine
+
+
+def whitened_sum(engine) -> float:
+    """sum_k C_k^2 / s_k^2 for the allocation the next release will use."""
+    return sum(engine.allocation.layer_clip ** 2 / s ** 2 for s in engine.allocation.stds())
+
+
+def test_invariant_holds_on_every_step_while_the_noise_moves():
+    sums, weights = [], []
+
+    def record(engine, step):
+        sums.append(whitened_sum(engine))
+        weights.append(engine.allocation.weights.clone())
+
+    run(AnadpConfig(enabled=True, warmup_steps=2, min_weight=0.05), steps=10, record=record)
+    assert all(s <= (1 + 1e-9) / SIGMA ** 2 for s in sums), sums
+    assert all(abs(s * SIGMA ** 2 - 1) < 1e-9 for s in sums)  # the budget is spent, not wasted
+    uniform = torch.full_like(weights[0], 1 / len(weights[0]))
+    assert torch.equal(weights[0], uniform) and torch.equal(weights[1], uniform)  # warm-up
+    assert float((weights[-1] - uniform).abs().max()) > 0.2 / len(uniform), "the allocation never moved"
+
+
+def test_a_broken_allocation_is_refused():
+    _, engine = run(AnadpConfig(enabled=True, warmup_steps=1), steps=2)
+    engine.allocation.weights = engine.allocation.weights * 1.01  # sums to 1.01: too little noise
+    with pytest.raises(RuntimeError, match="privacy invariant"):
+        engine.release(2)
+
+
+@pytest.mark.parametrize("anadp", [AnadpConfig(enabled=True, warmup_steps=100),
+                                   AnadpConfig(enabled=True, warmup_steps=1, temperature=0.0)],
+                         ids=["warm-up", "temperature-0"])
+def test_uniform_importance_is_plain_per_layer_dp_sgd(anadp):
+    plain, _ = run(None)
+    allocated, _ = run(anadp)
+    for (name, a), b in zip(plain.named_parameters(), allocated.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_whitened_sensitivity_of_an_adversarial_example_is_at_most_one():
+    model = build_model(CFG)
+    engine = engine_for(model, AnadpConfig(enabled=True), clip=1e-4)
+    k = len(engine.allocation.groups)
+    skew = torch.linspace(1.0, 20.0, k, dtype=torch.float64)
+    engine.allocation.weights = skew / skew.sum()  # a strongly uneven allocation
+    ids = torch.full((1, 8), 3)
+    engine.microbatch(ids, (ids + 11) % VOCAB)  # one example, far from the model's prediction
+    sums = engine.clipped_sums()
+    stds = engine.allocation.stds()
+    names = {p: name for name, p in model.named_parameters()}
+    whitened = 0.0
+    for group, std in zip(engine.allocation.groups, stds):
+        whitened += sum(float(sums[names[p]].pow(2).sum()) for p in group) / std ** 2
+    sensitivity = SIGMA * whitened ** 0.5
+    assert sensitivity <= 1 + 1e-9
+    assert sensitivity > 0.99  # every group clipped to its C_k: the bound is tight, the check not vacuous
+
+
+def test_weights_depend_only_on_earlier_releases():
+    seen = {}
+
+    def record(engine, step):
+        seen.setdefault(step, engine.allocation.weights.clone())
+
+    cfg = AnadpConfig(enabled=True, warmup_steps=1)
+    run(cfg, steps=4, record=record)
+    first = dict(seen)
+    seen.clear()
+    global DATA
+    original = DATA.clone()
+    try:
+        DATA[:] = torch.randint(0, VOCAB, DATA.shape, generator=torch.Generator().manual_seed(99))
+        model = build_model(CFG)
+        engine = engine_for(model, cfg)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+        sampler = PoissonSampler(N, Q, SECRET, micro_batch_size=4)
+        for step in range(4):
+            data = original if step < 3 else DATA  # only the batch of the last step differs
+            for micro in sampler.plan(step).micro_batches:
+                rows = data[micro.indices]
+                engine.microbatch(rows[:, :-1], rows[:, 1:], micro.mask)
+            record(engine, step)
+            engine.release(step)
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        DATA = original
+    assert torch.equal(seen[3], first[3]), "step 3's allocation looked at step 3's batch"
+
+
+def test_anadp_needs_per_layer_clipping():
+    with pytest.raises(ConfigError, match="privacy.clipping=per_layer"):
+        load_config(None, ["privacy.noise_multiplier=1", "anadp.enabled=true"])
+    with pytest.raises(ValueError, match="per_layer"):
+        PrivateGradient(build_model(CFG), clip_norm=1.0, anadp=AnadpConfig(enabled=True))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.slow
+def test_exact_resume_with_anadp(tmp_path, cache):
+    extra = ("privacy.clipping=per_layer", "anadp.enabled=true", "anadp.warmup_steps=1")
+    whole = prepared(cache, tmp_path / "whole", 1, 1, "float64", *extra)
+    split = prepared(cache, tmp_path / "split", 1, 1, "float64", *extra)
+    train(load_config(whole / "config.yaml"), RunPlan.load(whole / "plan.json"), whole, Mesh(), resume="none")
+    cfg, plan = load_config(split / "config.yaml"), RunPlan.load(split / "plan.json")
+    train(cfg, dataclasses.replace(plan, max_steps=3), split, Mesh(), resume="none")
+    train(cfg, plan, split, Mesh(), resume="auto")
+    a, b = final_model(whole), final_model(split)
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after an ANADP resume"
+    assert ledger(whole) == ledger(split) and len(ledger(split)) == STEPS
