@@ -48,9 +48,20 @@ class ModelConfig:
 
     def validate(self) -> None:
         _positive(self, "model", "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "mlp_ratio")
-        if self.reattention_lambda < 0 or self.reattention_frequency_noise <= 0:
+        if not (0 <= self.reattention_lambda < math.inf and 0 < self.reattention_frequency_noise < math.inf):
             raise ConfigError("model.reattention_lambda must be >= 0 and model.reattention_frequency_noise > 0; got "
                               f"{self.reattention_lambda} and {self.reattention_frequency_noise}")
+        if self.reattention:
+            from .model.reattention import selected_layers  # imported only when used: it needs torch
+
+            try:
+                selected_layers(self.reattention_layers, self.n_layers)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            source = self.reattention_frequencies
+            if source not in ("dp", "uniform") and not Path(source).is_file():
+                raise ConfigError(f"model.reattention_frequencies must be dp, uniform or the path of a JSON list of "
+                                  f"public token counts; {source!r} is none of these")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model ({self.d_model}) must be a multiple of model.n_heads ({self.n_heads})")
         if self.padding_idx is not None and not 0 <= self.padding_idx < self.vocab_size:
@@ -85,6 +96,9 @@ class DataConfig:
     def validate(self) -> None:
         _positive(self, "data", "seq_len", "vocab_size", "max_corpus_mb", "num_items", "zipf_exponent", "num_sequences")
         _choice("data.source", self.source, ("text", "zipf_items"))
+        if self.source == "zipf_items" and (self.path is not None or self.tokenizer_path is not None):
+            raise ConfigError("data.path and data.tokenizer_path are for data.source=text; zipf_items generates its "
+                              "own item sequences (tokens are item ids), so unset them")
         _choice("data.tokenizer_model", self.tokenizer_model, ("bpe", "unigram"))
         if not 0.0 <= self.val_fraction < 0.5:
             raise ConfigError(f"data.val_fraction must be in [0, 0.5); got {self.val_fraction}")
@@ -292,6 +306,10 @@ class RunConfig:
         for section in (self.model, self.data, self.privacy, self.train, self.parallel, self.launch, self.deepspeed,
                         self.anadp, self.lsg):
             section.validate()
+        if self.lsg.enabled and (self.privacy.clipping == "per_layer" or self.privacy.mode == "two_pass"
+                                 or self.anadp.enabled):
+            raise ConfigError("lsg.enabled clips the carriers jointly with the dense parameters in one book-keeping "
+                              "backward: use privacy.clipping=flat or automatic, privacy.mode=bookkeeping, and no anadp")
         if self.anadp.enabled and self.privacy.clipping != "per_layer":
             raise ConfigError("anadp.enabled allocates noise per layer group, which needs the groups clipped "
                               "separately: set privacy.clipping=per_layer")

@@ -113,7 +113,7 @@ def _state(model, optimizer, cfg: RunConfig, device_mesh, extra: dict | None = N
     state = {f"model/{name}": _view(name, p.detach(), p, cfg, device_mesh) for name, p in params.items()}
     by_param = {p: name for name, p in params.items()}
     for key, (tensor, param) in (extra or {}).items():
-        state[key] = tensor if param is None else _view(by_param[param], tensor, param, cfg, device_mesh)
+        state[key] = tensor if param is None else _view(by_param.get(param, key), tensor, param, cfg, device_mesh)
     for p, slots in optimizer.state.items():
         name = by_param[p]
         for key, value in slots.items():

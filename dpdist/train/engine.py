@@ -18,8 +18,9 @@ from torch import nn
 
 from ..parallel.cross_entropy import per_example_loss
 from ..parallel.mappings import group_size
-from ..config import AnadpConfig
+from ..config import AnadpConfig, LsgConfig
 from ..privacy.anadp import NoiseAllocation
+from ..privacy.lsg import LowRankGradients
 from ..privacy.clipping import clip_factors, per_layer_threshold
 from ..privacy.noise import keyed_normal
 from ..privacy.rules import has_rule
@@ -70,7 +71,11 @@ class PrivateGradient:
                  expected_batch_size: float = 1.0, secret: int = 0, clipping: str = "flat",
                  automatic_gamma: float = 0.01, mode: str = "bookkeeping", micro_batch_size: int = 1,
                  seq_len: int = 1, memory_budget_bytes: float | None = None, strategy: str | None = None,
-                 dp_group=None, tp_group=None, anadp: AnadpConfig | None = None):
+                 dp_group=None, tp_group=None, anadp: AnadpConfig | None = None, lsg: LsgConfig | None = None):
+        lsg = lsg if lsg is not None and lsg.enabled else None
+        if lsg is not None and (clipping == "per_layer" or mode == "two_pass" or (anadp is not None and anadp.enabled)):
+            raise ValueError("LSG clips the carriers jointly with the dense parameters in one book-keeping backward: "
+                             "use privacy.clipping=flat or automatic, privacy.mode=bookkeeping, and no ANADP")
         if mode == "two_pass" and clipping == "per_layer":
             raise ValueError("per-layer clipping already clips during the backward; use mode='bookkeeping'")
         if anadp is not None and anadp.enabled and clipping != "per_layer":
@@ -81,6 +86,7 @@ class PrivateGradient:
         self.clipping, self.automatic_gamma, self.mode = clipping, automatic_gamma, mode
         self.dp_group, self.tp_group = dp_group, tp_group
         self.names = {p: name for name, p in model.named_parameters() if p.requires_grad}
+        self.lsg = LowRankGradients(model, lsg) if lsg is not None else None  # before planning: its rule differs
         layers = dp_layers(model)
         elem_bytes = next(model.parameters()).element_size()
         self.plan: Plan = plan_strategies(layers, micro_batch_size, seq_len, elem_bytes, budget_bytes=memory_budget_bytes,
@@ -144,31 +150,56 @@ class PrivateGradient:
         return {self.names[p]: sums.get(p, torch.zeros_like(p)) for p in self.names}
 
     def release(self, step: int) -> None:
-        """Sum over data-parallel ranks, add keyed noise once per coordinate, divide by qN, set ``p.grad``."""
+        """Sum over data-parallel ranks, add keyed noise once per coordinate, divide by qN, set ``p.grad``.
+        Under LSG the carriers are what is summed and noised (on their support only), and the update of
+        each carried weight is reconstructed from them."""
         sums = self.tap.pop_grad_sums()
-        params = list(self.names)
+        carried = set(self.lsg.layers) if self.lsg is not None else set()
+        released = [p for p in self.names if p not in carried] + (self.lsg.carriers() if self.lsg is not None else [])
         grads = [sums.get(p, torch.zeros_like(p, dtype=torch.float32 if p.dtype == torch.bfloat16 else p.dtype))
-                 for p in params]
+                 for p in released]
         if group_size(self.dp_group) > 1:
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat, group=self.dp_group)
             grads = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
         stds = self.allocation.stds() if self.allocation is not None else None
-        for p, g in zip(params, grads):
+        noisy = {}
+        for p, g in zip(released, grads):
             std = self.allocation.std_of(p, stds) if stds is not None else self.noise_multiplier * self.clip_norm
             if std > 0:
-                g = g + std * keyed_normal(self.secret, step, self.names[p], p.full_shape, shard_box(p),
-                                           dtype=g.dtype, device=g.device)
-            p.grad = (g / self.expected_batch_size).to(p.dtype)
+                name = self.names.get(p) or p.carrier_name
+                noise = keyed_normal(self.secret, step, name, p.full_shape, shard_box(p), dtype=g.dtype, device=g.device)
+                if p not in self.names:
+                    noise = noise * self.lsg_mask(p)  # a carrier: noise on its support only
+                g = g + std * noise
+            noisy[p] = g
+        for p in self.names:
+            if p in carried:
+                layer = self.lsg.layers[p]
+                update = layer.reconstruct(noisy[layer.left], noisy[layer.right])
+            else:
+                update = noisy[p]
+            p.grad = (update / self.expected_batch_size).to(p.dtype)
         if self.allocation is not None:
-            self.allocation.observe(step, {p: p.grad for p in params})
+            self.allocation.observe(step, {p: p.grad for p in self.names})
+        if self.lsg is not None:
+            self.lsg.after_release(step, {c: noisy[c] for c in self.lsg.carriers()})
+
+    def lsg_mask(self, carrier) -> torch.Tensor:
+        return next(layer.masks[carrier] for layer in self.lsg.layers.values() if carrier in layer.masks)
 
     def checkpoint_state(self) -> dict:
-        """State beyond model and optimizer that an exact resume needs (ANADP's importance)."""
-        return self.allocation.checkpoint_state(self.names) if self.allocation is not None else {}
+        """State beyond model and optimizer that an exact resume needs (ANADP's importance, LSG's
+        carriers and supports)."""
+        state = self.allocation.checkpoint_state(self.names) if self.allocation is not None else {}
+        if self.lsg is not None:
+            state.update(self.lsg.checkpoint_state())
+        return state
 
     def detach(self) -> None:
         self.tap.detach()
+        if self.lsg is not None:
+            self.lsg.detach(self.model)
 
 
 class NonPrivateGradient:

@@ -49,7 +49,7 @@ def make_gradient(cfg: RunConfig, plan: RunPlan, model, optimizer, mesh: Mesh, s
         private = dict(clip_norm=privacy.clip_norm, noise_multiplier=plan.noise_multiplier, secret=secret,
                        clipping=privacy.clipping, automatic_gamma=privacy.automatic_gamma, mode=privacy.mode,
                        micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
-                       memory_budget_bytes=budget, anadp=cfg.anadp)
+                       memory_budget_bytes=budget, anadp=cfg.anadp, lsg=cfg.lsg)
     if cfg.train.backend == "deepspeed":
         from . import deepspeed_backend
 

@@ -1,0 +1,52 @@
+"""Noisy LSG steps of a tiny float64 GPT on a tensor-parallel layout; rank 0 writes the full parameters.
+
+Usage (under torchrun): lsg_steps.py OUT.json.  The tensor degree is the number of processes; the test
+runs ``train_tiny`` unsharded in its own process and compares (carriers sharded consistently, their
+noise keyed by full-carrier coordinates, so the layout changes nothing).
+"""
+import json
+import os
+import sys
+
+import torch
+
+from dpdist import ModelConfig, build_model
+from dpdist.config import LsgConfig, ParallelConfig
+from dpdist.model.gpt import strip_vocab_padding
+from dpdist.parallel.state import full_state_dict
+from dpdist.privacy.sampling import PoissonSampler
+from dpdist.runtime.mesh import init_mesh, shutdown
+from dpdist.train.engine import PrivateGradient
+
+CFG = ModelConfig(vocab_size=37, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, dtype="float64")
+N, Q, SECRET, STEPS = 30, 0.3, 8, 3
+DATA = torch.randint(0, 37, (N, 9), generator=torch.Generator().manual_seed(4))
+
+
+def train_tiny(mesh) -> dict:
+    model = build_model(CFG, tp_group=mesh.tp_group)
+    engine = PrivateGradient(model, clip_norm=0.5, noise_multiplier=1.0, expected_batch_size=Q * N, secret=SECRET,
+                             micro_batch_size=4, seq_len=8, tp_group=mesh.tp_group,
+                             lsg=LsgConfig(enabled=True, rank=2, density=0.5, refresh_every=2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    sampler = PoissonSampler(N, Q, SECRET, micro_batch_size=4)
+    for step in range(STEPS):
+        for micro in sampler.plan(step).micro_batches:
+            rows = DATA[micro.indices]
+            engine.microbatch(rows[:, :-1], rows[:, 1:], micro.mask)
+        engine.release(step)
+        optimizer.step()
+        optimizer.zero_grad()
+    engine.detach()
+    return strip_vocab_padding(full_state_dict(model, mesh.tp_group), CFG)
+
+
+if __name__ == "__main__":
+    mesh = init_mesh(ParallelConfig(data=1, tensor=int(os.environ["WORLD_SIZE"])))
+    try:
+        params = train_tiny(mesh)
+        if mesh.rank == 0:
+            with open(sys.argv[1], "w") as handle:
+                json.dump({k: v.tolist() for k, v in params.items()}, handle)
+    finally:
+        shutdown(mesh)
