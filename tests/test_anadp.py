@@ -13,19 +13,24 @@ sensitivity of an adversarial example, importance from released gradients only, 
 - A run resumed from a checkpoint equals the uninterrupted run (the importance state is checkpointed).
 """
 import dataclasses
+import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from runs import STEPS, final_model, ledger, prepared
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from launch import torchrun  # noqa: E402
+from runs import STEPS, final_model, ledger, prepared  # noqa: E402
 
-from dpdist import ModelConfig, build_model
-from dpdist.config import AnadpConfig, ConfigError, load_config
-from dpdist.privacy.sampling import PoissonSampler
-from dpdist.runtime.mesh import Mesh
-from dpdist.train.engine import PrivateGradient
-from dpdist.train.loop import train
-from dpdist.train.plan import RunPlan
+from dpdist import ModelConfig, build_model  # noqa: E402
+from dpdist.config import AnadpConfig, ConfigError, load_config  # noqa: E402
+from dpdist.privacy.sampling import PoissonSampler  # noqa: E402
+from dpdist.runtime.mesh import Mesh  # noqa: E402
+from dpdist.train.engine import PrivateGradient  # noqa: E402
+from dpdist.train.loop import train  # noqa: E402
+from dpdist.train.plan import RunPlan  # noqa: E402
 
 SIGMA, CLIP, N, Q, SECRET, VOCAB = 1.5, 0.5, 30, 0.3, 5, 37
 CFG = ModelConfig(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, dtype="float64")
@@ -148,6 +153,19 @@ def test_anadp_needs_per_layer_clipping():
         load_config(None, ["privacy.noise_multiplier=1", "anadp.enabled=true"])
     with pytest.raises(ValueError, match="per_layer"):
         PrivateGradient(build_model(CFG), clip_norm=1.0, anadp=AnadpConfig(enabled=True))
+
+
+@pytest.mark.slow
+def test_tensor_parallel_anadp_equals_one_process(tmp_path):
+    out = tmp_path / "anadp.json"
+    torchrun("method_steps.py", 2, out, "anadp")
+    got = {k: torch.tensor(v, dtype=torch.float64) for k, v in json.loads(out.read_text()).items()}
+    from method_steps import train_tiny  # the same steps in this process, unsharded
+
+    want = train_tiny(Mesh(), "anadp")
+    for name, value in want.items():
+        scale = float(value.abs().max().clamp(min=1e-12))
+        assert torch.allclose(got[name], value, rtol=0, atol=1e-10 * scale), name
 
 
 @pytest.fixture(scope="module")

@@ -126,11 +126,11 @@ def test_lsg_refuses_per_layer_clipping_and_two_pass():
 @pytest.mark.slow
 def test_tensor_parallel_lsg_equals_one_process(tmp_path):
     out = tmp_path / "lsg.json"
-    torchrun("lsg_steps.py", 2, out)
+    torchrun("method_steps.py", 2, out, "lsg")
     got = {k: torch.tensor(v, dtype=torch.float64) for k, v in json.loads(out.read_text()).items()}
-    from lsg_steps import train_tiny  # the same steps in this process, unsharded
+    from method_steps import train_tiny  # the same steps in this process, unsharded
 
-    want = train_tiny(Mesh())
+    want = train_tiny(Mesh(), "lsg")
     for name, value in want.items():
         scale = float(value.abs().max().clamp(min=1e-12))
         assert torch.allclose(got[name], value, rtol=0, atol=1e-10 * scale), name

@@ -82,8 +82,10 @@ class NoiseAllocation:
         for k, group in enumerate(self.groups):
             for p in group:
                 if getattr(p, "tensor_model_parallel", False) or counts_once:
-                    totals[k] += float((self.sensitivity[p].double() * self.uncertainty[p].double()).sum())
-                    totals[len(self.groups) + k] += p.numel()
+                    rows = _real_rows(p)
+                    importance = self.sensitivity[p][:rows].double() * self.uncertainty[p][:rows].double()
+                    totals[k] += float(importance.sum())
+                    totals[len(self.groups) + k] += importance.numel()
         if group_size(self.tp_group) > 1:
             dist.all_reduce(totals, group=self.tp_group)
         return totals[:len(self.groups)] / totals[len(self.groups):]
@@ -105,3 +107,12 @@ class NoiseAllocation:
             state[f"anadp/{names[p]}/sensitivity"] = (self.sensitivity[p], p)
             state[f"anadp/{names[p]}/uncertainty"] = (self.uncertainty[p], p)
         return state
+
+
+def _real_rows(param: nn.Parameter) -> int:
+    """This shard's rows that are not vocabulary padding (whose noise-only values would make the
+    importance depend on the tensor-parallel degree)."""
+    unpadded = getattr(param, "unpadded_rows", None)
+    if unpadded is None:
+        return param.shape[0]
+    return max(0, min(param.shape[0], unpadded - getattr(param, "partition_offset", 0)))

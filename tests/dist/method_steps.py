@@ -1,8 +1,10 @@
-"""Noisy LSG steps of a tiny float64 GPT on a tensor-parallel layout; rank 0 writes the full parameters.
+"""Noisy LSG or ANADP steps of a tiny float64 GPT on a tensor-parallel layout; rank 0 writes the full
+parameters.
 
-Usage (under torchrun): lsg_steps.py OUT.json.  The tensor degree is the number of processes; the test
-runs ``train_tiny`` unsharded in its own process and compares (carriers sharded consistently, their
-noise keyed by full-carrier coordinates, so the layout changes nothing).
+Usage (under torchrun): method_steps.py OUT.json lsg|anadp.  The tensor degree is the number of
+processes; the tests run ``train_tiny`` unsharded in their own process and compare: LSG carriers are
+sharded consistently and their noise keyed by full-carrier coordinates, ANADP's group importance is
+summed over the shards, so the layout changes nothing.
 """
 import json
 import os
@@ -11,7 +13,7 @@ import sys
 import torch
 
 from dpdist import ModelConfig, build_model
-from dpdist.config import LsgConfig, ParallelConfig
+from dpdist.config import AnadpConfig, LsgConfig, ParallelConfig
 from dpdist.model.gpt import strip_vocab_padding
 from dpdist.parallel.state import full_state_dict
 from dpdist.privacy.sampling import PoissonSampler
@@ -23,11 +25,14 @@ N, Q, SECRET, STEPS = 30, 0.3, 8, 3
 DATA = torch.randint(0, 37, (N, 9), generator=torch.Generator().manual_seed(4))
 
 
-def train_tiny(mesh) -> dict:
+METHODS = {"lsg": {"lsg": LsgConfig(enabled=True, rank=2, density=0.5, refresh_every=2)},
+           "anadp": {"anadp": AnadpConfig(enabled=True, warmup_steps=1), "clipping": "per_layer"}}
+
+
+def train_tiny(mesh, method: str) -> dict:
     model = build_model(CFG, tp_group=mesh.tp_group)
     engine = PrivateGradient(model, clip_norm=0.5, noise_multiplier=1.0, expected_batch_size=Q * N, secret=SECRET,
-                             micro_batch_size=4, seq_len=8, tp_group=mesh.tp_group,
-                             lsg=LsgConfig(enabled=True, rank=2, density=0.5, refresh_every=2))
+                             micro_batch_size=4, seq_len=8, tp_group=mesh.tp_group, **METHODS[method])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     sampler = PoissonSampler(N, Q, SECRET, micro_batch_size=4)
     for step in range(STEPS):
@@ -44,7 +49,7 @@ def train_tiny(mesh) -> dict:
 if __name__ == "__main__":
     mesh = init_mesh(ParallelConfig(data=1, tensor=int(os.environ["WORLD_SIZE"])))
     try:
-        params = train_tiny(mesh)
+        params = train_tiny(mesh, sys.argv[2])
         if mesh.rank == 0:
             with open(sys.argv[1], "w") as handle:
                 json.dump({k: v.tolist() for k, v in params.items()}, handle)
