@@ -93,25 +93,26 @@ class LayerCarriers:
         self.left.carrier_name, self.right.carrier_name = f"{name}.lsg_left", f"{name}.lsg_right"
         self.masks = {self.left: torch.ones(self.left.shape, dtype=torch.bool),
                       self.right: torch.ones(self.right.shape, dtype=torch.bool)}
-        self.start = weight.detach().to(torch.float64).clone()  # W_0, public (the initial weights)
+        self.start = weight.detach().to(dtype).clone()  # W_0, public (the initial weights)
         self.refreshes = torch.zeros(1, dtype=torch.int64)  # a tensor, so a checkpoint restores it in place
 
     def refresh(self) -> None:
         """New carriers from the released weights: L = orth(Delta R0), R = orth(Delta^T L)^T."""
         w = self.layer.weight.detach().to(torch.float64)
-        delta = w if int(self.refreshes) == 0 else (w / _frobenius(w, self.group) - self.start / _frobenius(self.start, self.group))
+        start = self.start.to(torch.float64)
+        delta = w if int(self.refreshes) == 0 else w / _frobenius(w, self.group) - start / _frobenius(start, self.group)
         if float(_frobenius(delta, self.group)) == 0.0:
             delta = w
         d_full = self.layer.weight.full_shape[1]
         box = None if self.column or not self.layer.weight.tensor_model_parallel else (
             slice(self.right.partition_offset, self.right.partition_offset + self.right.shape[1]), slice(None))
-        start = keyed_normal(PUBLIC, int(self.refreshes), f"lsg/start/{self.name}", (d_full, self.rank), box,
+        probe = keyed_normal(PUBLIC, int(self.refreshes), f"lsg/start/{self.name}", (d_full, self.rank), box,
                              dtype=torch.float64)
         if self.column:  # delta rows sharded, columns full
-            left = orthonormal_columns(delta @ start, self.group)
+            left = orthonormal_columns(delta @ probe, self.group)
             right = orthonormal_columns(_sum(delta.T @ left, self.group)).T
         else:  # delta columns sharded
-            left = orthonormal_columns(_sum(delta @ start, self.group))
+            left = orthonormal_columns(_sum(delta @ probe, self.group))
             right = orthonormal_columns(delta.T @ left, self.group).T
         self.left.data.copy_(left)
         self.right.data.copy_(right)
