@@ -38,7 +38,7 @@ def privacy_report(run_dir: Path, cfg) -> dict:
               "fixed_seed": cfg.privacy.seed is not None}
     if cfg.privacy.enabled:
         ledger = PrivacyLedger(run_dir / "ledger.jsonl")
-        report.update(steps=len(ledger.entries()), epsilon=ledger.epsilon(plan.delta, "pld"),
+        report.update(steps=sum(1 for e in ledger.entries() if "kind" not in e), epsilon=ledger.epsilon(plan.delta, "pld"),
                       epsilon_rdp=ledger.epsilon(plan.delta, "rdp"), accountant="PLD (RDP alongside), dp_accounting")
     if report["fixed_seed"]:
         report["warning"] = "privacy.seed was fixed: anyone who knows it can remove the noise; no guarantee"

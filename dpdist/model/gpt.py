@@ -4,6 +4,10 @@ Pre-norm blocks (LayerNorm or RMSNorm), causal self-attention with heads split o
 a GELU MLP, learned position embeddings, and by default an output layer tied to the token embedding.
 The model says what it computes; how it is sharded (``tp_group``) and how its gradients are clipped
 (a tap attached to its layers from outside) live elsewhere.
+
+With ``model.reattention`` the blocks also carry the variance of their activations and the selected
+blocks subtract the DP-noise key uncertainty from their attention logits (``dpdist.model.reattention``);
+``set_reattention`` gives the model the noise level and token frequencies that uncertainty comes from.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..parallel.layers import ColumnParallelLinear, Norm, RowParallelLinear, VocabParallelEmbedding
 from ..parallel.mappings import group_size
+from . import reattention
+from .reattention import WeightNoise
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -36,13 +42,29 @@ class CausalSelfAttention(nn.Module):
         self.qkv = ColumnParallelLinear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias, tp_group=tp_group, init=init)
         self.proj = RowParallelLinear(cfg.d_model, cfg.d_model, bias=cfg.bias, tp_group=tp_group, init=out_init)
 
+    def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = qkv.shape
+        qkv = qkv.view(B, T, self.local_heads, 3, self.head_dim)  # (B, T, nh_local, 3, hs)
+        return qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, nh_local, T, hs)
+
+    def _merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        B, _, T, _ = y.shape
+        return y.transpose(1, 2).reshape(B, T, self.local_heads * self.head_dim)  # (B, T, d_local)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, self.local_heads, 3, self.head_dim)  # (B, T, nh_local, 3, hs)
-        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, nh_local, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y = y.transpose(1, 2).reshape(B, T, self.local_heads * self.head_dim)  # (B, T, d_local)
-        return self.proj(y)
+        q, k, v = self._split_heads(self.qkv(x))
+        return self.proj(self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+
+    def forward_with_variance(self, x: torch.Tensor, var: torch.Tensor, noise: WeightNoise,
+                              correct: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output and its variance; with ``correct`` the logits lose the key-noise bias first."""
+        q, k, v = self._split_heads(self.qkv(x))
+        _, key_var, value_var = self._split_heads(reattention.linear_variance(self.qkv, x, var, noise))
+        correction = reattention.key_correction(q, key_var) if correct else None
+        y, weights = reattention.attend(q, k, v, correction)
+        y_var = self._merge_heads(reattention.attention_output_variance(weights, value_var))
+        y = self._merge_heads(y)
+        return self.proj(y), reattention.linear_variance(self.proj, y, y_var, noise)
 
 
 class MLP(nn.Module):
@@ -54,6 +76,13 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x)))
+
+    def forward_with_variance(self, x: torch.Tensor, var: torch.Tensor,
+                              noise: WeightNoise) -> tuple[torch.Tensor, torch.Tensor]:
+        pre = self.fc(x)
+        act_var = reattention.gelu_variance(pre, reattention.linear_variance(self.fc, x, var, noise))
+        act = F.gelu(pre)
+        return self.proj(act), reattention.linear_variance(self.proj, act, act_var, noise)
 
 
 class Block(nn.Module):
@@ -68,6 +97,16 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+    def forward_with_variance(self, x: torch.Tensor, var: torch.Tensor, noise: WeightNoise,
+                              correct: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residuals add variances (independence assumed, rule 4.3.5)."""
+        h_var = reattention.norm_variance(self.ln_1, x, var, noise)
+        out, out_var = self.attn.forward_with_variance(self.ln_1(x), h_var, noise, correct)
+        x, var = x + out, var + out_var
+        h_var = reattention.norm_variance(self.ln_2, x, var, noise)
+        out, out_var = self.mlp.forward_with_variance(self.ln_2(x), h_var, noise)
+        return x + out, var + out_var
 
 
 class GPT(nn.Module):
@@ -98,6 +137,30 @@ class GPT(nn.Module):
         # (fewer noised coordinates); Phantom Clipping makes its per-example norm exact.
         self.lm_head = None if cfg.tie_embeddings else ColumnParallelLinear(
             cfg.d_model, vocab, bias=False, tp_group=tp_group, init=token_init)
+        for table in (self.tok_emb, self.lm_head):
+            if table is not None:  # rows from vocab_size on only pad the vocabulary for the tensor split
+                table.weight.unpadded_rows = cfg.vocab_size
+        self.reattention_layers = (reattention.selected_layers(cfg.reattention_layers, cfg.n_layers)
+                                   if cfg.reattention else frozenset())
+        self.weight_noise: WeightNoise | None = None
+        self._reattention_ready = not cfg.reattention
+
+    def set_reattention(self, noise_std: float, expected_batch: float, frequencies: torch.Tensor) -> None:
+        """What the key-uncertainty estimate of ``model.reattention`` is made from: ``noise_std`` = sigma C
+        (the std of the noise on the summed clipped gradient, 0 without DP), ``expected_batch`` = qN and
+        ``frequencies`` [vocab_size]: p_i, the fraction of training sequences that contain token i,
+        clamped to [1/N, 1] (``dpdist.privacy.frequencies`` resolves them).  With lambda = 0 or
+        sigma C = 0 there is nothing to correct and the forward is exactly the plain one."""
+        if not self.cfg.reattention:
+            raise RuntimeError("set_reattention needs a model built with model.reattention=true")
+        frequencies = torch.as_tensor(frequencies, dtype=torch.float64)
+        if tuple(frequencies.shape) != (self.cfg.vocab_size,):
+            raise ValueError(f"frequencies must have one entry per token id, shape ({self.cfg.vocab_size},); "
+                             f"got {tuple(frequencies.shape)}")
+        self.weight_noise = reattention.weight_noise(noise_std, expected_batch,
+                                                     frequencies.to(self.tok_emb.weight.device),
+                                                     self.cfg.reattention_lambda, self.cfg.padding_idx)
+        self._reattention_ready = True
 
     @property
     def vocab_start(self) -> int:
@@ -109,10 +172,21 @@ class GPT(nn.Module):
         B, T = input_ids.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len {self.cfg.max_seq_len}")
+        if not self._reattention_ready:
+            raise RuntimeError("this model was built with model.reattention=true: call set_reattention(noise_std, "
+                               "expected_batch, frequencies) before its forward (the training loop does, through "
+                               "dpdist.privacy.frequencies.setup_reattention)")
         positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.tok_emb(input_ids) + self.pos_emb(positions)  # (B, T, d)
-        for block in self.blocks:
-            x = block(x)
+        noise = self.weight_noise
+        # Variances travel only as far as the last corrected block needs them.
+        carried = max(self.reattention_layers) + 1 if noise is not None else 0
+        var = reattention.embedding_variance(noise, input_ids, x) if carried else None
+        for index, block in enumerate(self.blocks):
+            if index < carried:
+                x, var = block.forward_with_variance(x, var, noise, correct=index in self.reattention_layers)
+            else:
+                x = block(x)
         h = self.ln_f(x)
         logits = self.tok_emb.project(h) if self.lm_head is None else self.lm_head(h)  # (B, T, V_local)
         real = self.cfg.vocab_size - self.vocab_start

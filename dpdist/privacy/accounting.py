@@ -7,6 +7,7 @@ analysis uses.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import dp_accounting
 
@@ -16,6 +17,7 @@ PLD_GRID = 1e-4  # dp_accounting's default PLD value discretisation: the reporte
 # steps) and still an upper bound (the discretisation is pessimistic), but looser over many steps
 # (0.90 instead of 0.70 at 1e5 steps), so never the reported number.
 DISPLAY_PLD_GRID = 1e-3
+Prior = Sequence[tuple[float, float, int]]  # releases before the first step, run-length encoded like a ledger
 
 
 def _accountant(name: str, pld_grid: float = PLD_GRID) -> dp_accounting.PrivacyAccountant:
@@ -34,7 +36,10 @@ def dp_sgd_event(sample_rate: float, noise_multiplier: float, steps: int) -> dp_
 
 def epsilon_for_history(history: list[tuple[float, float, int]], delta: float, accountant: str = "pld",
                         pld_grid: float = PLD_GRID) -> float:
-    """Epsilon of a run whose steps are given run-length encoded as (sample_rate, noise_multiplier, count)."""
+    """Epsilon of a run whose steps are given run-length encoded as (sample_rate, noise_multiplier, count).
+
+    A one-off Gaussian release at sensitivity one (the token-frequency release of Re-Attention) is the
+    entry (1.0, its noise multiplier, 1): Poisson sampling at rate 1 is no sampling."""
     fresh = _accountant(accountant, pld_grid)
     history = [(q, sigma, count) for q, sigma, count in history if count > 0]
     if not history:
@@ -46,13 +51,15 @@ def epsilon_for_history(history: list[tuple[float, float, int]], delta: float, a
 
 
 def epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta: float, accountant: str = "pld",
-            pld_grid: float = PLD_GRID) -> float:
-    return epsilon_for_history([(sample_rate, noise_multiplier, steps)], delta, accountant, pld_grid)
+            pld_grid: float = PLD_GRID, prior: Prior = ()) -> float:
+    """``prior``: releases made before the steps, as a ledger history, that the run's epsilon includes."""
+    return epsilon_for_history([*prior, (sample_rate, noise_multiplier, steps)], delta, accountant, pld_grid)
 
 
 def calibrate_noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delta: float,
-                               accountant: str = "pld") -> float:
-    """The smallest sigma (to 1e-6) whose epsilon after ``steps`` steps is at most ``target_epsilon``.
+                               accountant: str = "pld", prior: Prior = ()) -> float:
+    """The smallest sigma (to 1e-6) whose epsilon after ``steps`` steps, composed with the ``prior``
+    releases, is at most ``target_epsilon``.
 
     PLD is slow at small sigma (tens of seconds at sigma 0.1), where the default search bracket
     [0, 1] starts, so PLD searches near the cheap RDP answer first: PLD's sigma is a few percent
@@ -60,9 +67,16 @@ def calibrate_noise_multiplier(target_epsilon: float, sample_rate: float, steps:
     """
     if steps == 0:
         return 0.0  # nothing is released
+    prior = [(q, sigma, count) for q, sigma, count in prior if count > 0]
+    spent = epsilon_for_history(prior, delta, accountant)
+    if spent >= target_epsilon:
+        raise ValueError(f"the releases before training already spend epsilon {spent:.4g} >= the target "
+                         f"{target_epsilon:g}; no noise multiplier leaves room for a step")
+    earlier = [dp_sgd_event(q, sigma, count) for q, sigma, count in prior]
 
     def make_event(sigma: float) -> dp_accounting.DpEvent:
-        return dp_sgd_event(sample_rate, sigma, steps)
+        steps_event = dp_sgd_event(sample_rate, sigma, steps)
+        return dp_accounting.ComposedDpEvent([*earlier, steps_event]) if earlier else steps_event
 
     def calibrate(bracket=None) -> float:
         return float(dp_accounting.calibrate_dp_mechanism(lambda: _accountant(accountant), make_event,
@@ -70,7 +84,11 @@ def calibrate_noise_multiplier(target_epsilon: float, sample_rate: float, steps:
 
     if accountant != "pld":
         return calibrate()
-    sigma_rdp = calibrate_noise_multiplier(target_epsilon, sample_rate, steps, delta, accountant="rdp")
+    try:  # RDP is looser: its prior alone may exceed a target that PLD's does not
+        sigma_rdp = calibrate_noise_multiplier(target_epsilon, sample_rate, steps, delta, accountant="rdp",
+                                               prior=prior)
+    except ValueError:
+        return calibrate()
     try:
         return calibrate(dp_accounting.ExplicitBracketInterval(0.85 * sigma_rdp, sigma_rdp))
     except ValueError:  # eps(0.85 sigma_rdp) and eps(sigma_rdp) lie on the same side of the target
@@ -78,14 +96,15 @@ def calibrate_noise_multiplier(target_epsilon: float, sample_rate: float, steps:
 
 
 def max_steps_within(epsilon_budget: float, sample_rate: float, noise_multiplier: float, delta: float,
-                     accountant: str = "pld", upper: int = 10**7) -> int:
-    """The largest T <= ``upper`` whose epsilon is at most the budget (epsilon grows with T).
+                     accountant: str = "pld", upper: int = 10**7, prior: Prior = ()) -> int:
+    """The largest T <= ``upper`` whose epsilon, composed with the ``prior`` releases, is at most the
+    budget (epsilon grows with T); 0 also when the prior releases alone exceed it.
 
     Doubling from T = 1 before bisecting keeps every evaluation below twice the answer: PLD is
     several times slower far beyond it (about 3 s at T = 5e6 against 0.4 s at T = 1e3).
     """
     def within(steps: int) -> bool:
-        return epsilon(sample_rate, noise_multiplier, steps, delta, accountant) <= epsilon_budget
+        return epsilon(sample_rate, noise_multiplier, steps, delta, accountant, prior=prior) <= epsilon_budget
 
     if within(upper):  # the common case: a run calibrated for its budget
         return upper

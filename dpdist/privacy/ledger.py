@@ -53,7 +53,7 @@ class PrivacyLedger:
         A torn line (a crash mid-write) counts as one step: the noisy gradient was computed and other
         ranks may have applied it, and counting a release that never left the process can only
         over-estimate epsilon.  Its sample rate and noise multiplier are those of the entry before it,
-        written by the same run, whose plan fixes both (with no entry before, the one after).  A torn
+        written by the same run, whose plan fixes both (with no step before, the one after).  A torn
         line is only plausible last in the file, or right before the line that the resumed run
         appended after it (marked ``after_torn_line``); anywhere else the file was damaged and no
         epsilon computed from it can be trusted, so that raises.
@@ -69,14 +69,14 @@ class PrivacyLedger:
             if torn and not record.get(_REPAIR):
                 raise LedgerError(f"{self.path}:{torn[0]}: garbled ledger line in the middle of the file; the "
                                   "ledger is damaged and the privacy spent cannot be computed from it")
-            source = entries[-1] if entries else record
+            source = _rate_source(entries, record)
             entries += [_stand_in(source, line) for line in torn] + [record]
             torn = []
         if torn:
             if not entries:
                 raise LedgerError(f"{self.path}: the only ledger line is garbled; its sample rate and noise "
                                   "multiplier are unknown")
-            entries += [_stand_in(entries[-1], line) for line in torn]
+            entries += [_stand_in(_rate_source(entries, entries[-1]), line) for line in torn]
         return entries
 
     @property
@@ -118,6 +118,13 @@ def _parse(line: bytes) -> dict | None:
     if not isinstance(record, dict) or not {"step", "sample_rate", "noise_multiplier"} <= record.keys():
         return None
     return record
+
+
+def _rate_source(before: list[dict], after: dict) -> dict:
+    """The entry whose sample rate and noise multiplier a torn line takes: the nearest training step
+    before it.  A one-off release, marked with a ``kind`` (the token-frequency release written before
+    step 0), has its own unrelated ones; with no step before, the line after the torn one."""
+    return next((entry for entry in reversed(before) if "kind" not in entry), after)
 
 
 def _stand_in(source: dict, line: int) -> dict:

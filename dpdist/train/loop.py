@@ -23,6 +23,7 @@ from ..model.gpt import build_model, strip_vocab_padding
 from ..parallel.state import full_state_dict
 from ..parallel.cross_entropy import per_example_loss
 from ..privacy.accounting import DISPLAY_PLD_GRID
+from ..privacy.frequencies import setup_reattention
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.sampling import PoissonSampler
 from ..runtime.mesh import Mesh
@@ -143,6 +144,7 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
         if privacy.enabled and mesh.is_main:
             check_ledger(checkpoint, run_dir / "ledger.jsonl")
     ledger = PrivacyLedger(run_dir / "ledger.jsonl") if privacy.enabled and mesh.is_main else None
+    setup_reattention(cfg, plan, data, model, run_dir, mesh, secret, ledger)  # Re-Attention; no-op unless enabled
     metrics = open(run_dir / "metrics.jsonl", "a") if mesh.is_main else None
     bar = tqdm(total=plan.max_steps, desc="dp-train" if privacy.enabled else "train", unit="step", file=sys.stderr,
                disable=not (mesh.is_main and cfg.train.progress), dynamic_ncols=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..config import ConfigError, RunConfig
 from ..privacy import accounting
+from ..privacy.frequencies import release_history
 
 
 @dataclass
@@ -54,15 +55,20 @@ def resolve_plan(cfg: RunConfig, num_examples: int, num_val: int, vocab_size: in
                           "lower it or set privacy.allow_large_delta=true")
     if not privacy.enabled:
         return RunPlan(num_examples, num_val, vocab_size, sample_rate, delta, 0.0, None, train.steps)
+    prior = release_history(cfg)  # spent before step 0 (Re-Attention's token-frequency release)
     sigma = privacy.noise_multiplier
     if sigma is None:
-        sigma = accounting.calibrate_noise_multiplier(privacy.target_epsilon, sample_rate, train.steps, delta,
-                                                      accountant=privacy.accountant)
+        try:
+            sigma = accounting.calibrate_noise_multiplier(privacy.target_epsilon, sample_rate, train.steps, delta,
+                                                          accountant=privacy.accountant, prior=prior)
+        except ValueError as exc:
+            raise ConfigError(f"privacy.target_epsilon {privacy.target_epsilon} cannot be reached: {exc}") from None
     budget = privacy.max_epsilon if privacy.max_epsilon is not None else privacy.target_epsilon
     max_steps = train.steps
     if budget is not None:
         if sigma == 0:
             raise ConfigError("privacy.noise_multiplier=0 spends an infinite epsilon; no budget can hold it")
         max_steps = min(train.steps, accounting.max_steps_within(budget, sample_rate, sigma, delta,
-                                                                 accountant=privacy.accountant, upper=train.steps))
+                                                                 accountant=privacy.accountant, upper=train.steps,
+                                                                 prior=prior))
     return RunPlan(num_examples, num_val, vocab_size, sample_rate, delta, float(sigma), budget, max_steps)

@@ -1,0 +1,176 @@
+"""Token frequencies for Re-Attention, and the DP release that makes them usable.
+
+Re-Attention's uncertainty of embedding row i grows like 1/p_i^2, where p_i is the fraction of
+training sequences that contain token i (algorithms.md 4.2).  That is a statistic of the PRIVATE
+data, so p comes from ``model.reattention_frequencies``:
+
+* ``uniform``: p_i = 1/V, public by construction;
+* a path to a JSON list of counts per token id from PUBLIC data: p_i = c_i / sum(c), a relative
+  frequency on the same scale as ``uniform`` (equal counts give exactly ``uniform``);
+* ``dp``: a Gaussian release of the per-sequence presence counts c_v = #{training sequences
+  containing v}, p_i = c~_i / N.  A sequence is its chunk of seq_len + 1 tokens (the inputs and the
+  last target), so it contains at most L_max = min(seq_len + 1, V) distinct tokens, a public bound:
+  adding or removing one sequence moves at most L_max counts by one, an L2 sensitivity of
+  sqrt(L_max).  The release c~ = max(0, c + N(0, (sigma_h sqrt(L_max))^2)) is the Gaussian mechanism
+  with noise multiplier sigma_h at sensitivity one, which the accountant composes exactly as one
+  Poisson-subsampled Gaussian step at rate q = 1: one ledger entry (1.0, sigma_h).
+
+Every source is clamped to p_i in [1/N, 1], so a token never seen keeps a finite variance.
+
+The release is drawn once per run.  Rank 0 appends its ledger entry first (durably), then draws the
+counts with the run's keyed noise and saves them to ``<run_dir>/token_frequencies.json`` (a DP
+output, fine to keep).  A resumed run finds the entry and does not charge again; had it crashed
+between the two, its redraw is bit-identical (keyed noise), so no uncharged release ever exists.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .noise import keyed_normal
+
+FILE = "token_frequencies.json"
+KIND = "token_frequencies"  # the ledger entry's ``kind``: a one-off release, not a training step
+LEDGER_STEP = -1  # written before step 0
+NOISE_NAME = "reattention/frequencies"  # its own keyed stream: no parameter is called this
+COUNT_BLOCK = 4096  # sequences read per pass over the token file
+
+
+def sensitivity_bound(seq_len: int, vocab_size: int) -> int:
+    """L_max: the most distinct tokens one sequence (its seq_len + 1 token chunk) can contain."""
+    return min(seq_len + 1, vocab_size)
+
+
+def release_history(cfg) -> list[tuple[float, float, int]]:
+    """What the frequency release of run config ``cfg`` adds to the ledger, as accounting's ``prior``:
+    the plan must fit it into the budget along with the steps."""
+    return [(1.0, cfg.model.reattention_frequency_noise, 1)] if _releases(cfg) else []
+
+
+def _releases(cfg) -> bool:
+    """Whether the run draws the DP release: a private run whose correction is on and uses ``dp``."""
+    m = cfg.model
+    return cfg.privacy.enabled and m.reattention and m.reattention_lambda > 0 and m.reattention_frequencies == "dp"
+
+
+def presence_counts(data, num_sequences: int, vocab_size: int) -> torch.Tensor:
+    """c_v = #{training sequences 0 .. num_sequences-1 containing token v}: PRIVATE, never released as is.
+
+    ``data`` is a prepared dataset (``train_batch(indices) -> (inputs, labels)``); negative labels
+    (ignored targets) are not tokens."""
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for start in range(0, num_sequences, COUNT_BLOCK):
+        inputs, labels = data.train_batch(torch.arange(start, min(start + COUNT_BLOCK, num_sequences)))
+        tokens = torch.cat([inputs, labels[:, -1:]], dim=1).sort(dim=1).values
+        first = torch.ones_like(tokens, dtype=torch.bool)
+        first[:, 1:] = tokens[:, 1:] != tokens[:, :-1]  # count each distinct token once per sequence
+        present = tokens[first & (tokens >= 0)]
+        if present.numel() and int(present.max()) >= vocab_size:
+            raise ValueError(f"the data holds token id {int(present.max())} >= model.vocab_size {vocab_size}")
+        counts += torch.bincount(present, minlength=vocab_size)
+    return counts
+
+
+def release_counts(counts: torch.Tensor, noise_multiplier: float, l_max: int, secret: int) -> torch.Tensor:
+    """c + N(0, (sigma_h sqrt(L_max))^2), clamped at 0, with noise keyed by the run's secret."""
+    noise = keyed_normal(secret, LEDGER_STEP, NOISE_NAME, tuple(counts.shape), dtype=torch.float64)
+    return (counts.to(torch.float64) + noise_multiplier * math.sqrt(l_max) * noise).clamp(min=0.0)
+
+
+def token_frequencies(model_cfg, num_sequences: int, seq_len: int, run_dir, *, data=None, secret: int | None = None,
+                      ledger=None) -> torch.Tensor:
+    """p_i in [1/N, 1] for every token id (float64, [vocab_size]) from ``model.reattention_frequencies``.
+
+    ``dp`` reads the run's release; with ``data``, ``secret`` and ``ledger`` (rank 0 of a training
+    run) it first charges the ledger unless the run already did, and draws the release if the run has
+    none.  An evaluation of a finished run passes only ``run_dir``."""
+    source, vocab = model_cfg.reattention_frequencies, model_cfg.vocab_size
+    if source == "uniform":
+        p = torch.full((vocab,), 1.0 / vocab, dtype=torch.float64)
+    elif source == "dp":
+        p = _dp_counts(model_cfg, num_sequences, seq_len, Path(run_dir), data, secret, ledger) / num_sequences
+    else:
+        counts = _public_counts(Path(source), vocab)
+        p = counts / counts.sum()
+    return p.clamp(min=1.0 / num_sequences, max=1.0)
+
+
+def _dp_counts(model_cfg, num_sequences, seq_len, run_dir: Path, data, secret, ledger) -> torch.Tensor:
+    identity = {"mechanism": "gaussian", "statistic": "per-sequence presence counts",
+                "noise_multiplier": float(model_cfg.reattention_frequency_noise),
+                "l_max": sensitivity_bound(seq_len, model_cfg.vocab_size), "num_sequences": int(num_sequences),
+                "vocab_size": int(model_cfg.vocab_size)}
+    drawing = ledger is not None
+    if drawing and not any(entry.get("kind") == KIND for entry in ledger.entries()):
+        ledger.append(LEDGER_STEP, 1.0, identity["noise_multiplier"], kind=KIND, l_max=identity["l_max"])
+    path = run_dir / FILE
+    if path.exists():
+        record = json.loads(path.read_text())
+        changed = sorted(key for key, value in identity.items() if record.get(key) != value)
+        if changed:
+            raise ValueError(f"{path} was released for another configuration ({', '.join(changed)} differ); "
+                             "it cannot serve this run")
+        return torch.tensor(record["noisy_counts"], dtype=torch.float64)
+    if not drawing:
+        raise FileNotFoundError(f"{path} does not exist: only the training run of {run_dir} draws the DP token-"
+                                "frequency release (and charges it to its ledger)")
+    if data is None or secret is None:
+        raise ValueError("drawing the DP token-frequency release needs the training data and the run's secret")
+    counts = presence_counts(data, num_sequences, model_cfg.vocab_size)
+    noisy = release_counts(counts, identity["noise_multiplier"], identity["l_max"], secret)
+    _write_atomically(path, json.dumps({**identity, "noisy_counts": noisy.tolist()}))
+    return noisy
+
+
+def _public_counts(path: Path, vocab_size: int) -> torch.Tensor:
+    try:
+        counts = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model.reattention_frequencies {str(path)!r} is not a readable JSON file: {exc}") from None
+    if not isinstance(counts, list) or len(counts) != vocab_size or not all(
+            isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c >= 0 for c in counts):
+        raise ValueError(f"{path} must hold a JSON list of {vocab_size} non-negative counts, one per token id")
+    counts = torch.tensor(counts, dtype=torch.float64)
+    if counts.sum() <= 0:
+        raise ValueError(f"{path} holds only zero counts; it says nothing about token frequencies")
+    return counts
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def setup_reattention(cfg, plan, data, model, run_dir, mesh, secret: int | None, ledger) -> None:
+    """The training loop's one call (no-op unless ``model.reattention``): resolve the token
+    frequencies on rank 0 (drawing and charging the ``dp`` release there), share them with every rank,
+    and give the model sigma C, qN and p (``GPT.set_reattention``).  Call it before the first step.
+
+    To evaluate a finished run, call it with ``data``, ``secret`` and ``ledger`` None and a one-process
+    ``Mesh()``: the model then computes what it computed in training, from the saved release, and no
+    release is ever drawn outside training."""
+    if not cfg.model.reattention:
+        return
+    noise_std = plan.noise_multiplier * cfg.privacy.clip_norm if cfg.privacy.enabled else 0.0
+    vocab = cfg.model.vocab_size
+    frequencies = torch.empty(vocab, dtype=torch.float64)
+    if mesh.is_main:
+        if cfg.model.reattention_frequencies == "dp" and not _releases(cfg):
+            frequencies.fill_(1.0)  # nothing to correct (no DP noise, or lambda = 0): no release is needed
+        else:
+            frequencies = token_frequencies(cfg.model, plan.num_examples, cfg.data.seq_len, run_dir, data=data,
+                                            secret=secret, ledger=ledger)
+    if mesh.world_size > 1:
+        shared = frequencies.to(mesh.device)
+        dist.broadcast(shared, src=0, group=mesh.world_group)
+        frequencies = shared.cpu()
+    model.set_reattention(noise_std, plan.expected_batch_size, frequencies)
