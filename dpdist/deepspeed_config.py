@@ -43,10 +43,11 @@ def _read_file(path: str) -> dict:
 def resolve_deepspeed_config(cfg) -> dict:
     """The DeepSpeed config of ``cfg`` (a RunConfig with train.backend=deepspeed), or a ConfigError."""
     ds = cfg.deepspeed
-    for section in ("anadp", "lsg"):
-        if getattr(cfg, section).enabled:
-            raise ConfigError(f"{section}.enabled is not supported with train.backend=deepspeed (its per-group noise is "
-                              "added natively); use train.backend=native")
+    for key, on in (("anadp.enabled", cfg.anadp.enabled), ("lsg.enabled", cfg.lsg.enabled),
+                    ("model.reattention", cfg.model.reattention)):
+        if on:
+            raise ConfigError(f"{key} is not supported with train.backend=deepspeed (the DeepSpeed step adds uniform "
+                              "noise on ZeRO partitions); use train.backend=native")
     merged = _read_file(ds.config_file) if ds.config_file else {}
     for key in OWNED:
         if key in merged:
