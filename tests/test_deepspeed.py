@@ -146,3 +146,10 @@ def test_deepspeed_settings_are_checked_when_the_config_loads(tmp_path):
     with pytest.raises(ConfigError, match="cannot be read"):
         load_config(None, [*base, f"deepspeed.config_file={tmp_path / 'missing.json'}"])
     assert load_config(None, [*base, "deepspeed.zero_stage=2"]).deepspeed.zero_stage == 2
+
+
+@pytest.mark.parametrize("option", ["lsg.enabled=true", "model.reattention=true",
+                                    "anadp.enabled=true privacy.clipping=per_layer"])
+def test_noise_reshaping_options_are_refused_under_deepspeed(option):
+    with pytest.raises(ConfigError, match="not supported with train.backend=deepspeed"):
+        load_config(None, ["privacy.noise_multiplier=1.0", "train.backend=deepspeed", *option.split()])
