@@ -1,6 +1,7 @@
 """``dpdist export RUN_DIR [--out FILE]``: one safetensors file to publish: weights, tokenizer, privacy report.
 
-The weights are the run's final full-shape model; the tokenizer (sentencepiece model, base64) and the
+The weights are the run's final full-shape model; the tokenizer (sentencepiece model, base64; for the
+generated item task, its public item catalogue as JSON) and the
 privacy report (epsilon from the run's own ledger with PLD and RDP, delta, steps, sample rate, noise
 multiplier, clip, clipping, the privacy unit) go into the file's metadata, so the guarantee travels
 with the model.  Nothing from ``RUN_DIR/private`` (the secret) or the checkpoints is read into it:
@@ -17,6 +18,7 @@ from pathlib import Path
 from ..config import ConfigError, load_config
 
 TOKENIZER_KEY, PRIVACY_KEY, MODEL_KEY = "dpdist.tokenizer_model_base64", "dpdist.privacy", "dpdist.model_config"
+ITEMS_KEY = "dpdist.items_json"  # the generated item task's public catalogue, in place of a tokenizer
 
 
 def add_parser(subparsers) -> None:
@@ -49,6 +51,8 @@ def export(run_dir: Path, out: Path) -> dict:
     import torch
     from safetensors.torch import save_file
 
+    from .train import vocabulary_file
+
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a dpdist run directory (no config.yaml)")
@@ -56,14 +60,15 @@ def export(run_dir: Path, out: Path) -> dict:
     if not model_file.is_file():
         raise ConfigError(f"{run_dir} has no final model yet; finish the run first (dpdist train --config "
                           f"{run_dir}/config.yaml --resume auto)")
-    tokenizer = run_dir / "tokenizer.model"
-    if not tokenizer.is_file():
-        raise ConfigError(f"{tokenizer} is missing; it is written when the run starts")
     cfg = load_config(run_dir / "config.yaml")
+    vocabulary = run_dir / vocabulary_file(cfg)
+    if not vocabulary.is_file():
+        raise ConfigError(f"{vocabulary} is missing; it is written when the run starts")
     report = privacy_report(run_dir, cfg)
     state = {name: t.contiguous() for name, t in torch.load(model_file, map_location="cpu").items()}
     metadata = {"format": "pt", PRIVACY_KEY: json.dumps(report), MODEL_KEY: json.dumps(asdict(cfg.model)),
-                TOKENIZER_KEY: base64.b64encode(tokenizer.read_bytes()).decode()}
+                **({ITEMS_KEY: vocabulary.read_text()} if cfg.data.source == "zipf_items"
+                   else {TOKENIZER_KEY: base64.b64encode(vocabulary.read_bytes()).decode()})}
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     save_file(state, str(partial), metadata=metadata)

@@ -62,6 +62,12 @@ def resumed_run(cfg: RunConfig, resume: str) -> tuple[Path, Path | None]:
     return run_dir, checkpoint
 
 
+def vocabulary_file(cfg: RunConfig) -> str:
+    """What a run directory keeps to read its tokens: the sentencepiece model, or for the generated
+    item task its public item catalogue (token t is item t)."""
+    return "items.json" if cfg.data.source == "zipf_items" else "tokenizer.model"
+
+
 def prepare_run(cfg: RunConfig, resume: str | None = None) -> tuple[Path, "RunPlan", Path | None]:
     from ..data.dataset import prepare_data
     from ..runtime.mesh import Mesh
@@ -78,7 +84,7 @@ def prepare_run(cfg: RunConfig, resume: str | None = None) -> tuple[Path, "RunPl
         check_compatible(record, checkpoint, cfg, plan)
         check_backend(record, checkpoint, cfg, Mesh(dp_size=cfg.parallel.data, tp_size=cfg.parallel.tensor))
     run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(data.tokenizer_path, run_dir / "tokenizer.model")  # the run's own, for export
+    shutil.copyfile(data.tokenizer_path, run_dir / vocabulary_file(cfg))  # the run's own, for export
     cfg.train.run_dir = str(run_dir)
     dump_config(cfg, run_dir / "config.yaml")
     plan.save(run_dir / "plan.json")

@@ -85,7 +85,12 @@ def prepare_data(cfg: DataConfig, progress: bool | None = None) -> PreparedData:
     """Build the tokenizer and token file for ``cfg`` or find them in ``cfg.cache_dir``.
 
     ``progress``: a progress bar while tokenizing; None shows it when stderr is a terminal.
+    ``data.source=zipf_items`` generates item sequences instead (``dpdist.data.items``).
     """
+    if cfg.source == "zipf_items":
+        from .items import prepare_items  # imports this module
+
+        return prepare_items(cfg, progress)
     corpus = load_corpus(cfg)
     fingerprint = {"format": FORMAT_VERSION, "corpus": corpus.fingerprint(), "vocab_size": cfg.vocab_size,
                    "tokenizer_model": cfg.tokenizer_model, "trainer": TRAINER_OPTIONS,
