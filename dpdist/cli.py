@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("train", "account", "audit", "bench", "tokenize", "export")
+COMMANDS = ("train", "account", "audit", "bench", "tokenize", "export", "eval")
 
 
 def main(argv: list[str] | None = None) -> int:

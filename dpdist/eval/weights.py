@@ -1,0 +1,58 @@
+"""The model of a run, in one process at full shape, from its final weights or from a checkpoint.
+
+``final/model.pt`` (``dpdist.train.loop.save_model``) is a full-shape state dict without vocabulary
+padding, so it loads into ``build_model(cfg.model, tp_group=None)`` as it is.  A native checkpoint
+folder (``checkpoints/step-*``) is read through DCP, which reshards any saved (data, tensor) layout to
+this single process; only its ``model/`` entries are loaded, the optimizer state is left on disk.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from ..config import ConfigError, RunConfig
+from ..model.gpt import build_model
+from ..train.checkpoint import read_record
+
+
+def load_model(cfg: RunConfig, weights: Path, device: torch.device):
+    """The run's model in eval mode with ``weights`` (a state-dict file or a checkpoint folder) loaded."""
+    model = build_model(cfg.model, tp_group=None, device=device)
+    if weights.is_dir():
+        _load_checkpoint(model, weights, cfg)
+    else:
+        try:
+            state = torch.load(weights, map_location=device)
+            model.load_state_dict(state)
+        except (RuntimeError, ValueError, OSError, AttributeError) as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            raise ConfigError(f"{weights} does not hold this run's model ({reason}); pass the run's final/model.pt "
+                              "or a checkpoint") from None
+    if cfg.model.reattention:  # the correction needs the run's sigma C, qN and its saved frequency release
+        from ..privacy.frequencies import setup_reattention
+        from ..runtime.mesh import Mesh
+        from ..train.plan import RunPlan
+
+        run_dir = Path(cfg.train.run_dir)
+        setup_reattention(cfg, RunPlan.load(run_dir / "plan.json"), None, model, run_dir, Mesh(), None, None)
+    return model.eval()
+
+
+def _load_checkpoint(model, folder: Path, cfg: RunConfig) -> None:
+    record = read_record(folder)  # every file present and matching its checksum
+    if record.get("backend", {}).get("name", "native") != "native":
+        raise ConfigError(f"checkpoint {folder} holds DeepSpeed ZeRO partitions, which only DeepSpeed reads; "
+                          "evaluate the run's final/model.pt instead")
+    changed = sorted(key for key, value in asdict(cfg.model).items()
+                     if key != "dtype" and record["model"].get(key) != value)
+    if changed:
+        raise ConfigError(f"checkpoint {folder} holds a different model than {cfg.train.run_dir} "
+                          f"({', '.join(changed)} differ); pass a checkpoint of this run")
+    state = {f"model/{name}": p.detach() for name, p in model.named_parameters()}
+    with warnings.catch_warnings():  # DCP warns that it 'assumes' a single process even when told so
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder), no_dist=True)
