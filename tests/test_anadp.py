@@ -12,8 +12,6 @@ sensitivity of an adversarial example, importance from released gradients only, 
   step t changes nothing about the weights step t uses.
 - A run resumed from a checkpoint equals the uninterrupted run (the importance state is checkpointed).
 """
-import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -21,16 +19,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from launch import torchrun  # noqa: E402
-from runs import STEPS, final_model, ledger, prepared  # noqa: E402
+from method_steps import assert_tensor_degree_two_is_one_process  # noqa: E402
+from runs import assert_resume_is_exact  # noqa: E402
 
 from dpdist import ModelConfig, build_model  # noqa: E402
 from dpdist.config import AnadpConfig, ConfigError, load_config  # noqa: E402
 from dpdist.privacy.sampling import PoissonSampler  # noqa: E402
-from dpdist.runtime.mesh import Mesh  # noqa: E402
 from dpdist.train.engine import PrivateGradient  # noqa: E402
-from dpdist.train.loop import train  # noqa: E402
-from dpdist.train.plan import RunPlan  # noqa: E402
 
 SIGMA, CLIP, N, Q, SECRET, VOCAB = 1.5, 0.5, 30, 0.3, 5, 37
 CFG = ModelConfig(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, dtype="float64")
@@ -157,15 +152,7 @@ def test_anadp_needs_per_layer_clipping():
 
 @pytest.mark.slow
 def test_tensor_parallel_anadp_equals_one_process(tmp_path):
-    out = tmp_path / "anadp.json"
-    torchrun("method_steps.py", 2, out, "anadp")
-    got = {k: torch.tensor(v, dtype=torch.float64) for k, v in json.loads(out.read_text()).items()}
-    from method_steps import train_tiny  # the same steps in this process, unsharded
-
-    want = train_tiny(Mesh(), "anadp")
-    for name, value in want.items():
-        scale = float(value.abs().max().clamp(min=1e-12))
-        assert torch.allclose(got[name], value, rtol=0, atol=1e-10 * scale), name
+    assert_tensor_degree_two_is_one_process(tmp_path, "anadp")
 
 
 @pytest.fixture(scope="module")
@@ -175,14 +162,4 @@ def cache(tmp_path_factory):
 
 @pytest.mark.slow
 def test_exact_resume_with_anadp(tmp_path, cache):
-    extra = ("privacy.clipping=per_layer", "anadp.enabled=true", "anadp.warmup_steps=1")
-    whole = prepared(cache, tmp_path / "whole", 1, 1, "float64", *extra)
-    split = prepared(cache, tmp_path / "split", 1, 1, "float64", *extra)
-    train(load_config(whole / "config.yaml"), RunPlan.load(whole / "plan.json"), whole, Mesh(), resume="none")
-    cfg, plan = load_config(split / "config.yaml"), RunPlan.load(split / "plan.json")
-    train(cfg, dataclasses.replace(plan, max_steps=3), split, Mesh(), resume="none")
-    train(cfg, plan, split, Mesh(), resume="auto")
-    a, b = final_model(whole), final_model(split)
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs after an ANADP resume"
-    assert ledger(whole) == ledger(split) and len(ledger(split)) == STEPS
+    assert_resume_is_exact(tmp_path, cache, "privacy.clipping=per_layer", "anadp.enabled=true", "anadp.warmup_steps=1")

@@ -10,8 +10,6 @@
 - Tensor parallelism: 2 steps at tensor degree 2 equal the single-process run (float64, 1e-10).
 - A resumed run equals the uninterrupted one (carriers, supports and W_0 are checkpointed).
 """
-import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -19,16 +17,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from launch import torchrun  # noqa: E402
-from runs import STEPS, final_model, ledger, prepared  # noqa: E402
+from method_steps import assert_tensor_degree_two_is_one_process  # noqa: E402
+from runs import assert_resume_is_exact  # noqa: E402
 
 from dpdist import ModelConfig, build_model  # noqa: E402
 from dpdist.config import ConfigError, LsgConfig, load_config  # noqa: E402
 from dpdist.privacy.sampling import PoissonSampler  # noqa: E402
-from dpdist.runtime.mesh import Mesh  # noqa: E402
 from dpdist.train.engine import PrivateGradient  # noqa: E402
-from dpdist.train.loop import train  # noqa: E402
-from dpdist.train.plan import RunPlan  # noqa: E402
 
 CFG = ModelConfig(vocab_size=37, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, dtype="float64")
 N, Q, SECRET = 30, 0.3, 8
@@ -125,15 +120,7 @@ def test_lsg_refuses_per_layer_clipping_and_two_pass():
 
 @pytest.mark.slow
 def test_tensor_parallel_lsg_equals_one_process(tmp_path):
-    out = tmp_path / "lsg.json"
-    torchrun("method_steps.py", 2, out, "lsg")
-    got = {k: torch.tensor(v, dtype=torch.float64) for k, v in json.loads(out.read_text()).items()}
-    from method_steps import train_tiny  # the same steps in this process, unsharded
-
-    want = train_tiny(Mesh(), "lsg")
-    for name, value in want.items():
-        scale = float(value.abs().max().clamp(min=1e-12))
-        assert torch.allclose(got[name], value, rtol=0, atol=1e-10 * scale), name
+    assert_tensor_degree_two_is_one_process(tmp_path, "lsg")
 
 
 @pytest.fixture(scope="module")
@@ -143,14 +130,4 @@ def cache(tmp_path_factory):
 
 @pytest.mark.slow
 def test_exact_resume_with_lsg(tmp_path, cache):
-    extra = ("lsg.enabled=true", "lsg.rank=2", "lsg.density=0.5", "lsg.refresh_every=2")
-    whole = prepared(cache, tmp_path / "whole", 1, 1, "float64", *extra)
-    split = prepared(cache, tmp_path / "split", 1, 1, "float64", *extra)
-    train(load_config(whole / "config.yaml"), RunPlan.load(whole / "plan.json"), whole, Mesh(), resume="none")
-    cfg, plan = load_config(split / "config.yaml"), RunPlan.load(split / "plan.json")
-    train(cfg, dataclasses.replace(plan, max_steps=3), split, Mesh(), resume="none")
-    train(cfg, plan, split, Mesh(), resume="auto")
-    a, b = final_model(whole), final_model(split)
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs after an LSG resume"
-    assert ledger(whole) == ledger(split) and len(ledger(split)) == STEPS
+    assert_resume_is_exact(tmp_path, cache, "lsg.enabled=true", "lsg.rank=2", "lsg.density=0.5", "lsg.refresh_every=2")

@@ -39,6 +39,17 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
 
 
+def commit_cache(staging: Path, cache: Path, meta: dict) -> None:
+    """Write a finished cache's meta file, then move the folder into place in one rename (so a cache
+    is complete or absent); losing the race to another process building the same cache is fine."""
+    (staging / META_FILE).write_text(json.dumps(meta, indent=1))
+    try:
+        os.rename(staging, cache)
+    except OSError:
+        if not (cache / META_FILE).exists():  # not a lost race with another process: a real failure
+            raise
+
+
 @dataclass
 class PreparedData:
     """Paths and sizes of a prepared corpus; picklable, and opens the token file lazily in each process."""
@@ -138,12 +149,7 @@ def _build(corpus: Corpus, cfg: DataConfig, fingerprint: dict, cache: Path, prog
         meta = {"source": corpus.description, "files": len(corpus.files), "bytes": corpus.num_bytes,
                 "tokens": num_tokens, "vocab_size": vocab_size, "dtype": token_dtype(vocab_size).name,
                 "canaries": bool(corpus.canaries), "fingerprint": fingerprint}
-        (staging / META_FILE).write_text(json.dumps(meta, indent=1))
-        try:
-            os.rename(staging, cache)
-        except OSError:
-            if not (cache / META_FILE).exists():  # not a lost race with another process: a real failure
-                raise
+        commit_cache(staging, cache, meta)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..config import ConfigError, DataConfig
-from .dataset import META_FILE, TOKENS_FILE, PreparedData, token_dtype
+from .dataset import META_FILE, TOKENS_FILE, PreparedData, commit_cache, token_dtype
 
 GENERATOR_VERSION = 1  # bump when the same config would generate different sequences
 CATALOGUE_FILE = "items.json"
@@ -177,11 +176,6 @@ def _build(cfg: DataConfig, fingerprint: dict, cache: Path, progress: bool) -> N
                        f"sequences, seed {cfg.items_seed})")
         meta = {"source": description, "files": 0, "tokens": cfg.num_sequences * (cfg.seq_len + 1),
                 "vocab_size": cfg.num_items, "dtype": dtype.name, "canaries": False, "fingerprint": fingerprint}
-        (staging / META_FILE).write_text(json.dumps(meta, indent=1))
-        try:
-            os.rename(staging, cache)
-        except OSError:
-            if not (cache / META_FILE).exists():  # not a lost race with another process: a real failure
-                raise
+        commit_cache(staging, cache, meta)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -46,6 +46,19 @@ def train_tiny(mesh, method: str) -> dict:
     return strip_vocab_padding(full_state_dict(model, mesh.tp_group), CFG)
 
 
+def assert_tensor_degree_two_is_one_process(tmp_path, method: str) -> None:
+    """For the tests: this script at tensor degree 2 against ``train_tiny`` here, float64, 1e-10."""
+    from launch import torchrun
+    from dpdist.runtime.mesh import Mesh
+
+    out = tmp_path / f"{method}.json"
+    torchrun("method_steps.py", 2, out, method)
+    got = {k: torch.tensor(v, dtype=torch.float64) for k, v in json.loads(out.read_text()).items()}
+    for name, value in train_tiny(Mesh(), method).items():
+        scale = float(value.abs().max().clamp(min=1e-12))
+        assert torch.allclose(got[name], value, rtol=0, atol=1e-10 * scale), name
+
+
 if __name__ == "__main__":
     mesh = init_mesh(ParallelConfig(data=1, tensor=int(os.environ["WORLD_SIZE"])))
     try:
