@@ -48,9 +48,6 @@ from dpdist.config import load_config  # noqa: E402
 from dpdist.data.dataset import prepare_data  # noqa: E402
 from dpdist.eval.ranking import model_ranking, popularity_ranking  # noqa: E402
 from dpdist.eval.weights import load_model  # noqa: E402
-from dpdist.privacy.frequencies import setup_reattention  # noqa: E402
-from dpdist.runtime.mesh import Mesh  # noqa: E402
-from dpdist.train.plan import RunPlan  # noqa: E402
 
 METHODS = {
     "nonprivate": ["privacy.enabled=false"],
@@ -144,12 +141,11 @@ def train_run(args, task: str, method: str, seed: int) -> dict:
 
 
 def ranking_of(run_dir: str) -> dict:
-    """NDCG@10 / HIT@10 of the run's final model; a Re-Attention model first gets what it computed with
-    in training (sigma C, qN and the run's saved frequency release; nothing is released again)."""
+    """NDCG@10 / HIT@10 of the run's final model (``load_model`` gives a Re-Attention model what it
+    computed with in training: sigma C, qN and the run's saved frequency release, never a new one)."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     model = load_model(cfg, run_dir / "final" / "model.pt", device="cpu")
-    setup_reattention(cfg, RunPlan.load(run_dir / "plan.json"), None, model, run_dir, Mesh(), None, None)
     return model_ranking(model, prepare_data(cfg.data, progress=False), RANKED_SEQUENCES, progress=False)
 
 
