@@ -225,7 +225,7 @@ def test_eval_without_exposure_and_with_fewer_examples(capsys, finished_run):
     ("user corpus", "plants no canaries"),
     ("no candidates", "at least 1"),
     ("foreign weights", "does not hold this run's model"),
-    ("items task", "has no canaries"),
+    ("items task", "items.json is missing"),  # a text run relabelled: no item catalogue
 ])
 def test_eval_refuses_with_one_line(tmp_path, capsys, finished_run, case, message):
     run_dir, _ = finished_run

@@ -20,6 +20,7 @@ from safetensors import safe_open
 sys.path.insert(0, str(Path(__file__).parent))
 from runs import ROOT, overrides  # noqa: E402
 
+from dpdist.cli import main  # noqa: E402
 from dpdist.commands.export import ITEMS_KEY, TOKENIZER_KEY  # noqa: E402
 from dpdist.commands.export import export as export_run  # noqa: E402
 from dpdist.commands.train import prepare_run  # noqa: E402
@@ -107,7 +108,7 @@ def test_zipf_items_refuses_text_settings():
         DataConfig(source="zipf_items", tokenizer_path=__file__).validate()
 
 
-def test_a_tiny_zipf_items_run_trains_and_ranks(tmp_path):
+def test_a_tiny_zipf_items_run_trains_and_ranks(tmp_path, capsys):
     cfg = load_config(ROOT / "configs/default.yaml", overrides(
         tmp_path / "cache", tmp_path / "run", 1, 1, "float32", "data.source=zipf_items", "data.num_items=60",
         "data.num_sequences=600", "data.val_fraction=0.1", "data.seq_len=16", "train.checkpoint_every=0"))
@@ -122,6 +123,9 @@ def test_a_tiny_zipf_items_run_trains_and_ranks(tmp_path):
     metrics = model_ranking(model, data, max_examples=50, progress=False)
     assert metrics["num_sequences"] == 50
     assert 0.0 <= metrics["ndcg@10"] <= metrics["hit@10"] <= 1.0
+    assert main(["eval", str(run_dir), "--json"]) == 0  # dpdist eval scores an item run by its ranking
+    ranked = json.loads(capsys.readouterr().out)["ranking"]
+    assert 0.0 <= ranked["ndcg@10"] <= ranked["hit@10"] <= 1.0 and ranked["num_sequences"] == 60
     exported = tmp_path / "model.safetensors"
     export_run(run_dir, exported)
     with safe_open(str(exported), "pt") as handle:

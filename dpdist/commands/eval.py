@@ -4,8 +4,10 @@ Utility: the mean per-sequence loss on the held-out split the training itself he
 ``prepare_data`` cache and chunking) and its perplexity ``exp(loss)``.  Memorisation: the exposure of
 each canary planted in the embedded corpus (``dpdist.eval.exposure``), which should stay near the
 chance level of about 1 bit under a small epsilon and grow with the insertion count without privacy.
-The run's epsilon (from its ledger, as ``dpdist export`` reports it) is shown beside them.
-Everything runs in this one process on the run's full-shape weights.
+A run of the generated item task (``data.source=zipf_items``) has no canaries; it gets NDCG@10 and
+HIT@10 of the next item over a full ranking instead (``dpdist.eval.ranking``).  The run's epsilon
+(from its ledger, as ``dpdist export`` reports it) is shown beside them.  Everything runs in this one
+process on the run's full-shape weights.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError, load_config
+from .train import vocabulary_file
 
 
 def add_parser(subparsers) -> None:
@@ -48,15 +51,15 @@ def checked_inputs(args) -> tuple[object, Path]:
                           f"{run_dir}/checkpoints/step-*")
     if not weights.exists():
         raise ConfigError(f"--checkpoint {weights}: no such file or folder")
-    if not (run_dir / "tokenizer.model").is_file():
-        raise ConfigError(f"{run_dir / 'tokenizer.model'} is missing; it is written when the run starts")
     if args.candidates < 1 or (args.max_examples is not None and args.max_examples < 1):
         raise ConfigError("--candidates and --max-examples must be at least 1")
     cfg = load_config(run_dir / "config.yaml")
+    vocabulary = run_dir / vocabulary_file(cfg)
+    if not vocabulary.is_file():
+        raise ConfigError(f"{vocabulary} is missing; it is written when the run starts")
+    if cfg.data.source == "zipf_items":
+        return cfg, weights  # no canaries there: the item task is scored by its ranking metrics instead
     # Runs without canaries are refused here, before the (possibly slow) data step, with the reason.
-    if not args.no_exposure and cfg.data.source != "text":
-        raise ConfigError(f"data.source={cfg.data.source} has no canaries; pass --no-exposure for the validation "
-                          "loss alone")
     if not args.no_exposure and cfg.data.path is not None:
         raise ConfigError(f"this run trained on data.path {cfg.data.path}, where dpdist plants no canaries; pass "
                           "--no-exposure for the validation loss alone")
@@ -84,6 +87,7 @@ def evaluate(args) -> dict:
     from ..data.dataset import prepare_data
     from ..data.tokenizer import load_tokenizer
     from ..eval.exposure import draw_candidates, load_canaries, mean_by_insertions, measure_exposure
+    from ..eval.ranking import model_ranking
     from ..eval.scoring import SecretScorer
     from ..eval.weights import load_model
     from ..runtime.mesh import Mesh
@@ -92,10 +96,11 @@ def evaluate(args) -> dict:
 
     cfg, weights = checked_inputs(args)
     data = prepare_data(cfg.data)
-    if Path(data.tokenizer_path).read_bytes() != (args.run_dir / "tokenizer.model").read_bytes():
+    vocabulary = args.run_dir / vocabulary_file(cfg)
+    if Path(data.tokenizer_path).read_bytes() != vocabulary.read_bytes():
         raise ConfigError(f"the data prepared in {cfg.data.cache_dir} for this config is not what the run trained "
-                          f"on (its tokenizer differs from {args.run_dir / 'tokenizer.model'}: the source files "
-                          "changed?), so its held-out split is not the run's")
+                          f"on (it differs from {vocabulary}: the source files changed?), so its held-out split is "
+                          "not the run's")
     device = checked_device(args.device)
     model = load_model(cfg, weights, device)
     examples = min(data.num_val, args.max_examples or data.num_val)
@@ -104,6 +109,9 @@ def evaluate(args) -> dict:
     result = {"run_dir": str(args.run_dir), "weights": str(weights), "val_examples": examples,
               "val_loss": val_loss, "val_perplexity": math.exp(val_loss) if val_loss is not None else None,
               "privacy": privacy_report(args.run_dir, cfg)}
+    if cfg.data.source == "zipf_items":
+        result["ranking"] = model_ranking(model, data, args.max_examples)
+        return result
     if args.no_exposure:
         return result
     if data.canaries_path is None:
@@ -134,6 +142,10 @@ def report(result: dict) -> str:
     else:
         lines.append(f"validation: loss {result['val_loss']:.4f} nats/token, perplexity {result['val_perplexity']:.2f} "
                      f"over {result['val_examples']} held-out sequences")
+    if "ranking" in result:
+        r = result["ranking"]
+        lines.append(f"next-item ranking over all items: NDCG@10 {r['ndcg@10']:.4f}, HIT@10 {r['hit@10']:.4f} "
+                     f"({r['num_sequences']} held-out sequences)")
     if "canaries" in result:
         lines += [f"canary exposure (rank among {result['candidates']} random secrets; unmemorised: median 1 bit, "
                   f"mean 1.44; ceiling log2(R+1) = {result['exposure_ceiling']:.2f} bits):",
