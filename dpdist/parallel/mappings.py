@@ -19,6 +19,15 @@ def group_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
+def group_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """``x`` summed over ``group`` into a new tensor (``x`` itself is left as it is)."""
+    if group_size(group) == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, group=group)
+    return x
+
+
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     if group_size(group) == 1:
         return x

@@ -13,12 +13,24 @@ from torch import nn
 from .mappings import group_size
 
 
-def gather_full(param: torch.Tensor, group) -> torch.Tensor:
+def gather_full(param: torch.Tensor, group, local: torch.Tensor | None = None) -> torch.Tensor:
+    """The full ``param``, or with ``local`` the full tensor of which ``local`` is this rank's shard
+    sharded as ``param`` is (a gradient, an optimizer state)."""
+    local = (param if local is None else local).detach()
     if not getattr(param, "tensor_model_parallel", False) or group_size(group) == 1:
-        return param.detach().clone()
-    parts = [torch.empty_like(param) for _ in range(group_size(group))]
-    dist.all_gather(parts, param.detach().contiguous(), group=group)
+        return local.clone()
+    parts = [torch.empty_like(local) for _ in range(group_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
     return torch.cat(parts, dim=param.partition_dim)
+
+
+def unpadded_local_rows(param: torch.Tensor) -> int:
+    """This shard's rows that are real, not padding: a vocabulary table is padded to split evenly
+    over the tensor group, and its layer marks the real row count as ``unpadded_rows``."""
+    unpadded = getattr(param, "unpadded_rows", None)
+    if unpadded is None:
+        return param.shape[0]
+    return max(0, min(param.shape[0], unpadded - getattr(param, "partition_offset", 0)))
 
 
 def full_state_dict(model: nn.Module, tp_group) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import AnadpConfig
 from ..parallel.mappings import group_rank, group_size
+from ..parallel.state import unpadded_local_rows
 from .clipping import per_layer_threshold
 
 
@@ -82,7 +83,7 @@ class NoiseAllocation:
         for k, group in enumerate(self.groups):
             for p in group:
                 if getattr(p, "tensor_model_parallel", False) or counts_once:
-                    rows = _real_rows(p)
+                    rows = unpadded_local_rows(p)  # vocabulary padding would tie S to the tensor degree
                     importance = self.sensitivity[p][:rows].double() * self.uncertainty[p][:rows].double()
                     totals[k] += float(importance.sum())
                     totals[len(self.groups) + k] += importance.numel()
@@ -108,11 +109,3 @@ class NoiseAllocation:
             state[f"anadp/{names[p]}/uncertainty"] = (self.uncertainty[p], p)
         return state
 
-
-def _real_rows(param: nn.Parameter) -> int:
-    """This shard's rows that are not vocabulary padding (whose noise-only values would make the
-    importance depend on the tensor-parallel degree)."""
-    unpadded = getattr(param, "unpadded_rows", None)
-    if unpadded is None:
-        return param.shape[0]
-    return max(0, min(param.shape[0], unpadded - getattr(param, "partition_offset", 0)))

@@ -31,12 +31,12 @@ all-reduce of norm contributions.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..config import LsgConfig
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
-from ..parallel.mappings import group_size
+from ..parallel.mappings import group_sum
+from ..parallel.state import gather_full
 from .noise import keyed_normal
 from .rules import Cost, NormRule
 from .rules.linear import example_sq_norms, weighted_example_sum
@@ -53,17 +53,10 @@ def _carrier(shape: tuple[int, ...], full_shape: tuple[int, ...], dim: int | Non
     return carrier
 
 
-def _sum(t: torch.Tensor, group) -> torch.Tensor:
-    if group_size(group) > 1:
-        t = t.clone()
-        dist.all_reduce(t, group=group)
-    return t
-
-
 def orthonormal_columns(m: torch.Tensor, group=None) -> torch.Tensor:
     """Cholesky-QR: M (rows possibly sharded over ``group``) times the inverse Cholesky factor of
     its Gram matrix, so the full matrix has orthonormal columns (a ridge keeps it defined)."""
-    gram = _sum(m.T @ m, group)
+    gram = group_sum(m.T @ m, group)
     ridge = 1e-12 * float(gram.diagonal().sum()) / gram.shape[0] + 1e-300
     chol = torch.linalg.cholesky(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype))
     return torch.linalg.solve_triangular(chol, m.T, upper=False).T
@@ -110,9 +103,9 @@ class LayerCarriers:
                              dtype=torch.float64)
         if self.column:  # delta rows sharded, columns full
             left = orthonormal_columns(delta @ probe, self.group)
-            right = orthonormal_columns(_sum(delta.T @ left, self.group)).T
+            right = orthonormal_columns(group_sum(delta.T @ left, self.group)).T
         else:  # delta columns sharded
-            left = orthonormal_columns(_sum(delta @ probe, self.group))
+            left = orthonormal_columns(group_sum(delta @ probe, self.group))
             right = orthonormal_columns(delta.T @ left, self.group).T
         self.left.data.copy_(left)
         self.right.data.copy_(right)
@@ -132,9 +125,9 @@ class LayerCarriers:
         projected_in = x @ self.right.T  # (B, T, r): R x_t
         projected_out = g @ self.left  # (B, T, r): L^T g_t
         if self.column:
-            projected_out = _sum(projected_out, self.group)  # g sharded by rows, like L
+            projected_out = group_sum(projected_out, self.group)  # g sharded by rows, like L
         else:
-            projected_in = _sum(projected_in, self.group)  # x sharded by columns, like R
+            projected_in = group_sum(projected_in, self.group)  # x sharded by columns, like R
         left = torch.einsum("btp,btr->bpr", g, projected_in) * self.masks[self.left]
         right = torch.einsum("btr,btd->brd", projected_out, x) * self.masks[self.right]
         return left, right
@@ -143,7 +136,7 @@ class LayerCarriers:
         """dW = dL R + L dR - L (L^T dL) R, this rank's shard of it."""
         overlap = self.left.T @ left_sum  # (r, r) = L^T dL, summed over shards of L's rows
         if self.column:
-            overlap = _sum(overlap, self.group)
+            overlap = group_sum(overlap, self.group)
         return left_sum @ self.right + self.left @ right_sum - self.left @ overlap @ self.right
 
     def choose_support(self, step: int, density: float, noisy: dict | None, random: bool) -> None:
@@ -163,19 +156,11 @@ class LayerCarriers:
             score = keyed_normal(PUBLIC, step, f"lsg/mask/{carrier.carrier_name}", full, dtype=torch.float64).abs()
             score = score.reshape(-1)
             if not random and noisy is not None:
-                previous = self._whole(noisy[carrier], carrier).abs().reshape(-1)
+                previous = gather_full(carrier, self.group, noisy[carrier]).abs().reshape(-1)
                 score[torch.topk(previous, (keep + 1) // 2).indices] = float("inf")
             chosen = torch.zeros(full[0] * full[1], dtype=torch.bool)
             chosen[torch.topk(score, keep).indices] = True
             mask.copy_(self._local(chosen.view(full), carrier))
-
-    def _whole(self, local: torch.Tensor, carrier: nn.Parameter) -> torch.Tensor:
-        """The full carrier from this rank's shard (an all-gather over the tensor group when sharded)."""
-        if not carrier.tensor_model_parallel or group_size(self.group) == 1:
-            return local
-        parts = [torch.empty_like(local) for _ in range(group_size(self.group))]
-        dist.all_gather(parts, local.contiguous(), group=self.group)
-        return torch.cat(parts, dim=carrier.partition_dim)
 
     @staticmethod
     def _local(whole: torch.Tensor, carrier: nn.Parameter) -> torch.Tensor:
@@ -186,7 +171,7 @@ class LayerCarriers:
 
 
 def _frobenius(t: torch.Tensor, group) -> torch.Tensor:
-    return _sum((t * t).sum(), group).sqrt()
+    return group_sum((t * t).sum(), group).sqrt()
 
 
 class LsgRule(NormRule):
@@ -238,11 +223,16 @@ class LowRankGradients:
                 module.lsg.refresh()
                 module.lsg.choose_support(0, cfg.density, None, random=True)
                 self.layers[module.weight] = module.lsg
+        self.masks = {c: m for layer in self.layers.values() for c, m in layer.masks.items()}  # the same tensors
         if not self.layers:
             raise ValueError("lsg.enabled but the model has no linear layer to carry")
 
     def carriers(self) -> list[nn.Parameter]:
         return [c for layer in self.layers.values() for c in (layer.left, layer.right)]
+
+    def mask(self, carrier: nn.Parameter) -> torch.Tensor:
+        """The support of ``carrier`` for the next release."""
+        return self.masks[carrier]
 
     def noise_dimension(self) -> dict[str, int]:
         """Coordinates noised per matrix at the next release (this rank's share)."""

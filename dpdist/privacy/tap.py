@@ -16,10 +16,9 @@ Clipped sums accumulate in ``grad_sums`` across micro-batches until the step rel
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ..parallel.mappings import group_rank, group_size
+from ..parallel.mappings import group_rank, group_sum
 from .clipping import clip_factors
 from .rules import rule_for
 
@@ -78,7 +77,7 @@ class PerExampleTap:
         counted = self._counted(contributions)
         rows.append(counted)
         if any(getattr(param, "tensor_model_parallel", False) for param in contributions):
-            full = self._tp_sum(counted)
+            full = group_sum(counted, self.tp_group)
         else:
             full = sum(contributions.values())
         return clip_factors(full.sqrt(), self.layer_clip_norm)
@@ -92,7 +91,7 @@ class PerExampleTap:
         if self._sq_norms is None:
             raise RuntimeError("no DP-aware layer recorded anything; was the backward run with the tap attached?")
         sq_norms, self._sq_norms = self._sq_norms, None
-        return self._tp_sum(sq_norms)
+        return group_sum(sq_norms, self.tp_group)
 
     @torch.no_grad()  # the recorded inputs are activations that require grad: build no graph on them
     def accumulate_clipped(self, clip: torch.Tensor) -> None:
@@ -117,12 +116,6 @@ class PerExampleTap:
             if getattr(param, "tensor_model_parallel", False) or self.tp_rank == 0:
                 total = sq if total is None else total + sq
         return total if total is not None else torch.zeros_like(next(iter(per_param.values())))
-
-    def _tp_sum(self, vector: torch.Tensor) -> torch.Tensor:
-        if group_size(self.tp_group) > 1:
-            vector = vector.clone()
-            dist.all_reduce(vector, group=self.tp_group)
-        return vector
 
     def _accumulate(self, sums: dict) -> None:
         for param, grad in sums.items():

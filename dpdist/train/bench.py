@@ -188,7 +188,7 @@ class PlainGPT(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # The worker: one mode in this (fresh) process
 
-def _current_rss_mb() -> float:
+def current_rss_mb() -> float:
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -196,10 +196,10 @@ def _current_rss_mb() -> float:
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return _peak_rss_mb()
+    return peak_rss_mb()
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
@@ -321,7 +321,7 @@ def run_worker(spec: dict) -> dict:
         step, info = _setup_opacus(cfg)
     else:
         raise ValueError(f"unknown bench mode {mode!r}")
-    baseline = _current_rss_mb()
+    baseline = current_rss_mb()
     times, cpu_times, parts = [], [], {}
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     for index in range(cfg.steps):
@@ -332,7 +332,7 @@ def run_worker(spec: dict) -> dict:
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
     busy_end = _machine_busy_s()
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     timed = times[1:]
     others = None
     if busy_start is not None and busy_end is not None:

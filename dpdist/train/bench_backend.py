@@ -53,7 +53,7 @@ def run_worker(spec: dict) -> dict | None:
     from ..config import ParallelConfig
     from ..model.gpt import build_model
     from ..runtime.mesh import init_mesh, shutdown
-    from .bench import BenchConfig, _current_rss_mb, _peak_rss_mb, make_batch, model_config
+    from .bench import BenchConfig, current_rss_mb, peak_rss_mb, make_batch, model_config
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -69,7 +69,7 @@ def run_worker(spec: dict) -> dict | None:
             import_deepspeed(mesh.device)
         torch.manual_seed(cfg.seed)
         model = build_model(model_config(cfg), tp_group=mesh.tp_group)
-        baseline = _current_rss_mb()
+        baseline = current_rss_mb()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         gradient, optimizer = _gradient(spec, cfg, mesh, model, optimizer, ids.shape[0])
         times = []
@@ -81,7 +81,7 @@ def run_worker(spec: dict) -> dict | None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - start)
-        peak = _peak_rss_mb()
+        peak = peak_rss_mb()
         stats = torch.tensor(times + [peak - baseline, peak], dtype=torch.float64)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
         times, (peak_mb, peak_rss_mb) = stats[:-2].tolist()[1:], stats[-2:].tolist()  # first step: warm-up

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from ..config import ConfigError, RunConfig
+from ..parallel.state import unpadded_local_rows
 from ..privacy.ledger import PrivacyLedger
 from ..runtime.mesh import Mesh
 from .plan import RunPlan
@@ -40,7 +41,6 @@ from .plan import RunPlan
 CHECKPOINTS = "checkpoints"
 PRIVACY_FILE, LEDGER = "privacy.json", "ledger.jsonl"
 PREFIX, PARTIAL = "step-", ".partial"
-VOCAB_TABLES = ("tok_emb.weight", "lm_head.weight")
 FORMAT = 1
 
 
@@ -71,21 +71,21 @@ def _device_mesh(mesh: Mesh):
     return _device_mesh_of(mesh.device.type, mesh.dp_size, mesh.tp_size)
 
 
-def _view(name: str, tensor: torch.Tensor, param: torch.nn.Parameter, cfg: RunConfig, device_mesh):
-    """What DCP sees for ``tensor`` (the parameter itself or optimizer state shaped like it): a
-    DTensor of the unpadded full shape for a tensor-parallel shard, the tensor itself otherwise."""
+def _view(tensor: torch.Tensor, param: torch.nn.Parameter, device_mesh):
+    """What DCP sees for ``tensor`` (the parameter itself or state sharded like it): a DTensor of the
+    unpadded full shape for a tensor-parallel shard, the tensor itself otherwise.  A vocabulary
+    table drops its padding rows, so the saved table is the same at every tensor degree."""
     if not getattr(param, "tensor_model_parallel", False):
         return tensor
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    dim, offset = param.partition_dim, param.partition_offset
     full = list(param.full_shape)
     local = tensor
-    if name in VOCAB_TABLES:  # drop the rows that pad the vocabulary: the saved table is the same at every degree
-        full[0] = cfg.model.vocab_size
-        local = tensor.narrow(0, 0, max(0, min(tensor.shape[0], full[0] - offset)))
+    if getattr(param, "unpadded_rows", None) is not None:
+        full[0] = param.unpadded_rows
+        local = tensor.narrow(0, 0, unpadded_local_rows(param))
     stride = torch.empty(full, device="meta").stride()
-    return DTensor.from_local(local, device_mesh, [Replicate(), Shard(dim)], run_check=False,
+    return DTensor.from_local(local, device_mesh, [Replicate(), Shard(param.partition_dim)], run_check=False,
                               shape=torch.Size(full), stride=stride)
 
 
@@ -106,19 +106,19 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _state(model, optimizer, cfg: RunConfig, device_mesh, extra: dict | None = None) -> dict:
+def _state(model, optimizer, device_mesh, extra: dict | None = None) -> dict:
     """What DCP saves: parameters, optimizer slots, and ``extra`` (key -> (tensor, the parameter whose
     sharding it shares, or None)), e.g. ANADP's importance state."""
     params = dict(model.named_parameters())
-    state = {f"model/{name}": _view(name, p.detach(), p, cfg, device_mesh) for name, p in params.items()}
+    state = {f"model/{name}": _view(p.detach(), p, device_mesh) for name, p in params.items()}
     by_param = {p: name for name, p in params.items()}
     for key, (tensor, param) in (extra or {}).items():
-        state[key] = tensor if param is None else _view(by_param.get(param, key), tensor, param, cfg, device_mesh)
+        state[key] = tensor if param is None else _view(tensor, param, device_mesh)
     for p, slots in optimizer.state.items():
         name = by_param[p]
         for key, value in slots.items():
             if torch.is_tensor(value) and value.shape == p.shape:
-                state[f"optim/{name}/{key}"] = _view(name, value, p, cfg, device_mesh)
+                state[f"optim/{name}/{key}"] = _view(value, p, device_mesh)
             else:  # a scalar such as Adam's step count: the same on every rank
                 state[f"optim/{name}/{key}"] = value
     return state
@@ -205,7 +205,7 @@ def save_checkpoint(run_dir: Path, next_step: int, model, optimizer, cfg: RunCon
         deepspeed_engine.save_checkpoint(str(partial), tag=CHECKPOINT_TAG, save_latest=False)
     else:
         with _quiet_single_process():
-            dcp.save(_state(model, optimizer, cfg, _device_mesh(mesh), extra), checkpoint_id=str(partial),
+            dcp.save(_state(model, optimizer, _device_mesh(mesh), extra), checkpoint_id=str(partial),
                      no_dist=mesh.world_size == 1)
     _barrier(mesh)
     if mesh.is_main:
@@ -334,7 +334,7 @@ def load_checkpoint(folder: Path, model, optimizer, cfg: RunConfig, plan: RunPla
         return record
     _init_optimizer_state(optimizer)
     device_mesh = _device_mesh(mesh)
-    state = _state(model, optimizer, cfg, device_mesh, extra)
+    state = _state(model, optimizer, device_mesh, extra)
     saved = set(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
     missing = sorted(set(state) - saved)
     if missing:

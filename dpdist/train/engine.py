@@ -170,7 +170,7 @@ class PrivateGradient:
                 name = self.names.get(p) or p.carrier_name
                 noise = keyed_normal(self.secret, step, name, p.full_shape, shard_box(p), dtype=g.dtype, device=g.device)
                 if p not in self.names:
-                    noise = noise * self.lsg_mask(p)  # a carrier: noise on its support only
+                    noise = noise * self.lsg.mask(p)  # a carrier: noise on its support only
                 g = g + std * noise
             noisy[p] = g
         for p in self.names:
@@ -184,9 +184,6 @@ class PrivateGradient:
             self.allocation.observe(step, {p: p.grad for p in self.names})
         if self.lsg is not None:
             self.lsg.after_release(step, {c: noisy[c] for c in self.lsg.carriers()})
-
-    def lsg_mask(self, carrier) -> torch.Tensor:
-        return next(layer.masks[carrier] for layer in self.lsg.layers.values() if carrier in layer.masks)
 
     def checkpoint_state(self) -> dict:
         """State beyond model and optimizer that an exact resume needs (ANADP's importance, LSG's
@@ -230,6 +227,9 @@ class NonPrivateGradient:
             for p in self.model.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad, group=self.dp_group)
+
+    def checkpoint_state(self) -> dict:
+        return {}  # nothing beyond model and optimizer
 
 
 def shard_box(param: nn.Parameter):

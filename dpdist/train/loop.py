@@ -63,11 +63,6 @@ def make_gradient(cfg: RunConfig, plan: RunPlan, model, optimizer, mesh: Mesh, s
     return NonPrivateGradient(model, **common), optimizer, None
 
 
-def gradient_state(gradient) -> dict:
-    """The step's own state a checkpoint must carry (ANADP's importance); none for the others."""
-    return gradient.checkpoint_state() if hasattr(gradient, "checkpoint_state") else {}
-
-
 def _all_sum(values: list[float], mesh: Mesh) -> list[float]:
     if mesh.dp_size == 1:
         return values
@@ -139,7 +134,7 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
     checkpoint = resume_point(resume, run_dir)
     if checkpoint is not None:
         record = load_checkpoint(checkpoint, model, optimizer, cfg, plan, mesh, deepspeed_engine=ds_engine,
-                                 extra=gradient_state(gradient))
+                                 extra=gradient.checkpoint_state())
         start, resumed_from = record["next_step"], str(checkpoint)
         if privacy.enabled and mesh.is_main:
             check_ledger(checkpoint, run_dir / "ledger.jsonl")
@@ -154,7 +149,7 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
 
     def checkpoint_at(next_step: int) -> None:
         save_checkpoint(run_dir, next_step, model, optimizer, cfg, plan, mesh, keep=cfg.train.keep_checkpoints,
-                        deepspeed_engine=ds_engine, extra=gradient_state(gradient))
+                        deepspeed_engine=ds_engine, extra=gradient.checkpoint_state())
 
     for step in range(start, plan.max_steps):
         started = time.perf_counter()
