@@ -129,7 +129,7 @@ def test_template_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     env = dict(slurm_cluster.env, CONFIG=str(config), RUN_DIR=str(run_dir), DPDIST=str(DPDIST),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     overrides = [o for o in run_overrides(cache, run_dir, steps) if not o.startswith("train.run_dir")]
-    submitted = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--time=5", f"--chdir={tmp_path}",
+    submitted = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--time=30", f"--chdir={tmp_path}",
                                 f"--output={tmp_path / 'job.out'}", str(TEMPLATE), *overrides],
                                env=env, capture_output=True, text=True, timeout=30)
     assert submitted.returncode == 0, submitted.stderr
