@@ -97,3 +97,18 @@ def test_memory_budget_is_respected_and_buys_time():
         assert p.kept_bytes(False) <= budget
     times = [total_time(p) for p in plans]
     assert times == sorted(times, reverse=True)  # more memory never costs time
+
+
+def test_per_layer_planner_charges_a_streamed_layer_its_chunk_all_reduces_under_tensor_parallelism():
+    """Per-layer clipping of a streamed layer clips (one tensor-group all-reduce) chunk by chunk: a
+    layer whose per-example gradients need many chunks streams on one process, and goes ghost when
+    its shards are tensor-parallel, where each extra chunk costs an all-reduce."""
+    from dpdist.privacy.rules import linear
+
+    m = model(d_model=256, n_layers=1, vocab_size=211, max_seq_len=128)
+    fc = m.blocks[0].mlp.fc
+    kwargs = dict(batch=32, seq_len=128, elem_bytes=4, per_layer=True)
+    chunks = len(linear.example_chunks(32, fc.weight.numel() * 4))
+    assert chunks > 8 and plan_strategies([fc], **kwargs).costs[fc].reductions == chunks - 1
+    assert plan_strategies([fc], **kwargs).strategies[fc] == "stream"
+    assert plan_strategies([fc], **kwargs, tensor_parallel=True).strategies[fc] == "ghost"

@@ -6,12 +6,14 @@ factors are known; streamed ones are formed a cache-sized chunk at a time (under
 they replace the weight gradient and keep nothing; under flat clipping they cost a second matmul).
 Without a budget, flat clipping follows the FLOP rule 2T^2 <= p*d (Bu et al. 2022) and per-layer
 clipping takes, per layer, the faster by ``time_cost`` of ghost and stream (neither keeps much; ghost
-wins at short sequences on the project's CPU, stream as T^2 grows past p*d/(p+d)).  With a budget, start from the least memory and greedily switch the layers that
+wins at short sequences, stream as T^2 grows past p*d/(p+d): on the project's CPU already at T = 128
+for every layer of ``dpdist bench``'s model).  With a budget, start from the least memory and greedily switch the layers that
 save the most time per extra byte while the kept memory (summed over layers for book-keeping; the
 largest single layer for per-layer clipping, where nothing outlives its layer) fits.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from torch import nn
@@ -20,12 +22,19 @@ from .rules import Cost, rule_for
 
 # A byte of memory traffic costs about as much time as this many flops: measured on the project's
 # 2-core CPU (BENCHMARKS.md), where ghost norms run at ~170 GFLOP/s and per-example gradients that
-# spill out of cache move at ~9 GB/s.  It only orders the choices.
+# spill out of cache move at ~9 GB/s; a byte of a streamed chunk, which stays in L2, costs about 8
+# (streamed layers' time over their weight-gradient matmul's, per byte written and read).  They
+# only order the choices.
 FLOPS_PER_BYTE = 20.0
+CACHED_FLOPS_PER_BYTE = 8.0
+# One tensor-group all-reduce in the middle of the backward: about 0.5 ms median on gloo over loopback
+# (4 ms at the 90th percentile, when it also waits for the slower rank), ~1e8 flops of one rank's time.
+REDUCTION_FLOPS = 1e8
 
 
-def time_cost(cost: Cost) -> float:
-    return cost.flops + FLOPS_PER_BYTE * cost.touched_bytes
+def time_cost(cost: Cost, tensor_parallel: bool = False) -> float:
+    reductions = REDUCTION_FLOPS * cost.reductions if tensor_parallel else 0.0
+    return cost.flops + FLOPS_PER_BYTE * cost.touched_bytes + CACHED_FLOPS_PER_BYTE * cost.cached_bytes + reductions
 
 
 @dataclass
@@ -43,21 +52,25 @@ class Plan:
 
 
 def plan_strategies(layers: list[nn.Module], batch: int, seq_len: int, elem_bytes: int, *,
-                    budget_bytes: float | None = None, per_layer: bool = False, force: str | None = None) -> Plan:
+                    budget_bytes: float | None = None, per_layer: bool = False, force: str | None = None,
+                    tensor_parallel: bool = False) -> Plan:
+    """``tensor_parallel``: the layers are shards, and every clip of per-layer clipping is a tensor-group
+    all-reduce (which a streamed layer makes once per chunk)."""
     options = {layer: rule_for(layer).choices(layer, batch, seq_len, elem_bytes, per_layer) for layer in layers}
+    cost = functools.partial(time_cost, tensor_parallel=tensor_parallel)
     if force is not None:
         chosen = {layer: force if force in opts else next(iter(opts)) for layer, opts in options.items()}
     elif budget_bytes is None and per_layer:  # nothing outlives its layer: the fastest of what keeps little
-        chosen = {layer: min([n for n in opts if n != "materialise"] or list(opts), key=lambda n, o=opts: time_cost(o[n]))
+        chosen = {layer: min([n for n in opts if n != "materialise"] or list(opts), key=lambda n, o=opts: cost(o[n]))
                   for layer, opts in options.items()}
     elif budget_bytes is None:
         chosen = {layer: rule_for(layer).default_choice(layer, seq_len) for layer in layers}
     else:
-        chosen = _fit_budget(options, budget_bytes, per_layer)
+        chosen = _fit_budget(options, budget_bytes, per_layer, cost)
     return Plan(chosen, {layer: options[layer][name] for layer, name in chosen.items()})
 
 
-def _fit_budget(options: dict, budget_bytes: float, per_layer: bool) -> dict:
+def _fit_budget(options: dict, budget_bytes: float, per_layer: bool, time_cost) -> dict:
     chosen = {layer: min(opts, key=lambda n, o=opts: (o[n].kept_bytes, time_cost(o[n]))) for layer, opts in options.items()}
 
     def kept(choice: dict) -> float:

@@ -90,7 +90,8 @@ class PrivateGradient:
         layers = dp_layers(model)
         elem_bytes = next(model.parameters()).element_size()
         self.plan: Plan = plan_strategies(layers, micro_batch_size, seq_len, elem_bytes, budget_bytes=memory_budget_bytes,
-                                          per_layer=clipping == "per_layer", force=strategy)
+                                          per_layer=clipping == "per_layer", force=strategy,
+                                          tensor_parallel=group_size(tp_group) > 1)
         tap_mode = {"per_layer": "per_layer"}.get(clipping, "norms" if mode == "two_pass" else "bookkeeping")
         layer_clip = per_layer_threshold(clip_norm, len(layers)) if clipping == "per_layer" else None
         self.tap = PerExampleTap(layers, self.plan.strategies, mode=tap_mode, tp_group=tp_group,

@@ -22,11 +22,16 @@ class Cost:
     ``flops`` counts floating-point operations; ``kept_bytes`` is what must stay alive from the
     layer's backward until the clip factors are known (book-keeping) beyond the activations a
     non-private step holds at its peak anyway; ``touched_bytes`` is the memory traffic that the FLOP
-    count does not show (writing and re-reading per-example gradients)."""
+    count does not show (writing and re-reading per-example gradients), and ``cached_bytes`` the part
+    of it that stays in a cache-sized buffer (streamed chunks), which costs less per byte;
+    ``reductions`` counts the tensor-group all-reduces beyond one per layer (per-layer clipping of a
+    streamed layer clips chunk by chunk)."""
 
     flops: float
     kept_bytes: float
     touched_bytes: float = 0.0
+    cached_bytes: float = 0.0
+    reductions: float = 0.0
 
 
 class NormRule:

@@ -8,12 +8,14 @@ excluded.  Tied: see ``phantom.py``; the output side offers the ghost / material
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ...parallel.layers import VocabParallelEmbedding
 from . import Cost, NormRule, register
 from . import phantom
-from .linear import example_chunks, example_sq_norms, weighted_example_sum
+from .linear import accumulate_examples, example_sq_norms, streamed
 
 
 def token_sum_sq_norm(ids: torch.Tensor, grad_outputs: torch.Tensor) -> torch.Tensor:
@@ -47,7 +49,7 @@ class EmbeddingRule(NormRule):
         lookup = Cost(flops=4.0 * batch * seq_len * dim, kept_bytes=float(batch * seq_len * dim * elem_bytes))
         if not layer.tied_output:
             return {"ghost": lookup}
-        return {name: Cost(lookup.flops + c.flops, lookup.kept_bytes + c.kept_bytes, c.touched_bytes)
+        return {name: replace(c, flops=lookup.flops + c.flops, kept_bytes=lookup.kept_bytes + c.kept_bytes)
                 for name, c in phantom.output_choices(batch, seq_len, rows, dim, elem_bytes, per_layer).items()}
 
     def default_choice(self, layer, seq_len):
@@ -64,12 +66,12 @@ class EmbeddingRule(NormRule):
         return state
 
     def _chunks(self, layer, state):
-        return example_chunks(state["ids"].shape[0], layer.weight.numel() * layer.weight.element_size())
+        return streamed(state["grad_embed"], state["ids"].shape[0], tuple(layer.weight.shape),
+                        lambda rows, out: phantom.table_grads(state, rows, out))
 
     def sq_norms(self, layer, state):
         if layer.tied_output and state["strategy"] == "stream":
-            norm = torch.cat([example_sq_norms(phantom.table_grads(state, rows)) for rows in self._chunks(layer, state)])
-            return {layer.weight: norm}
+            return {layer.weight: torch.cat([example_sq_norms(grads) for _, grads in self._chunks(layer, state)])}
         norm = token_sum_sq_norm(state["ids"], state["grad_embed"])
         if layer.tied_output:
             norm = norm + phantom.output_and_cross_sq_norm(state)
@@ -85,7 +87,6 @@ class EmbeddingRule(NormRule):
         if not (layer.tied_output and state["strategy"] == "stream"):
             return super().clip_layer(layer, state, clip)
         total = state["grad_embed"].new_zeros(layer.weight.shape)
-        for rows in self._chunks(layer, state):
-            grads = phantom.table_grads(state, rows)
-            total += weighted_example_sum(grads, clip({layer.weight: example_sq_norms(grads)}))
+        for _, grads in self._chunks(layer, state):
+            accumulate_examples(total, grads, clip({layer.weight: example_sq_norms(grads)}))
         return {layer.weight: total}

@@ -15,6 +15,8 @@ outside arrive as -1), and the shards' contributions add up.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from . import Cost
@@ -29,7 +31,7 @@ def output_choices(batch: int, seq_len: int, rows: int, dim: int, elem_bytes: in
                        kept_bytes=float(batch * rows * dim * elem_bytes), touched_bytes=3.0 * batch * rows * dim * elem_bytes)
     stream = stream_cost(batch, seq_len, rows, dim, elem_bytes, per_layer, ghost)
     if per_layer:  # the logits gradient is kept until the input lookup's record completes the table
-        stream = Cost(stream.flops, stream.kept_bytes + ghost.kept_bytes, stream.touched_bytes)
+        stream = replace(stream, kept_bytes=stream.kept_bytes + ghost.kept_bytes)
     return {"ghost": ghost, "materialise": materialise, "stream": stream}
 
 
@@ -39,10 +41,11 @@ def prepare_output(hidden: torch.Tensor, grad_logits: torch.Tensor, strategy: st
     return {"hidden": hidden, "grad_logits": grad_logits}
 
 
-def table_grads(state: dict, rows: slice) -> torch.Tensor:
-    """The whole per-example table gradients A_i^T Ge_i + Gz_i^T H_i of examples ``rows`` (chunk, M, d)."""
+def table_grads(state: dict, rows: slice, out: torch.Tensor) -> torch.Tensor:
+    """The whole per-example table gradients A_i^T Ge_i + Gz_i^T H_i of examples ``rows``, written
+    into ``out`` (chunk, M, d)."""
     ids, grad_embed = state["ids"][rows], state["grad_embed"][rows]
-    grads = torch.bmm(state["grad_logits"][rows].transpose(1, 2), state["hidden"][rows])
+    grads = torch.bmm(state["grad_logits"][rows].transpose(1, 2), state["hidden"][rows], out=out)
     chunk, num_rows, dim = grads.shape
     valid = ids >= 0
     flat_rows = (torch.arange(chunk, device=ids.device).unsqueeze(1) * num_rows + ids)[valid]
