@@ -24,8 +24,9 @@ import torch
 from ...parallel.layers import ColumnParallelLinear, RowParallelLinear
 from . import Cost, NormRule, register
 
-# Per-example gradients of one streamed chunk take at most this many bytes: one core's L2 on the
-# project's CPU, where 4 MiB chunks (spilling to L3) made a streamed layer 1.2-1.7x slower (BENCHMARKS.md).
+# Per-example gradients of one streamed chunk take at most this many bytes: the L2 of the project's
+# CPU (1 MiB per core, 2 cores).  There, streaming the bench model's four linear layers took 1.35x as
+# long with 4 MiB chunks and 1.1x with 0.25-1 MiB ones (BENCHMARKS.md).
 STREAM_CHUNK_BYTES = 2 * 2**20
 
 
@@ -59,7 +60,7 @@ def weighted_example_sum(per_example: torch.Tensor, weights: torch.Tensor) -> to
 
 def accumulate_examples(total: torch.Tensor, per_example: torch.Tensor, weights: torch.Tensor) -> None:
     """total += sum_i w_i X_i, one just-formed example at a time while the chunk is still in cache: on
-    the project's CPU this ran 1.1-1.5x faster than one matrix-vector product over the chunk."""
+    the project's CPU this ran 1.1-1.4x faster than one matrix-vector product over the chunk."""
     for example, weight in zip(per_example, weights.to(per_example.dtype)):
         total.addcmul_(example, weight)
 
