@@ -22,11 +22,11 @@ from .rules import Cost, rule_for
 
 # A byte of memory traffic costs about as much time as this many flops: measured on the project's
 # 2-core CPU (BENCHMARKS.md), where ghost norms run at ~170 GFLOP/s and per-example gradients that
-# spill out of cache move at ~9 GB/s; a byte of a streamed chunk, which stays in L2, costs about 8
-# (streamed layers' time over their weight-gradient matmul's, per byte written and read).  They
-# only order the choices.
+# spill out of cache move at ~9 GB/s; a byte of a streamed chunk, which stays in L2, costs 7-17
+# (streamed layers' time beyond their weight-gradient matmuls, at the ghost norms' FLOP rate, per byte
+# written and read: benchmarks/stream_chunks.py).  They only order the choices.
 FLOPS_PER_BYTE = 20.0
-CACHED_FLOPS_PER_BYTE = 8.0
+CACHED_FLOPS_PER_BYTE = 10.0
 # One tensor-group all-reduce in the middle of the backward: about 0.5 ms median on gloo over loopback
 # (4 ms at the 90th percentile, when it also waits for the slower rank), ~1e8 flops of one rank's time.
 REDUCTION_FLOPS = 1e8

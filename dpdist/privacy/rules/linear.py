@@ -25,8 +25,8 @@ from ...parallel.layers import ColumnParallelLinear, RowParallelLinear
 from . import Cost, NormRule, register
 
 # Per-example gradients of one streamed chunk take at most this many bytes: the L2 of the project's
-# CPU (1 MiB per core, 2 cores).  There, streaming the bench model's four linear layers took 1.35x as
-# long with 4 MiB chunks and 1.1x with 0.25-1 MiB ones (BENCHMARKS.md).
+# CPU (1 MiB per core, 2 cores), where 2 MiB was the fastest of 0.25-4 MiB chunks in every run and
+# 4 MiB ones took 1.1-1.2x as long (benchmarks/stream_chunks.py, BENCHMARKS.md).
 STREAM_CHUNK_BYTES = 2 * 2**20
 
 
@@ -60,7 +60,8 @@ def weighted_example_sum(per_example: torch.Tensor, weights: torch.Tensor) -> to
 
 def accumulate_examples(total: torch.Tensor, per_example: torch.Tensor, weights: torch.Tensor) -> None:
     """total += sum_i w_i X_i, one just-formed example at a time while the chunk is still in cache: on
-    the project's CPU this ran 1.1-1.4x faster than one matrix-vector product over the chunk."""
+    the project's CPU this ran 1.0-1.3x faster than one matrix-vector product over the chunk
+    (benchmarks/stream_chunks.py)."""
     for example, weight in zip(per_example, weights.to(per_example.dtype)):
         total.addcmul_(example, weight)
 
