@@ -7,9 +7,9 @@ they replace the weight gradient and keep nothing; under flat clipping they cost
 Without a budget, flat clipping follows the FLOP rule 2T^2 <= p*d (Bu et al. 2022) and per-layer
 clipping takes, per layer, the faster by ``time_cost`` of ghost and stream (neither keeps much; ghost
 wins at short sequences, stream as T^2 grows past p*d/(p+d): on the project's CPU already at T = 128
-for every layer of ``dpdist bench``'s model).  With a budget, start from the least memory and greedily switch the layers that
-save the most time per extra byte while the kept memory (summed over layers for book-keeping; the
-largest single layer for per-layer clipping, where nothing outlives its layer) fits.
+for every layer of ``dpdist bench``'s model).  With a budget, start from the least memory and greedily
+switch the layers that save the most time per extra byte while the kept memory (summed over layers for
+book-keeping; the largest single layer for per-layer clipping, where nothing outlives its layer) fits.
 """
 from __future__ import annotations
 
