@@ -10,3 +10,9 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One data cache per test module: building the corpus and tokenizer is the slow part of a run."""
+    return tmp_path_factory.mktemp("cache")

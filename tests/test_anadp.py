@@ -155,11 +155,6 @@ def test_tensor_parallel_anadp_equals_one_process(tmp_path):
     assert_tensor_degree_two_is_one_process(tmp_path, "anadp")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 @pytest.mark.slow
 def test_exact_resume_with_anadp(tmp_path, cache):
     assert_resume_is_exact(tmp_path, cache, "privacy.clipping=per_layer", "anadp.enabled=true", "anadp.warmup_steps=1")

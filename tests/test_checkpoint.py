@@ -29,11 +29,6 @@ from dpdist.train.loop import train  # noqa: E402
 from dpdist.train.plan import RunPlan  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("data, tensor", [(2, 1), (1, 2)], ids=lambda v: str(v))
 def test_exact_resume(tmp_path, cache, data, tensor):

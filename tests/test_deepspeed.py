@@ -61,11 +61,6 @@ def test_clipped_gradient_reaches_the_optimizer(verdict):
     assert canary["update_norm"] >= canary["bound"] * (1 - 1e-4), canary  # normalised once, clipped to exactly C
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 @pytest.mark.slow
 def test_exact_resume_under_deepspeed(tmp_path, cache):
     whole = prepared(cache, tmp_path / "whole", 2, 1, "float32", *DS, "deepspeed.zero_stage=2")

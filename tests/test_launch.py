@@ -82,11 +82,6 @@ def test_a_multi_node_job_must_be_prepared_with_dry_run(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def train_args(cache, run_dir, *extra):
     return [sys.executable, "-m", "dpdist.cli", "train", "--config", str(ROOT / "configs/default.yaml"),
             f"data.cache_dir={cache}", "data.max_corpus_mb=0.5", "data.vocab_size=512", "data.seq_len=32",

@@ -123,11 +123,6 @@ def test_tensor_parallel_lsg_equals_one_process(tmp_path):
     assert_tensor_degree_two_is_one_process(tmp_path, "lsg")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 @pytest.mark.slow
 def test_exact_resume_with_lsg(tmp_path, cache):
     assert_resume_is_exact(tmp_path, cache, "lsg.enabled=true", "lsg.rank=2", "lsg.density=0.5", "lsg.refresh_every=2")

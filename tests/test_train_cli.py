@@ -11,12 +11,6 @@ from dpdist.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One data cache for the module: building the corpus and tokenizer is the slow part of a run."""
-    return tmp_path_factory.mktemp("cache")
-
-
 @pytest.fixture
 def small(tmp_path, cache):
     def args(*extra):
