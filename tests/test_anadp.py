@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from method_steps import assert_tensor_degree_two_is_one_process  # noqa: E402
+from poisson_step import noisy_sgd_step  # noqa: E402
 from runs import assert_resume_is_exact  # noqa: E402
 
 from dpdist import ModelConfig, build_model  # noqa: E402
@@ -43,14 +44,7 @@ def run(anadp: AnadpConfig | None, steps: int = 8, record=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
     sampler = PoissonSampler(N, Q, SECRET, micro_batch_size=4)
     for step in range(steps):
-        for micro in sampler.plan(step).micro_batches:
-            rows = DATA[micro.indices]
-            engine.microbatch(rows[:, :-1], rows[:, 1:], micro.mask)
-        if record is not None:
-            record(engine, step)
-        engine.release(step)
-        optimizer.step()
-        optimizer.zero_grad()
+        noisy_sgd_step(engine, optimizer, sampler, DATA, step, before_release=record)
     engine.detach()
     return model, engine
 
@@ -131,13 +125,7 @@ def test_weights_depend_only_on_earlier_releases():
         sampler = PoissonSampler(N, Q, SECRET, micro_batch_size=4)
         for step in range(4):
             data = original if step < 3 else DATA  # only the batch of the last step differs
-            for micro in sampler.plan(step).micro_batches:
-                rows = data[micro.indices]
-                engine.microbatch(rows[:, :-1], rows[:, 1:], micro.mask)
-            record(engine, step)
-            engine.release(step)
-            optimizer.step()
-            optimizer.zero_grad()
+            noisy_sgd_step(engine, optimizer, sampler, data, step, before_release=record)
     finally:
         DATA = original
     assert torch.equal(seen[3], first[3]), "step 3's allocation looked at step 3's batch"

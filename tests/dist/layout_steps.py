@@ -21,6 +21,7 @@ from dpdist.privacy.rules import linear
 from dpdist.privacy.sampling import PoissonSampler
 from dpdist.runtime.mesh import init_mesh, shutdown
 from dpdist.train.engine import PrivateGradient
+from poisson_step import noisy_sgd_step
 
 SECRET, N, Q, STEPS, VOCAB = 1234, 40, 0.3, 6, 41  # 41 splits evenly over neither 2 nor 4 ranks
 CFG = ModelConfig(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=4, max_seq_len=8, dtype="float64")
@@ -53,12 +54,7 @@ def train_tiny(mesh, clipping: str = "flat") -> torch.nn.Module:
     linear.STREAM_CHUNK_BYTES = 1
     try:
         for step in range(STEPS):
-            for micro in sampler.plan(step).micro_batches:
-                rows = data[micro.indices]
-                engine.microbatch(rows[:, :-1], rows[:, 1:], micro.mask)
-            engine.release(step)
-            optimizer.step()
-            optimizer.zero_grad()
+            noisy_sgd_step(engine, optimizer, sampler, data, step)
     finally:
         linear.STREAM_CHUNK_BYTES = chunk_bytes
     engine.detach()

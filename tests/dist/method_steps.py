@@ -19,6 +19,7 @@ from dpdist.parallel.state import full_state_dict
 from dpdist.privacy.sampling import PoissonSampler
 from dpdist.runtime.mesh import init_mesh, shutdown
 from dpdist.train.engine import PrivateGradient
+from poisson_step import noisy_sgd_step
 
 CFG = ModelConfig(vocab_size=37, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, dtype="float64")
 N, Q, SECRET, STEPS = 30, 0.3, 8, 3
@@ -36,12 +37,7 @@ def train_tiny(mesh, method: str) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     sampler = PoissonSampler(N, Q, SECRET, micro_batch_size=4)
     for step in range(STEPS):
-        for micro in sampler.plan(step).micro_batches:
-            rows = DATA[micro.indices]
-            engine.microbatch(rows[:, :-1], rows[:, 1:], micro.mask)
-        engine.release(step)
-        optimizer.step()
-        optimizer.zero_grad()
+        noisy_sgd_step(engine, optimizer, sampler, DATA, step)
     engine.detach()
     return strip_vocab_padding(full_state_dict(model, mesh.tp_group), CFG)
 
