@@ -21,11 +21,7 @@ def group_rank(group) -> int:
 
 def group_sum(x: torch.Tensor, group) -> torch.Tensor:
     """``x`` summed over ``group`` into a new tensor (``x`` itself is left as it is)."""
-    if group_size(group) == 1:
-        return x
-    x = x.clone()
-    dist.all_reduce(x, group=group)
-    return x
+    return x if group_size(group) == 1 else _all_reduce(x.clone(memory_format=torch.contiguous_format), group)
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
