@@ -108,10 +108,11 @@ def stream_cost(batch: int, seq_len: int, p: int, d: int, elem_bytes: int, per_l
     the clipped sum as one more matmul, as for ghost.  Either way every per-example gradient is written
     once into the cache-sized buffer and read once or twice there (norm, weighted sum)."""
     size = batch * p * d * elem_bytes
-    buffer = float(min(size, max(p * d * elem_bytes, STREAM_CHUNK_BYTES)))
     if per_layer:
-        return Cost(flops=4.0 * batch * p * d, kept_bytes=buffer, cached_bytes=3.0 * size,
-                    reductions=float(len(example_chunks(batch, p * d * elem_bytes)) - 1))
+        chunks = example_chunks(batch, p * d * elem_bytes)
+        buffer = (chunks[0].stop - chunks[0].start) * p * d * elem_bytes  # what ``streamed`` allocates
+        return Cost(flops=4.0 * batch * p * d, kept_bytes=float(buffer), cached_bytes=3.0 * size,
+                    reductions=float(len(chunks) - 1))
     return Cost(flops=2.0 * batch * seq_len * p * d + 2.0 * batch * p * d, kept_bytes=ghost.kept_bytes,
                 cached_bytes=2.0 * size)
 
