@@ -24,6 +24,7 @@ import torch
 import oracle
 
 from dpdist import audit  # (no importorskip: a broken engine must fail loudly, not skip)
+from dpdist.privacy.rules import linear
 
 TOL = 1e-9
 BATCH, SEQ = 5, 12
@@ -92,3 +93,37 @@ def test_repeated_and_tied_terms_matter():
     assert oracle.rel_err(inp + out, emb) < 1e-12  # same function, so the tied gradient is the sum
     cross = 2 * (inp * out).flatten(1).sum(1)
     assert (cross[ref > 0].abs() / ref[ref > 0].pow(2) > 1e-6).all(), "cross term too small to be tested"
+
+
+@pytest.mark.parametrize("seq_len", [1, 5, 13, 64, 130])
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4, 7, None])
+def test_blocked_ghost_norm_equals_direct_per_example_norm(seq_len, blocks):
+    """The ghost norm forms only the Grams' blocks on and right of the diagonal and counts the others
+    twice; an off-by-one in a block boundary or in that weight moves the result by far more than 1e-12."""
+    gen = torch.Generator().manual_seed(seq_len)
+    inputs = torch.randn(3, seq_len, 6, dtype=torch.float64, generator=gen)
+    grad_outputs = torch.randn(3, seq_len, 5, dtype=torch.float64, generator=gen)
+    direct = torch.bmm(grad_outputs.transpose(1, 2), inputs).pow(2).sum((1, 2))
+    got = linear.ghost_sq_norm(inputs, grad_outputs, blocks)
+    assert float(((got - direct).abs() / direct).max()) < 1e-12
+    bounds = linear.gram_bounds(seq_len, blocks)
+    assert bounds[0] == 0 and bounds[-1] == seq_len and all(lo < hi for lo, hi in zip(bounds, bounds[1:]))
+
+
+def test_gram_entries_count_the_upper_blocks():
+    assert linear.gram_bounds(128) == [0, 32, 64, 96, 128]  # dpdist bench's T: 4 blocks, the default
+    assert linear.gram_entries(128) == 5 * 128**2 // 8  # (k + 1) / 2k of T^2 for k = 4
+    assert linear.gram_bounds(64) == [0, 32, 64] and linear.gram_bounds(12) == [0, 12]
+    assert linear.gram_entries(12, blocks=1) == 144
+
+
+@pytest.mark.parametrize("name", ["tied-layernorm", "untied-padding-rmsnorm-nobias"])
+def test_ghost_norms_in_row_blocks_match_oracle(name, monkeypatch):
+    """The engine path with blocked Grams (T = 12 in 3 blocks of 4 rows) for every linear layer and
+    the tied table's output side, against the brute-force oracle."""
+    monkeypatch.setattr(linear, "GRAM_MIN_ROWS", 4)
+    assert len(linear.gram_bounds(SEQ)) == 4
+    model, ids, labels, ref = _case(name)
+    got = audit.per_example_norms(model, ids, labels, strategy="ghost")
+    err = ((got - ref).abs() / ref.clamp(min=1e-300))[ref > 0]
+    assert float(err.max()) < TOL

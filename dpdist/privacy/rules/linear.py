@@ -3,7 +3,8 @@
 For input A_i (T x d) and output gradient G_i (T x p), the weight gradient is G_i^T A_i and
 ||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T>.  Three ways to get it:
 
-- ``ghost``: the Gram form, O(T^2 (p + d)) extra work and O(T^2) memory;
+- ``ghost``: the Gram form, O(T^2 (p + d)) extra work (about 5/8 of it: the Grams are symmetric, and
+  only their blocks on and right of the diagonal are formed) and O(T^2) memory;
 - ``materialise``: form all B per-example gradients at once and keep them until the clip factors are
   known; no extra matmul under book-keeping (it replaces the weight-gradient matmul) but B*p*d numbers;
 - ``stream``: form them a few examples at a time into one reused buffer small enough to stay in cache.
@@ -28,17 +29,48 @@ from . import Cost, NormRule, register
 # CPU (1 MiB per core, 2 cores), where 2 MiB was the fastest of 0.25-4 MiB chunks in every run and
 # 4 MiB ones took 1.1-1.2x as long (benchmarks/stream_chunks.py, BENCHMARKS.md).
 STREAM_CHUNK_BYTES = 2 * 2**20
+# The ghost norm forms its symmetric Grams in at most this many row blocks of at least this many rows,
+# which does (k + 1) / 2k of the full Grams' work.  For B = 8-32, T = 64-512 and p, d of 256-8000 on
+# the project's CPU, 4 blocks took 0.68-0.85x the time of the full Grams and beat 2, 8 and 16; blocks
+# under 32 rows make matmuls too small to pay at T = 64.
+GRAM_BLOCKS, GRAM_MIN_ROWS = 4, 32
 
 
 def _sequences(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
-def ghost_sq_norm(inputs: torch.Tensor, grad_outputs: torch.Tensor) -> torch.Tensor:
-    """||G_i^T A_i||_F^2 for every example without forming G_i^T A_i."""
-    gram_a = torch.bmm(inputs, inputs.transpose(1, 2))  # (B, T, T)
-    gram_g = torch.bmm(grad_outputs, grad_outputs.transpose(1, 2))  # (B, T, T)
-    return (gram_a * gram_g).sum((1, 2))
+def gram_bounds(seq_len: int, blocks: int | None = None) -> list[int]:
+    """Row-block boundaries of a blocked T x T Gram: ``blocks`` blocks (default: as many blocks of at
+    least ``GRAM_MIN_ROWS`` rows as fit, at most ``GRAM_BLOCKS``), the last one taking the remainder."""
+    if blocks is None:
+        blocks = min(GRAM_BLOCKS, max(1, seq_len // GRAM_MIN_ROWS))
+    blocks = max(1, min(blocks, seq_len))
+    return [seq_len * k // blocks for k in range(blocks + 1)]
+
+
+def gram_entries(seq_len: int, blocks: int | None = None) -> int:
+    """How many of the T^2 Gram entries the blocked ghost norm forms: the diagonal blocks and those
+    right of them, (k + 1) / 2k of all for k equal blocks."""
+    bounds = gram_bounds(seq_len, blocks)
+    return sum((hi - lo) * (seq_len - lo) for lo, hi in zip(bounds, bounds[1:]))
+
+
+def ghost_sq_norm(inputs: torch.Tensor, grad_outputs: torch.Tensor, blocks: int | None = None) -> torch.Tensor:
+    """||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T> for every example without forming G_i^T A_i.
+
+    Both Grams are symmetric, so only their row blocks from the diagonal rightwards are formed, and
+    an entry off the diagonal blocks counts twice for itself and its mirror image.
+    """
+    bounds = gram_bounds(inputs.shape[1], blocks)
+    total = None
+    for lo, hi in zip(bounds, bounds[1:]):
+        gram_a = torch.bmm(inputs[:, lo:hi], inputs[:, lo:].transpose(1, 2))  # (B, hi - lo, T - lo)
+        gram_g = torch.bmm(grad_outputs[:, lo:hi], grad_outputs[:, lo:].transpose(1, 2))
+        product = gram_a * gram_g
+        part = product[:, :, : hi - lo].sum((1, 2)) + 2 * product[:, :, hi - lo:].sum((1, 2))
+        total = part if total is None else total + part
+    return total
 
 
 def weighted_outer_sum(grad_outputs: torch.Tensor, inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -119,7 +151,7 @@ def stream_cost(batch: int, seq_len: int, p: int, d: int, elem_bytes: int, per_l
 
 def linear_choices(batch: int, seq_len: int, p: int, d: int, elem_bytes: int, per_layer: bool = False) -> dict[str, Cost]:
     # Ghost keeps the output gradients (the inputs are activations the step holds at its peak anyway).
-    ghost = Cost(flops=2.0 * batch * seq_len**2 * (p + d + 1), kept_bytes=float(batch * seq_len * p * elem_bytes))
+    ghost = Cost(flops=2.0 * batch * gram_entries(seq_len) * (p + d + 1), kept_bytes=float(batch * seq_len * p * elem_bytes))
     materialise = Cost(flops=4.0 * batch * p * d, kept_bytes=float(batch * p * d * elem_bytes),
                        touched_bytes=3.0 * batch * p * d * elem_bytes)
     return {"ghost": ghost, "materialise": materialise,

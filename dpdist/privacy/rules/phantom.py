@@ -20,12 +20,12 @@ from dataclasses import replace
 import torch
 
 from . import Cost
-from .linear import ghost_sq_norm, stream_cost, weighted_example_sum, weighted_outer_sum
+from .linear import ghost_sq_norm, gram_entries, stream_cost, weighted_example_sum, weighted_outer_sum
 
 
 def output_choices(batch: int, seq_len: int, rows: int, dim: int, elem_bytes: int, per_layer: bool) -> dict[str, Cost]:
     cross = 2.0 * batch * seq_len**2 * dim
-    ghost = Cost(flops=2.0 * batch * seq_len**2 * (rows + dim + 1) + cross,
+    ghost = Cost(flops=2.0 * batch * gram_entries(seq_len) * (rows + dim + 1) + cross,
                  kept_bytes=float(batch * seq_len * rows * elem_bytes))
     materialise = Cost(flops=4.0 * batch * rows * dim + 2.0 * batch * seq_len * dim,
                        kept_bytes=float(batch * rows * dim * elem_bytes), touched_bytes=3.0 * batch * rows * dim * elem_bytes)
