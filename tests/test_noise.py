@@ -108,6 +108,11 @@ def test_box_may_spell_full_dimensions_explicitly_and_cast():
     assert torch.equal(_normal((8, 6), box), whole[:, 2:5])
     single = keyed_normal(SECRET, 3, "layer.weight", torch.Size([8, 6]), box, dtype=torch.float32)
     assert single.dtype == torch.float32 and torch.equal(single, whole[:, 2:5].float())
+    # a narrower dtype is the float64 value rounded once, with or without a pair split at the edges
+    for shape, box in [((1000,), None), ((999,), (slice(1, 998),))]:
+        exact = keyed_normal(SECRET, 3, "w", shape, box, dtype=torch.float64)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(keyed_normal(SECRET, 3, "w", shape, box, dtype=dtype), exact.to(dtype)), (shape, dtype)
 
 
 @pytest.mark.parametrize("box", [

@@ -128,11 +128,12 @@ def _batches(runs: list[tuple[int, int]], size: int):
 
 
 def _box_muller(words: np.ndarray, out: torch.Tensor) -> None:
-    """Two standard normals per pair of words, into contiguous float64 ``out`` (as long as ``words``).
+    """Two standard normals per pair of words, into contiguous ``out`` (as long as ``words``).
 
     Words 2p and 2p+1 give u1 and u2; out[2p] = r cos(2 pi u2) and out[2p+1] = r sin(2 pi u2) with
-    r = sqrt(-2 ln u1), two independent N(0, 1).  The transcendental functions run on contiguous
-    buffers of whole pairs, so a value never depends on where its pair sits in a batch.
+    r = sqrt(-2 ln u1), two independent N(0, 1), computed in float64 and rounded once on the store
+    into ``out``'s dtype.  The transcendental functions run on contiguous buffers of whole pairs, so a
+    value never depends on where its pair sits in a batch.
     """
     words >>= np.uint64(11)  # 53 random bits: every k / 2^53 is an exact double
     bits = words.view(np.int64)
@@ -155,7 +156,7 @@ def keyed_normal(secret: int, step: int, name: str, full_shape: tuple[int, ...],
     whole pair and drops the other half, so any box equals the same slice of the whole, bit for bit.
     """
     runs, shape = _flat_runs(tuple(int(n) for n in full_shape), box)
-    return keyed_normal_runs(secret, step, name, runs).view(shape).to(dtype=dtype, device=device)
+    return keyed_normal_runs(secret, step, name, runs, dtype).view(shape).to(device=device)
 
 
 def keyed_normal_slice(secret: int, step: int, name: str, full_shape: tuple[int, ...], box, start: int,
@@ -174,13 +175,15 @@ def keyed_normal_slice(secret: int, step: int, name: str, full_shape: tuple[int,
         if lo < hi:
             picked.append((run_start + lo - offset, hi - lo))
         offset += length
-    return keyed_normal_runs(secret, step, name, picked).to(dtype=dtype, device=device)
+    return keyed_normal_runs(secret, step, name, picked, dtype).to(device=device)
 
 
-def keyed_normal_runs(secret: int, step: int, name: str, runs: list[tuple[int, int]]) -> torch.Tensor:
-    """Float64 noise of the flat index runs ``(start, length)`` of parameter ``name``, concatenated."""
+def keyed_normal_runs(secret: int, step: int, name: str, runs: list[tuple[int, int]],
+                      dtype=torch.float64) -> torch.Tensor:
+    """Noise of the flat index runs ``(start, length)`` of parameter ``name``, concatenated: float64
+    values rounded to ``dtype`` (written straight into a ``dtype`` buffer, saving a conversion pass)."""
     aes = _aes(derive_key(secret, step, "noise", name))
-    out = torch.empty(sum(length for _, length in runs), dtype=torch.float64)
+    out = torch.empty(sum(length for _, length in runs), dtype=dtype)
     gap = memoryview(np.empty(_BLOCK * (_GAP + 1), np.uint8))  # discarded keystream between runs
     filled = 0
     for batch in _batches(runs, _BATCH):

@@ -172,7 +172,7 @@ class PrivateGradient:
                 noise = keyed_normal(self.secret, step, name, p.full_shape, shard_box(p), dtype=g.dtype, device=g.device)
                 if p not in self.names:
                     noise = noise * self.lsg.mask(p)  # a carrier: noise on its support only
-                g = g + std * noise
+                g = torch.add(g, noise, alpha=std)
             noisy[p] = g
         for p in self.names:
             if p in carried:
