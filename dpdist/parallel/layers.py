@@ -226,33 +226,44 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class _NormFn(torch.autograd.Function):
-    """LayerNorm / RMSNorm with an explicit backward so the affine gradients can be deferred."""
+    """LayerNorm / RMSNorm with an explicit backward so the affine gradients can be deferred.
+
+    LayerNorm runs ATen's fused kernels (``native_layer_norm`` and its backward): the same op as
+    ``F.layer_norm``, where the elementwise formula took 6.8 ms against 0.64 ms forward and backward
+    for a (32, 128, 256) input on the project's CPU, nine times a step of ``dpdist bench``'s model.
+    The normalised input the tap records is recomputed from the kernel's mean and rstd.  RMSNorm keeps
+    the formula, which was as fast as the fused kernel there.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, rms, layer):
+        ctx.rms, ctx.has_bias, ctx.layer = rms, bias is not None, layer
         if rms:
             rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
             xhat = x * rstd
-        else:
-            centred = x - x.mean(-1, keepdim=True)
-            rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
-            xhat = centred * rstd
-        ctx.save_for_backward(xhat, rstd, weight)
-        ctx.rms, ctx.has_bias, ctx.layer = rms, bias is not None, layer
-        y = xhat * weight
-        return y + bias if bias is not None else y
+            ctx.save_for_backward(xhat, rstd, weight)
+            return xhat * weight
+        out, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xhat, rstd, weight = ctx.saved_tensors
-        g = grad_out * weight
-        inner = g - xhat * (g * xhat).mean(-1, keepdim=True)
-        grad_x = rstd * (inner if ctx.rms else inner - g.mean(-1, keepdim=True))
-        if _defers(ctx.layer):
+        defers = _defers(ctx.layer)
+        if ctx.rms:
+            xhat, rstd, weight = ctx.saved_tensors
+            g = grad_out * weight
+            grad_x = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+            grad_w = None if defers else _flat(grad_out * xhat).sum(0)
+            grad_b = None
+        else:
+            x, mean, rstd, weight, bias = ctx.saved_tensors
+            mask = [ctx.needs_input_grad[0], not defers, not defers and ctx.has_bias]
+            grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+                grad_out, x, (x.shape[-1],), mean, rstd, weight, bias, mask)
+            xhat = (x - mean).mul_(rstd) if defers else None
+        if defers:
             ctx.layer.grad_tap.record(ctx.layer, "norm", normalized=xhat, grad_outputs=grad_out)
-            return grad_x, None, None, None, None, None
-        grad_w = _flat(grad_out * xhat).sum(0)
-        grad_b = _flat(grad_out).sum(0) if ctx.has_bias else None
         return grad_x, grad_w, grad_b, None, None, None
 
 
