@@ -1,6 +1,6 @@
 """Where a DP step's time goes: non-private and DP steps alternating in one process, phases and rules.
 
-    .venv/bin/python benchmarks/profile_step.py [flat|per_layer|automatic] [ghost|materialise|stream]
+    .venv/bin/python benchmarks/profile_step.py [flat|per_layer|automatic] [ghost|materialise|stream] [--steps N]
 
 Complements ``dpdist bench`` (fresh process per mode, peak memory): here both models live in one
 process and their steps alternate, so a slow patch of the machine hits both and the ratio is paired
@@ -10,9 +10,9 @@ The model and batch are ``dpdist bench``'s defaults.
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import statistics
-import sys
 import time
 
 import torch
@@ -42,7 +42,7 @@ def timed_rules(timers: dict) -> None:
             setattr(cls, name, wrapped)
 
 
-def main(clipping: str = "flat", strategy: str | None = None) -> None:
+def main(clipping: str = "flat", strategy: str | None = None, steps: int = STEPS) -> None:
     cfg = BenchConfig()
     ids, labels = make_batch(cfg)
     plain = build_model(model_config(cfg))
@@ -82,7 +82,7 @@ def main(clipping: str = "flat", strategy: str | None = None) -> None:
                 "total": time.perf_counter() - t0}
 
     plain_rows, dp_rows, rule_rows = [], [], []
-    for step in range(STEPS):
+    for step in range(steps):
         plain_rows.append(nonprivate_step())
         timers.clear()
         dp_rows.append(dp_step(step))
@@ -93,7 +93,7 @@ def main(clipping: str = "flat", strategy: str | None = None) -> None:
         return {key: min(row[key] for row in rows) for key in rows[0]}
 
     print(f"threads {torch.get_num_threads()}, {clipping} clipping, strategy {strategy or 'planner default'}, "
-          f"fastest of {STEPS - WARMUP} steps (s)")
+          f"fastest of {steps - WARMUP} steps (s)")
     print("non-private  " + "  ".join(f"{k} {v:.3f}" for k, v in fastest(plain_rows).items()))
     print("DP           " + "  ".join(f"{k} {v:.3f}" for k, v in fastest(dp_rows).items()))
     paired = statistics.median(d["total"] / p["total"] for d, p in zip(dp_rows, plain_rows))
@@ -104,4 +104,11 @@ def main(clipping: str = "flat", strategy: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "flat", sys.argv[2] if len(sys.argv) > 2 else None)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("clipping", nargs="?", default="flat", choices=["flat", "per_layer", "automatic"])
+    parser.add_argument("strategy", nargs="?", default=None, choices=["ghost", "materialise", "stream"])
+    parser.add_argument("--steps", type=int, default=STEPS, help=f"steps of each kind, the first {WARMUP} excluded")
+    args = parser.parse_args()
+    if args.steps <= WARMUP:
+        parser.error(f"--steps must be more than the {WARMUP} warm-up steps")
+    main(args.clipping, args.strategy, args.steps)
