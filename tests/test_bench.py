@@ -26,6 +26,14 @@ def test_bench_json_has_positive_measurements(capsys):
     assert out["flop_floor_ratio"] >= 1.0
     assert [row["budget"] for row in out["frontier"]] == ["0 MB", "none (FLOP rule)"]
     assert all(row["flop_floor_ratio"] >= 1.0 and row["step_s"] > 0 for row in out["frontier"])
+    # the paired timing: one ratio per step after the warm-up one, for every budget
+    for row in [out] + out["frontier"]:
+        assert len(row["paired_ratios"]) == 1 and row["paired_ratio"] == row["paired_ratios"][0] > 0
+
+
+def test_bench_without_paired_timing_reports_none(capsys):
+    out = _run(TINY + ["--no-paired"], capsys)
+    assert out["paired_ratio"] is None and out["paired_ratios"] is None and out["ratio"] > 0
 
 
 def test_flop_count_and_budget_parsing():

@@ -36,6 +36,8 @@ def add_parser(subparsers) -> None:
                         help="repeat every mode this many times (interleaved) and keep each mode's fastest round; "
                              "helps on a machine shared with other work (default 1)")
     parser.add_argument("--no-opacus", action="store_true", help="skip the Opacus ghost-clipping comparison")
+    parser.add_argument("--no-paired", action="store_true",
+                        help="skip the paired timing (non-private and DP steps alternating in one process, per budget)")
     parser.add_argument("--data", type=int, default=1, help="data-parallel degree (with --tensor: a torchrun mesh)")
     parser.add_argument("--tensor", type=int, default=1,
                         help="tensor-parallel degree; D x T > 1 runs the parallel benchmark (time and communication)")
@@ -65,7 +67,7 @@ def run(args) -> int:
         return _run_parallel(args, cfg, log)
     try:
         out = run_benchmark(cfg, clipping=args.clipping.replace("-", "_"), budget=budget, budgets=budgets,
-                            opacus=not args.no_opacus, rounds=args.rounds, log=log)
+                            opacus=not args.no_opacus, rounds=args.rounds, paired=not args.no_paired, log=log)
     except (RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

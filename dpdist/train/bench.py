@@ -11,6 +11,10 @@ wrapper) were built.  The FLOP floor of the DP/non-private ratio is
 ``(nonprivate_step_flops + plan.extra_flops) / nonprivate_step_flops``: the extra matmul work the
 per-example norms of the chosen per-layer strategies need (the norm rules' own cost model), over the
 analytic FLOPs of a non-private step.  Times and ratios are only comparable within one run.
+
+Unless turned off, each budget also runs one process in which the non-private and the DP step
+alternate (``paired_ratio``: the median DP / non-private ratio of adjacent steps over all rounds),
+which a slow patch of a shared machine cannot bias towards one side.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -265,6 +270,25 @@ def _setup_dp(cfg: BenchConfig, clipping: str, budget) -> tuple:
     return step, info
 
 
+def _setup_paired(cfg: BenchConfig, clipping: str, budget) -> tuple:
+    """The non-private and the DP step alternating in one process: each DP step's time over the
+    non-private step just before it.  A slow patch of a shared machine then hits both sides of a pair,
+    where the fresh-process means of two modes can land in different patches (on the project's 2-vCPU
+    VM that alone moved one plan's ratio of means from 1.17 to 1.46 within one run).  Its peak memory
+    covers both models and is not reported."""
+    nonprivate, _ = _setup_nonprivate(cfg)
+    dp, info = _setup_dp(cfg, clipping, budget)
+
+    def step(index: int, parts: dict) -> None:
+        start = time.perf_counter()
+        nonprivate(index, {})
+        mid = time.perf_counter()
+        dp(index, {})
+        parts.setdefault("paired_ratios", []).append((time.perf_counter() - mid) / (mid - start))
+
+    return step, info
+
+
 def _setup_plain_nonprivate(cfg: BenchConfig) -> tuple:
     model = PlainGPT(cfg)
     ids, labels = make_batch(cfg)
@@ -315,6 +339,8 @@ def run_worker(spec: dict) -> dict:
         step, info = _setup_nonprivate(cfg)
     elif mode == "dp":
         step, info = _setup_dp(cfg, spec["clipping"], parse_budget(spec["budget"]))
+    elif mode == "paired":
+        step, info = _setup_paired(cfg, spec["clipping"], parse_budget(spec["budget"]))
     elif mode == "plain_nonprivate":
         step, info = _setup_plain_nonprivate(cfg)
     elif mode == "opacus_ghost":
@@ -344,8 +370,8 @@ def run_worker(spec: dict) -> dict:
               # CPU seconds per wall second of the timed steps: near the thread count on an idle machine,
               # lower when other processes take the cores (then the times are inflated)
               "cpu_utilisation": sum(cpu_times[1:]) / sum(timed), "other_processes_cpu_share": others, **info}
-    for name, values in parts.items():
-        result[name] = sum(values[1:]) / len(values[1:])
+    for name, values in parts.items():  # the first step is warm-up here too
+        result[name] = values[1:] if name == "paired_ratios" else sum(values[1:]) / len(values[1:])
     return result
 
 
@@ -368,8 +394,10 @@ def opacus_available() -> bool:
 # ---------------------------------------------------------------------------------------------------
 # The whole benchmark
 
-def _dp_row(cfg: BenchConfig, base: dict, result: dict, clipping: str, budget, floor_base: float) -> dict:
+def _dp_row(cfg: BenchConfig, base: dict, result: dict, clipping: str, budget, floor_base: float,
+            paired: list[float] | None) -> dict:
     return {"clipping": clipping, "budget": budget_label(budget, clipping),
+            "paired_ratio": statistics.median(paired) if paired else None, "paired_ratios": paired,
             "memory_budget_mb": budget if isinstance(budget, float) else (None if budget == NONE else UNLIMITED),
             "step_s": result["step_s"], "step_min_s": result["step_min_s"],
             "ratio": result["step_s"] / base["step_s"], "ratio_min": result["step_min_s"] / base["step_min_s"],
@@ -384,7 +412,7 @@ def _dp_row(cfg: BenchConfig, base: dict, result: dict, clipping: str, budget, f
 
 
 def run_benchmark(cfg: BenchConfig, *, clipping: str = "flat", budget="none", budgets=None, opacus: bool = True,
-                  rounds: int = 1, log=None) -> dict:
+                  rounds: int = 1, paired: bool = True, log=None) -> dict:
     """Measure every mode (each in a fresh process) and return one dict (the ``--json`` object).
 
     ``clipping``: ``flat``, ``per_layer`` or ``automatic``; ``budget``: the main memory budget
@@ -392,6 +420,8 @@ def run_benchmark(cfg: BenchConfig, *, clipping: str = "flat", budget="none", bu
     also run Opacus ghost clipping (and its own non-private reference) when Opacus is installed.
     ``rounds``: run the whole sequence of modes this many times, interleaved, and keep for each mode
     the round with the lowest mean step time (on a shared machine, the least disturbed one).
+    ``paired``: also time each budget's DP step against the non-private step in one process, step by
+    step (``_setup_paired``); ``paired_ratio`` is the median of those ratios over all rounds.
     """
     cfg.validate()
     if rounds < 1:
@@ -406,15 +436,22 @@ def run_benchmark(cfg: BenchConfig, *, clipping: str = "flat", budget="none", bu
     for b in [budget] + [b for b in sweep if b != budget]:
         modes.append((("dp", b), f"dpdist DP step, {clipping} clipping, memory budget {budget_label(b, clipping)}",
                       {"clipping": clipping, "budget": b}))
+        if paired:
+            modes.append((("paired", b), f"non-private and DP steps alternating in one process, budget "
+                          f"{budget_label(b, clipping)}", {"clipping": clipping, "budget": b}))
     if use_opacus:
         modes.append(("plain_nonprivate", "plain-torch untied model, non-private (Opacus's reference)", {}))
         modes.append(("opacus_ghost", "Opacus ghost clipping on the untied plain-torch model", {}))
     best: dict = {}
     peaks: dict = {}
+    pairs: dict = {}
     for round_index in range(rounds):
         for key, text, extra in modes:
             say(f"[{round_index + 1}/{rounds}] {text} ...")
             result = run_mode(cfg, key[0] if isinstance(key, tuple) else key, **extra)
+            if key[0] == "paired":
+                pairs.setdefault(key[1], []).extend(result["paired_ratios"])
+                continue
             peaks.setdefault(key, []).append(result["peak_mb"])
             if key not in best or result["step_s"] < best[key]["step_s"]:
                 best[key] = result
@@ -422,7 +459,7 @@ def run_benchmark(cfg: BenchConfig, *, clipping: str = "flat", budget="none", bu
         result["peak_mb"], result["peak_mb_rounds"] = max(peaks[key]), peaks[key]
 
     base = best["nonprivate"]
-    dp_results = {b: _dp_row(cfg, base, best[("dp", b)], clipping, b, floor_base)
+    dp_results = {b: _dp_row(cfg, base, best[("dp", b)], clipping, b, floor_base, pairs.get(b))
                   for b in [budget] + sweep}
     main = dp_results[budget]
     out = {
@@ -434,7 +471,8 @@ def run_benchmark(cfg: BenchConfig, *, clipping: str = "flat", budget="none", bu
         "nonprivate_peak_mb": base["peak_mb"], "nonprivate_baseline_rss_mb": base["baseline_rss_mb"],
         "nonprivate_peak_rss_mb": base["peak_rss_mb"], "nonprivate_peak_mb_rounds": base["peak_mb_rounds"],
         "dp_step_s": main["step_s"], "dp_step_min_s": main["step_min_s"], "dp_peak_mb": main["peak_mb"],
-        "ratio": main["ratio"], "ratio_min": main["ratio_min"], "memory_ratio": main["memory_ratio"],
+        "ratio": main["ratio"], "ratio_min": main["ratio_min"], "paired_ratio": main["paired_ratio"],
+        "paired_ratios": main["paired_ratios"], "memory_ratio": main["memory_ratio"],
         "flop_floor_ratio": main["flop_floor_ratio"], "ratio_over_floor": main["ratio_over_floor"],
         "strategies": main["strategies"],
         "plan_kept_mb": main["plan_kept_mb"], "dp_microbatch_s": main["microbatch_s"],
@@ -478,8 +516,9 @@ def format_report(out: dict) -> str:
         f"memory = peak RSS minus RSS after setup (baseline {out['nonprivate_baseline_rss_mb']:.0f} MB)",
         "",
     ]
-    header = ("mode", "budget", "step s mean/min", "x time", "peak MB", "x mem", "FLOP floor", "time/floor", "plan")
-    rows = [("non-private", "-", f"{out['nonprivate_step_s']:.3f} / {out['nonprivate_step_min_s']:.3f}", "1.00",
+    header = ("mode", "budget", "step s mean/min", "x time", "x paired", "peak MB", "x mem", "FLOP floor", "time/floor",
+              "plan")
+    rows = [("non-private", "-", f"{out['nonprivate_step_s']:.3f} / {out['nonprivate_step_min_s']:.3f}", "1.00", "1.00",
              f"{out['nonprivate_peak_mb']:.0f}", "1.00", "1.00", "", "")]
 
     def plan_text(row: dict) -> str:
@@ -487,22 +526,26 @@ def format_report(out: dict) -> str:
 
     dp_rows = out.get("frontier") or []
     main = {"clipping": out["clipping"], "budget": out["budget"], "step_s": out["dp_step_s"],
-            "step_min_s": out["dp_step_min_s"], "ratio": out["ratio"], "peak_mb": out["dp_peak_mb"],
+            "step_min_s": out["dp_step_min_s"], "ratio": out["ratio"], "paired_ratio": out["paired_ratio"],
+            "peak_mb": out["dp_peak_mb"],
             "memory_ratio": out["memory_ratio"], "flop_floor_ratio": out["flop_floor_ratio"],
             "ratio_over_floor": out["ratio_over_floor"],
             "strategies": out["strategies"], "plan_kept_mb": out["plan_kept_mb"]}
     if not any(r["budget"] == main["budget"] for r in dp_rows):
         dp_rows = [main] + dp_rows
     for r in dp_rows:
+        paired = "" if r.get("paired_ratio") is None else f"{r['paired_ratio']:.2f}"
         rows.append((f"dpdist {r['clipping'].replace('_', '-')}", r["budget"], f"{r['step_s']:.3f} / {r['step_min_s']:.3f}",
-                     f"{r['ratio']:.2f}", f"{r['peak_mb']:.0f}", f"{r['memory_ratio']:.2f}", f"{r['flop_floor_ratio']:.3f}",
+                     f"{r['ratio']:.2f}", paired, f"{r['peak_mb']:.0f}", f"{r['memory_ratio']:.2f}", f"{r['flop_floor_ratio']:.3f}",
                      f"{r['ratio_over_floor']:.2f}", plan_text(r)))
     if "opacus_step_s" in out:
         rows.append(("opacus ghost (untied)", "-", f"{out['opacus_step_s']:.3f} / {out['opacus_step_min_s']:.3f}",
-                     f"{out['opacus_ratio']:.2f}", f"{out['opacus_peak_mb']:.0f}", f"{out['opacus_memory_ratio']:.2f}", "", "",
+                     f"{out['opacus_ratio']:.2f}", "", f"{out['opacus_peak_mb']:.0f}", f"{out['opacus_memory_ratio']:.2f}", "", "",
                      f"{out['opacus_params'] / 1e6:.2f}M params; {out['opacus_ratio_vs_plain']:.2f}x its own "
                      f"non-private ({out['plain_nonprivate_step_s']:.3f} s, {out['plain_nonprivate_peak_mb']:.0f} MB)"))
-    lines_after = ["plan: the strategy of each layer with a choice (linear layers and the tied token table); 'kept' is "
+    lines_after = ["x time: ratio of the fresh-process means; x paired: median of the DP step over the non-private "
+                   "step just before it, alternating in one process (robust to a machine's slow patches)",
+                   "plan: the strategy of each layer with a choice (linear layers and the tied token table); 'kept' is "
                    "what the cost model says the plan keeps beyond a non-private step"]
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
     for row in [header] + rows:
