@@ -1,15 +1,15 @@
 """Choose, per layer, how its per-example norms are computed (ghost, materialise or stream).
 
-Ghost norms need little memory but extra matmul work (about 5/8 T^2 (p + d) per example, the blocks of
-the symmetric Grams on and right of the diagonal); materialised
-per-example gradients need no extra matmul under book-keeping but keep B*p*d numbers until the clip
-factors are known; streamed ones are formed a cache-sized chunk at a time (under per-layer clipping
-they replace the weight gradient and keep nothing; under flat clipping they cost a second matmul).
-Without a budget, flat clipping follows the FLOP rule 2T^2 <= p*d (Bu et al. 2022) and per-layer
-clipping takes, per layer, the faster by ``time_cost`` of ghost and stream (neither keeps much; ghost
-wins at short sequences, stream as T^2 grows past p*d/(p+d): for ``dpdist bench``'s model at T = 128,
-stream on the four 256 x 256 attention projections and ghost elsewhere).  With a budget, start from the least memory and greedily
-switch the layers that save the most time per extra byte while the kept memory (summed over layers for
+Ghost norms need little memory but extra matmul work (about 5/8 T^2 (p + d) per example: the blocks
+of the symmetric Grams on and right of the diagonal); materialised per-example gradients need no extra
+matmul under book-keeping but keep B*p*d numbers until the clip factors are known; streamed ones are
+formed a cache-sized chunk at a time (under per-layer clipping they replace the weight gradient and keep
+nothing; under flat clipping they cost a second matmul).  Without a budget, flat clipping follows the
+FLOP rule 2T^2 <= p*d (Bu et al. 2022) and per-layer clipping takes, per layer, the faster by
+``time_cost`` of ghost and stream (neither keeps much; ghost wins at short sequences, stream as T^2
+grows past p*d/(p+d): for ``dpdist bench``'s model at T = 128, stream on the four 256 x 256 attention
+projections and ghost elsewhere).  With a budget, start from the least memory and greedily switch
+the layers that save the most time per extra byte while the kept memory (summed over layers for
 book-keeping; the largest single layer for per-layer clipping, where nothing outlives its layer) fits.
 """
 from __future__ import annotations

@@ -449,7 +449,7 @@ def run_benchmark(cfg: BenchConfig, *, clipping: str = "flat", budget="none", bu
         for key, text, extra in modes:
             say(f"[{round_index + 1}/{rounds}] {text} ...")
             result = run_mode(cfg, key[0] if isinstance(key, tuple) else key, **extra)
-            if key[0] == "paired":
+            if isinstance(key, tuple) and key[0] == "paired":
                 pairs.setdefault(key[1], []).extend(result["paired_ratios"])
                 continue
             peaks.setdefault(key, []).append(result["peak_mb"])

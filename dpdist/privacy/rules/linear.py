@@ -151,7 +151,8 @@ def stream_cost(batch: int, seq_len: int, p: int, d: int, elem_bytes: int, per_l
 
 def linear_choices(batch: int, seq_len: int, p: int, d: int, elem_bytes: int, per_layer: bool = False) -> dict[str, Cost]:
     # Ghost keeps the output gradients (the inputs are activations the step holds at its peak anyway).
-    ghost = Cost(flops=2.0 * batch * gram_entries(seq_len) * (p + d + 1), kept_bytes=float(batch * seq_len * p * elem_bytes))
+    ghost = Cost(flops=2.0 * batch * gram_entries(seq_len) * (p + d + 1),
+                 kept_bytes=float(batch * seq_len * p * elem_bytes))
     materialise = Cost(flops=4.0 * batch * p * d, kept_bytes=float(batch * p * d * elem_bytes),
                        touched_bytes=3.0 * batch * p * d * elem_bytes)
     return {"ghost": ghost, "materialise": materialise,
