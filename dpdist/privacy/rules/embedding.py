@@ -66,7 +66,7 @@ class EmbeddingRule(NormRule):
         return state
 
     def _chunks(self, layer, state):
-        return streamed(state["grad_embed"], state["ids"].shape[0], tuple(layer.weight.shape),
+        return streamed(state["grad_embed"], tuple(layer.weight.shape),
                         lambda rows, out: phantom.table_grads(state, rows, out))
 
     def sq_norms(self, layer, state):

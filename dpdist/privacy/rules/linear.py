@@ -110,11 +110,12 @@ def example_chunks(batch: int, bytes_per_example: int):
     return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
 
 
-def streamed(like: torch.Tensor, batch: int, shape: tuple[int, ...], form):
-    """Yield (rows, per-example gradients of those rows) chunk by chunk; ``form(rows, out)`` writes them
-    into ``out``, a view of one buffer that every chunk reuses (so the chunk is cache-warm and no fresh
+def streamed(like: torch.Tensor, shape: tuple[int, ...], form):
+    """Yield (rows, per-example gradients of those rows) chunk by chunk for the batch of ``like`` (its
+    first dimension, whose dtype and device the buffer takes); ``form(rows, out)`` writes them into
+    ``out``, a view of one buffer that every chunk reuses (so the chunk is cache-warm and no fresh
     memory is faulted in per chunk).  A yielded chunk is overwritten by the next one."""
-    chunks = example_chunks(batch, math.prod(shape) * like.element_size())
+    chunks = example_chunks(like.shape[0], math.prod(shape) * like.element_size())
     buffer = like.new_empty((chunks[0].stop - chunks[0].start, *shape))
     for rows in chunks:
         out = buffer[: rows.stop - rows.start]
@@ -130,7 +131,7 @@ def _outer_products(grad_outputs: torch.Tensor, inputs: torch.Tensor):
 def streamed_sq_norms(grad_outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """||G_i^T A_i||_F^2 per example, a cache-sized chunk of per-example gradients at a time."""
     shape = (grad_outputs.shape[-1], inputs.shape[-1])
-    chunks = streamed(inputs, inputs.shape[0], shape, _outer_products(grad_outputs, inputs))
+    chunks = streamed(inputs, shape, _outer_products(grad_outputs, inputs))
     return torch.cat([example_sq_norms(per_example) for _, per_example in chunks])
 
 
@@ -207,7 +208,7 @@ class LinearRule(NormRule):
         grad_outputs, inputs, bias = state["grad_outputs"], state["inputs"], state["bias"]
         weight_sum = grad_outputs.new_zeros(layer.weight.shape)
         bias_sum = None if bias is None else bias.new_zeros(layer.bias.shape)
-        chunks = streamed(inputs, inputs.shape[0], tuple(layer.weight.shape), _outer_products(grad_outputs, inputs))
+        chunks = streamed(inputs, tuple(layer.weight.shape), _outer_products(grad_outputs, inputs))
         for rows, per_example in chunks:
             contributions = {layer.weight: example_sq_norms(per_example)}
             if bias is not None:
