@@ -7,8 +7,8 @@ formed a cache-sized chunk at a time (under per-layer clipping they replace the 
 nothing; under flat clipping they cost a second matmul).  Without a budget, flat clipping follows the
 FLOP rule 2T^2 <= p*d (Bu et al. 2022) and per-layer clipping takes, per layer, the faster by
 ``time_cost`` of ghost and stream (neither keeps much; ghost wins at short sequences, stream as T^2
-grows past p*d/(p+d): for ``dpdist bench``'s model at T = 128, stream on the four 256 x 256 attention
-projections and ghost elsewhere).  With a budget, start from the least memory and greedily switch
+grows past p*d/(p+d): for ``dpdist bench``'s model at T = 128, stream on every layer; at T = 64,
+ghost on every linear layer).  With a budget, start from the least memory and greedily switch
 the layers that save the most time per extra byte while the kept memory (summed over layers for
 book-keeping; the largest single layer for per-layer clipping, where nothing outlives its layer) fits.
 """
@@ -21,13 +21,16 @@ from torch import nn
 
 from .rules import Cost, rule_for
 
-# A byte of memory traffic costs about as much time as this many flops: measured on the project's
-# 2-core CPU (BENCHMARKS.md), where ghost norms run at ~170 GFLOP/s and per-example gradients that
-# spill out of cache move at ~9 GB/s; a byte of a streamed chunk, which stays in L2, costs 7-17
-# (streamed layers' time beyond their weight-gradient matmuls, at the ghost norms' FLOP rate, per byte
-# written and read: benchmarks/stream_chunks.py).  They only order the choices.
+# A byte of memory traffic costs about as much time as this many flops: calibrated on the project's
+# 2-core CPU (BENCHMARKS.md) when ghost norms ran at ~170 GFLOP/s and per-example gradients that spill
+# out of cache moved at ~9 GB/s.  A byte of a streamed chunk, which stays in cache, costs less: per
+# linear layer of the bench model, a streamed layer's time beyond its weight-gradient matmul came to
+# 5-7 flops per byte written and read, counted at the rate the blocked ghost norms of the same layers
+# reach (100-107 GFLOP/s; their row blocks are smaller matmuls than unblocked Grams), so 6.  At 10,
+# the planner kept the MLP layers and the tied table on ghost norms, which measured 15-45 ms per step
+# slower (benchmarks/profile_step.py per_layer against per_layer stream).  They only order the choices.
 FLOPS_PER_BYTE = 20.0
-CACHED_FLOPS_PER_BYTE = 10.0
+CACHED_FLOPS_PER_BYTE = 6.0
 # One tensor-group all-reduce in the middle of the backward: about 0.5 ms median on gloo over loopback
 # (4 ms at the 90th percentile, when it also waits for the slower rank), ~1e8 flops of one rank's time.
 REDUCTION_FLOPS = 1e8
