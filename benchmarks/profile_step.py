@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import resource
 import statistics
 import time
 
@@ -54,7 +55,11 @@ def main(clipping: str = "flat", strategy: str | None = None, steps: int = STEPS
     timers: dict = collections.defaultdict(float)
     timed_rules(timers)
 
+    def minor_faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
     def nonprivate_step() -> dict:
+        faults = minor_faults()
         t0 = time.perf_counter()
         loss = per_example_loss(plain(ids), labels).mean()
         t1 = time.perf_counter()
@@ -62,9 +67,11 @@ def main(clipping: str = "flat", strategy: str | None = None, steps: int = STEPS
         t2 = time.perf_counter()
         plain_opt.step()
         plain_opt.zero_grad(set_to_none=True)
-        return {"forward": t1 - t0, "backward": t2 - t1, "total": time.perf_counter() - t0}
+        return {"forward": t1 - t0, "backward": t2 - t1, "total": time.perf_counter() - t0,
+                "faults": minor_faults() - faults}
 
     def dp_step(step: int) -> dict:
+        faults = minor_faults()
         t0 = time.perf_counter()
         losses = engine.loss(ids, labels)
         t1 = time.perf_counter()
@@ -79,7 +86,7 @@ def main(clipping: str = "flat", strategy: str | None = None, steps: int = STEPS
         opt.step()
         opt.zero_grad(set_to_none=True)
         return {"forward": t1 - t0, "backward": t2 - t1, "clipped sums": t3 - t2, "noise": t4 - t3,
-                "total": time.perf_counter() - t0}
+                "total": time.perf_counter() - t0, "faults": minor_faults() - faults}
 
     plain_rows, dp_rows, rule_rows = [], [], []
     for step in range(steps):
@@ -90,7 +97,7 @@ def main(clipping: str = "flat", strategy: str | None = None, steps: int = STEPS
     plain_rows, dp_rows, rule_rows = plain_rows[WARMUP:], dp_rows[WARMUP:], rule_rows[WARMUP:]
 
     def fastest(rows):
-        return {key: min(row[key] for row in rows) for key in rows[0]}
+        return {key: min(row[key] for row in rows) for key in rows[0] if key != "faults"}
 
     print(f"threads {torch.get_num_threads()}, {clipping} clipping, strategy {strategy or 'planner default'}, "
           f"fastest of {steps - WARMUP} steps (s)")
@@ -99,6 +106,9 @@ def main(clipping: str = "flat", strategy: str | None = None, steps: int = STEPS
     paired = statistics.median(d["total"] / p["total"] for d, p in zip(dp_rows, plain_rows))
     print(f"DP / non-private: {fastest(dp_rows)['total'] / fastest(plain_rows)['total']:.3f} (fastest), "
           f"{paired:.3f} (median of paired steps)")
+    print("minor page faults per step (median): " + "  ".join(
+        f"{name} {statistics.median(row['faults'] for row in rows):.0f}" for name, rows in
+        (("non-private", plain_rows), ("DP", dp_rows))))
     for key in sorted(rule_rows[0]):
         print(f"  {key}: {min(row[key] for row in rule_rows):.4f}")
 

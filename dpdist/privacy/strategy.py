@@ -24,11 +24,13 @@ from .rules import Cost, rule_for
 # A byte of memory traffic costs about as much time as this many flops: calibrated on the project's
 # 2-core CPU (BENCHMARKS.md) when ghost norms ran at ~170 GFLOP/s and per-example gradients that spill
 # out of cache moved at ~9 GB/s.  A byte of a streamed chunk, which stays in cache, costs less: per
-# linear layer of the bench model, a streamed layer's time beyond its weight-gradient matmul came to
-# 5-7 flops per byte written and read, counted at the rate the blocked ghost norms of the same layers
-# reach (100-107 GFLOP/s; their row blocks are smaller matmuls than unblocked Grams), so 6.  At 10,
-# the planner kept the MLP layers and the tied table on ghost norms, which measured 15-45 ms per step
-# slower (benchmarks/profile_step.py per_layer against per_layer stream).  They only order the choices.
+# linear layer of the bench model in isolation, a streamed layer's time beyond its weight-gradient
+# matmul came to 5-13 flops per byte written and read, counted at the rate the blocked ghost norms of
+# the same layers reach (64-95 GFLOP/s; benchmarks/layer_strategies.py, from run to run).  In the step,
+# streaming every layer beat the plan this constant gave at 10 (ghost on the MLP layers, the qkv
+# projections and the tied table) in each of three in-process A/B runs, by 0.04-0.11 of a non-private
+# step (benchmarks/profile_step.py per_layer against per_layer stream); at 6 the planner makes that
+# choice.  They only order the choices.
 FLOPS_PER_BYTE = 20.0
 CACHED_FLOPS_PER_BYTE = 6.0
 # One tensor-group all-reduce in the middle of the backward: about 0.5 ms median on gloo over loopback
