@@ -7,7 +7,8 @@ weight- and bias-gradient matmuls a non-private step computes, and ``LinearRule.
 per-layer clipping calls during the backward) with ``ghost`` and with ``stream``, interleaved round by
 round; it prints the median (ms) and what each costs beyond the weight gradient.  It also prints the
 rate the blocked ghost norms' extra work runs at, and the cost of a byte of a streamed chunk in flops
-at that rate: the number the planner's ``CACHED_FLOPS_PER_BYTE`` stands for.
+at that rate: the number the planner's ``CACHED_FLOPS_PER_BYTE`` stands for.  The layers, batch and
+clip function are ``stream_chunks.py``'s, which times the same block's layers together by chunk size.
 """
 from __future__ import annotations
 
@@ -18,16 +19,8 @@ from types import SimpleNamespace
 
 import torch
 
-from dpdist.privacy.clipping import clip_factors
 from dpdist.privacy.rules import linear
-
-BATCH, SEQ, D_MODEL = 32, 128, 256
-SHAPES = {"attn.qkv": (3 * D_MODEL, D_MODEL), "attn.proj": (D_MODEL, D_MODEL),
-          "mlp.fc": (4 * D_MODEL, D_MODEL), "mlp.proj": (D_MODEL, 4 * D_MODEL)}
-
-
-def layer_clip(sq_norms: dict) -> torch.Tensor:
-    return clip_factors(sum(sq_norms.values()).sqrt(), 1.0)
+from stream_chunks import BATCH, SEQ, SHAPES, layer_clip  # run as a script: benchmarks/ is on sys.path
 
 
 def main(rounds: int) -> None:

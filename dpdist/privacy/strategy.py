@@ -8,8 +8,8 @@ nothing; under flat clipping they cost a second matmul).  Without a budget, flat
 FLOP rule 2T^2 <= p*d (Bu et al. 2022) and per-layer clipping takes, per layer, the faster by
 ``time_cost`` of ghost and stream (neither keeps much; ghost wins at short sequences, stream as T^2
 grows past p*d/(p+d): for ``dpdist bench``'s model at T = 128, stream on every linear layer and the
-tied table; at T = 64, ghost on all of them).  With a budget, start from the least memory and greedily switch
-the layers that save the most time per extra byte while the kept memory (summed over layers for
+tied table; at T = 64, ghost on all of them).  With a budget, start from the least memory and greedily
+switch the layers that save the most time per extra byte while the kept memory (summed over layers for
 book-keeping; the largest single layer for per-layer clipping, where nothing outlives its layer) fits.
 """
 from __future__ import annotations
