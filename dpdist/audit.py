@@ -2,7 +2,8 @@
 
 Both functions run the same code path as training (``dpdist.train.engine.PrivateGradient``) on one
 process, with no noise, and work in float64 when the model is float64, so they can be compared with
-brute-force per-example gradients.
+brute-force per-example gradients.  In a bf16 model the clipped sums are fp32, as in training, and
+``removal_shift`` on ``near_duplicates`` checks the sensitivity bound in that precision.
 """
 from __future__ import annotations
 
@@ -44,6 +45,34 @@ def clipped_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
         return {name: grad.detach() for name, grad in engine.clipped_sums().items()}
     finally:
         engine.detach()
+
+
+def near_duplicates(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels)`` of ``batch`` copies of one random sequence, each with one token changed.
+    Their clipped gradients nearly align, so the clipped sum grows like batch x C: the case where a sum
+    rounded in low precision moves by more than C when one example is removed."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (seq_len + 1,), generator=generator).repeat(batch, 1)
+    where = torch.randint(0, seq_len + 1, (batch,), generator=generator)
+    tokens[torch.arange(batch), where] = torch.randint(0, vocab_size, (batch,), generator=generator)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def removal_shift(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, clip_norm: float,
+                  removed, **options) -> float:
+    """The largest ||S(D) - S(D - {i})|| / C over the examples i in ``removed``, where S is the pre-noise
+    clipped sum (``clipped_sum`` with ``options``) in the model's own precision, compared in float64.
+    Removing example i leaves the batch's shape and every other row as it is: its labels are ignored,
+    so it has no target token and contributes nothing, as a padding row does."""
+    full = clipped_sum(model, input_ids, labels, clip_norm, **options)
+    worst = 0.0
+    for i in removed:
+        neighbour = labels.clone()
+        neighbour[i] = -100
+        sums = clipped_sum(model, input_ids, neighbour, clip_norm, **options)
+        shift = sum((full[n].double() - sums[n].double()).pow(2).sum() for n in full)
+        worst = max(worst, float(shift.sqrt()) / clip_norm)
+    return worst
 
 
 def brute_force_grads(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

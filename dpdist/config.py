@@ -20,6 +20,12 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message says what to change."""
 
 
+# The second backward forms the weight gradients with the model's own matmuls: in bf16 the clipped sum
+# itself would be rounded to bf16 before the noise, which breaks the sensitivity bound.
+TWO_PASS_LOW_PRECISION = ("privacy.mode=two_pass sums the clipped gradients in the model's own backward, which "
+                          "rounds them to bf16/fp16 before the noise; use privacy.mode=bookkeeping (fp32 sums)")
+
+
 @dataclass
 class ModelConfig:
     """Shape of the GPT-style decoder (see ``dpdist.model.gpt``)."""
@@ -310,6 +316,8 @@ class RunConfig:
                                  or self.anadp.enabled):
             raise ConfigError("lsg.enabled clips the carriers jointly with the dense parameters in one book-keeping "
                               "backward: use privacy.clipping=flat or automatic, privacy.mode=bookkeeping, and no anadp")
+        if self.privacy.enabled and self.privacy.mode == "two_pass" and self.model.dtype == "bfloat16":
+            raise ConfigError(TWO_PASS_LOW_PRECISION)
         if self.anadp.enabled and self.privacy.clipping != "per_layer":
             raise ConfigError("anadp.enabled allocates noise per layer group, which needs the groups clipped "
                               "separately: set privacy.clipping=per_layer")

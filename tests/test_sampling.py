@@ -43,11 +43,11 @@ def test_example_i_uses_word_i_of_the_sample_keystream():
     assert np.array_equal(small, expected[expected < 120])
 
 
-def test_plan_is_a_pure_function_of_secret_and_step():
+def test_plan_is_a_pure_function_of_secret_and_release():
     a, b = PoissonSampler(500, 0.05, SECRET, micro_batch_size=4), PoissonSampler(500, 0.05, SECRET, micro_batch_size=4)
     for step in (0, 1, 17):
         plan_a, plan_b = a.plan(step), b.plan(step)
-        assert plan_a.step == step and plan_a.global_batch_size == plan_b.global_batch_size
+        assert plan_a.release == step and plan_a.global_batch_size == plan_b.global_batch_size
         for x, y in zip(plan_a.micro_batches, plan_b.micro_batches, strict=True):
             assert torch.equal(x.indices, y.indices) and torch.equal(x.mask, y.mask)
     assert not np.array_equal(a.selection(0), a.selection(1))

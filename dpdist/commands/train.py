@@ -32,6 +32,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--resume", metavar="auto|CHECKPOINT",
                         help="continue a run: 'auto' = the latest complete checkpoint under train.run_dir (a fresh "
                              "start there if it has none), or a checkpoint folder (RUN/checkpoints/step-*)")
+    parser.add_argument("--rewind", action="store_true",
+                        help="with --resume CHECKPOINT older than the run's latest: go back to it, moving the newer "
+                             "checkpoints to RUN/abandoned/ (the replayed steps are charged to the ledger again)")
     parser.set_defaults(func=run)
 
 
@@ -68,13 +71,29 @@ def vocabulary_file(cfg: RunConfig) -> str:
     return "items.json" if cfg.data.source == "zipf_items" else "tokenizer.model"
 
 
-def prepare_run(cfg: RunConfig, resume: str | None = None) -> tuple[Path, "RunPlan", Path | None]:
+def rewound(checkpoint: Path | None, rewind: bool) -> list[Path]:
+    """The newer checkpoints that resuming from ``checkpoint`` abandons; refused unless ``rewind``."""
+    from ..train.checkpoint import newer_checkpoints
+
+    newer = newer_checkpoints(checkpoint) if checkpoint is not None else []
+    if newer and not rewind:
+        raise ConfigError(f"--resume {checkpoint} rewinds the run: {len(newer)} newer checkpoint(s) exist (latest "
+                          f"{newer[-1].name}); continue with --resume auto, or add --rewind to go back (the newer "
+                          "checkpoints move to RUN/abandoned/, the replayed steps draw fresh noise and are charged again)")
+    if rewind and not newer:
+        raise ConfigError("--rewind needs --resume CHECKPOINT older than the run's latest checkpoint; there is "
+                          "nothing to rewind" + ("" if checkpoint is None else f" from {checkpoint.name}"))
+    return newer
+
+
+def prepare_run(cfg: RunConfig, resume: str | None = None, rewind: bool = False) -> tuple[Path, "RunPlan", Path | None]:
     from ..data.dataset import prepare_data
     from ..runtime.mesh import Mesh
-    from ..train.checkpoint import check_backend, check_compatible, read_record
+    from ..train.checkpoint import abandon, check_backend, check_compatible, read_record
     from ..train.plan import resolve_plan
 
     run_dir, checkpoint = resumed_run(cfg, resume) if resume else (fresh_run_dir(cfg.train.run_dir), None)
+    abandoned = rewound(checkpoint, rewind)
     record = read_record(checkpoint) if checkpoint is not None else None  # intact files, before the slow data step
     data = prepare_data(cfg.data)
     cfg.model.vocab_size = data.vocab_size
@@ -83,6 +102,9 @@ def prepare_run(cfg: RunConfig, resume: str | None = None) -> tuple[Path, "RunPl
     if record is not None:
         check_compatible(record, checkpoint, cfg, plan)
         check_backend(record, checkpoint, cfg, Mesh(dp_size=cfg.parallel.data, tp_size=cfg.parallel.tensor))
+    if abandoned:
+        print(f"rewinding to {checkpoint.name}: moved {len(abandoned)} newer checkpoint(s) to {abandon(abandoned, run_dir)}",
+              flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(data.tokenizer_path, run_dir / vocabulary_file(cfg))  # the run's own, for export
     cfg.train.run_dir = str(run_dir)
@@ -132,7 +154,7 @@ def run(args) -> int:
         if nnodes > 1 and not args.dry_run:
             raise ConfigError(f"a {nnodes}-node job: prepare it once with --dry-run, which prints the torchrun command, "
                               "then run that command on every node (slurm/dpdist.sbatch does both)")
-        run_dir, plan, checkpoint = prepare_run(cfg, args.resume)
+        run_dir, plan, checkpoint = prepare_run(cfg, args.resume, args.rewind)
         resume = str(checkpoint) if checkpoint is not None else "auto"
         command = torchrun_command(cfg, run_dir, resume, dict(os.environ))
     except ConfigError as exc:

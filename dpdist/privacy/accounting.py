@@ -41,13 +41,27 @@ def epsilon_for_history(history: list[tuple[float, float, int]], delta: float, a
     A one-off Gaussian release at sensitivity one (the token-frequency release of Re-Attention) is the
     entry (1.0, its noise multiplier, 1): Poisson sampling at rate 1 is no sampling."""
     fresh = _accountant(accountant, pld_grid)
-    history = [(q, sigma, count) for q, sigma, count in history if count > 0]
+    history = _merged(history)
     if not history:
         return 0.0
     if any(sigma == 0 for _, sigma, _ in history):
         return math.inf  # a noiseless release of a sampled example
     event = dp_accounting.ComposedDpEvent([dp_sgd_event(q, sigma, count) for q, sigma, count in history])
     return float(fresh.compose(event).get_epsilon(delta))
+
+
+def _merged(history) -> list[tuple[float, float, int]]:
+    """Adjacent runs of the same (q, sigma) as one: a history composes to the same event however it was
+    split (a ledger and a plan, a run and its resumed part), so its epsilon is the same to the bit."""
+    runs: list[list] = []
+    for q, sigma, count in history:
+        if count <= 0:
+            continue
+        if runs and runs[-1][:2] == [q, sigma]:
+            runs[-1][2] += count
+        else:
+            runs.append([q, sigma, count])
+    return [tuple(run) for run in runs]
 
 
 def epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta: float, accountant: str = "pld",

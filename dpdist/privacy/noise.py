@@ -1,10 +1,12 @@
 """Counter-based keyed Gaussian noise: the value at a coordinate is a pure function of its address.
 
-The noise on element ``i`` (flat index in the FULL, unsharded parameter) of parameter ``name`` at step
-``t`` depends only on (secret, t, name, i).  So a tensor-parallel shard draws only its own part,
-replicas of a replicated parameter draw identical noise, distinct shards get independent noise, and
-neither the parallel layout nor a crash/resume changes a single value: a replayed step releases the
-same noise again, never a fresh draw.
+The noise on element ``i`` (flat index in the FULL, unsharded parameter) of parameter ``name`` in
+release ``r`` depends only on (secret, r, name, i).  So a tensor-parallel shard draws only its own
+part, replicas of a replicated parameter draw identical noise, distinct shards get independent noise,
+and the parallel layout changes no value.  ``r`` is the release index, the position of the release in
+the privacy ledger (not the training step): a step computed twice is two ledger lines, so it draws
+fresh noise the second time, since the same noise on two different clipped sums would cancel in their
+difference.
 
 The generator is AES-128 in counter mode, keyed per stream by :func:`derive_key` (BLAKE2b keyed by the
 secret).  Both are standard pseudorandom functions, so the noise is computationally indistinguishable
@@ -30,12 +32,12 @@ _GAP = 1 << 11  # blocks of keystream (32 KiB) to skip by encrypting rather than
 
 
 def derive_key(secret: int, *parts) -> int:
-    """A 128-bit key for one stream, e.g. ``derive_key(secret, step, "noise", name)``.
+    """A 128-bit key for one stream, e.g. ``derive_key(secret, release, "noise", name)``.
 
     The secret keys BLAKE2b (a PRF), so the key reveals nothing about it.  Each part is hashed with a
     type tag and a length prefix, so no two different part lists encode to the same bytes (("ab", "c")
     vs ("a", "bc"), 1 vs "1"); integers go through ``operator.index`` so a numpy or torch integer
-    step keys the same stream as the Python int.
+    keys the same stream as the Python int.
     """
     if not isinstance(secret, int) or not 0 <= secret < 2**128:
         raise ValueError(f"the secret must be a non-negative integer below 2**128; got {secret!r}")
@@ -146,7 +148,7 @@ def _box_muller(words: np.ndarray, out: torch.Tensor) -> None:
     torch.mul(angle.cos_(), radius, out=pairs[:, 0])
 
 
-def keyed_normal(secret: int, step: int, name: str, full_shape: tuple[int, ...],
+def keyed_normal(secret: int, release: int, name: str, full_shape: tuple[int, ...],
                  box: tuple[slice, ...] | None = None, *, dtype=torch.float32, device="cpu") -> torch.Tensor:
     """Standard normal noise for the sub-box ``box`` of parameter ``name`` (of shape ``full_shape``).
 
@@ -156,10 +158,10 @@ def keyed_normal(secret: int, step: int, name: str, full_shape: tuple[int, ...],
     whole pair and drops the other half, so any box equals the same slice of the whole, bit for bit.
     """
     runs, shape = _flat_runs(tuple(int(n) for n in full_shape), box)
-    return keyed_normal_runs(secret, step, name, runs, dtype).view(shape).to(device=device)
+    return keyed_normal_runs(secret, release, name, runs, dtype).view(shape).to(device=device)
 
 
-def keyed_normal_slice(secret: int, step: int, name: str, full_shape: tuple[int, ...], box, start: int,
+def keyed_normal_slice(secret: int, release: int, name: str, full_shape: tuple[int, ...], box, start: int,
                        stop: int, *, dtype=torch.float32, device="cpu") -> torch.Tensor:
     """Elements ``start:stop`` of ``keyed_normal(..., box).reshape(-1)``, drawing only those.
 
@@ -175,14 +177,14 @@ def keyed_normal_slice(secret: int, step: int, name: str, full_shape: tuple[int,
         if lo < hi:
             picked.append((run_start + lo - offset, hi - lo))
         offset += length
-    return keyed_normal_runs(secret, step, name, picked, dtype).to(device=device)
+    return keyed_normal_runs(secret, release, name, picked, dtype).to(device=device)
 
 
-def keyed_normal_runs(secret: int, step: int, name: str, runs: list[tuple[int, int]],
+def keyed_normal_runs(secret: int, release: int, name: str, runs: list[tuple[int, int]],
                       dtype=torch.float64) -> torch.Tensor:
     """Noise of the flat index runs ``(start, length)`` of parameter ``name``, concatenated: float64
     values rounded to ``dtype`` (written straight into a ``dtype`` buffer, saving a conversion pass)."""
-    aes = _aes(derive_key(secret, step, "noise", name))
+    aes = _aes(derive_key(secret, release, "noise", name))
     out = torch.empty(sum(length for _, length in runs), dtype=dtype)
     gap = memoryview(np.empty(_BLOCK * (_GAP + 1), np.uint8))  # discarded keystream between runs
     filled = 0

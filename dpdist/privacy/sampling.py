@@ -1,4 +1,4 @@
-"""Poisson sampling of one logical step as a pure function of (secret, step).
+"""Poisson sampling of one logical step as a pure function of (secret, release index).
 
 Every rank draws the same global selection with no communication (the amplification-by-sampling
 analysis needs one independent Bernoulli(q) per example, not one per rank slice), takes its
@@ -7,9 +7,14 @@ pads it into fixed-shape micro-batches.  The number of micro-batches comes from 
 it is the same on every rank and no collective can hang; a step with no example still runs and
 releases only noise.
 
-Example i's uniform comes from word i of the AES-128-CTR keystream keyed by ``derive_key(secret, step,
-"sample")`` (the generator of the noise, see :mod:`dpdist.privacy.noise`): a standard PRF, so the
-selection is computationally unpredictable to anyone without the secret.
+Example i's uniform comes from word i of the AES-128-CTR keystream keyed by ``derive_key(secret,
+release, "sample")`` (the generator of the noise, see :mod:`dpdist.privacy.noise`): a standard PRF, so
+the selection is computationally unpredictable to anyone without the secret.  ``release`` is the
+release index (the ledger position of the step's release), so a step computed twice also samples
+afresh, as the accountant's count of two releases assumes.
+
+Padding rows hold a fixed public dummy sequence (:func:`public_padding`), never an example's data:
+what a padding row computes then depends on nothing private.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..parallel.cross_entropy import IGNORE_INDEX
 from .noise import derive_key, keystream_words
 
 
@@ -30,7 +36,7 @@ class MicroBatch:
 
 @dataclass
 class StepPlan:
-    step: int
+    release: int
     global_batch_size: int  # realised |S_t| over all ranks; normalise by the expected size, never by this
     micro_batches: list[MicroBatch]
 
@@ -49,14 +55,14 @@ class PoissonSampler:
     def expected_batch_size(self) -> float:
         return self.sample_rate * self.num_examples
 
-    def selection(self, step: int) -> np.ndarray:
-        """The sorted global indices of the examples in S_t: example i is in iff its uniform u_i < q."""
-        words = keystream_words(derive_key(self.secret, step, "sample"), 0, self.num_examples)
+    def selection(self, release: int) -> np.ndarray:
+        """The sorted global indices of the examples in S_r: example i is in iff its uniform u_i < q."""
+        words = keystream_words(derive_key(self.secret, release, "sample"), 0, self.num_examples)
         uniforms = (words >> np.uint64(11)) * 2.0**-53  # 53-bit uniforms in [0, 1)
         return np.flatnonzero(uniforms < self.sample_rate)
 
-    def plan(self, step: int) -> StepPlan:
-        selected = self.selection(step)
+    def plan(self, release: int) -> StepPlan:
+        selected = self.selection(release)
         per_rank = math.ceil(len(selected) / self.dp_size)  # the largest share: same on every rank
         num_micro = math.ceil(per_rank / self.micro_batch_size)
         local = torch.from_numpy(selected[self.dp_rank::self.dp_size].astype(np.int64))
@@ -65,4 +71,14 @@ class PoissonSampler:
         indices[:len(local)], mask[:len(local)] = local, True
         rows = [slice(k * self.micro_batch_size, (k + 1) * self.micro_batch_size) for k in range(num_micro)]
         micro_batches = [MicroBatch(indices[row], mask[row]) for row in rows]
-        return StepPlan(step, len(selected), micro_batches)
+        return StepPlan(release, len(selected), micro_batches)
+
+
+PAD_TOKEN = 0  # the public dummy sequence of a padding row: this token everywhere, no target
+
+
+def public_padding(input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch with every padding row (``mask`` False) replaced by the public dummy sequence, whose
+    labels are all ignored (it has no target, so its loss and gradient are zero)."""
+    pad = ~mask.view(-1, 1)
+    return input_ids.masked_fill(pad, PAD_TOKEN), labels.masked_fill(pad, IGNORE_INDEX)

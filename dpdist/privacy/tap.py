@@ -12,8 +12,19 @@ over the tensor group (the one collective clipping needs) gives every rank the f
 - ``norms``: only the norms (pass 1 of two-pass clipping; pass 2 is an ordinary weighted backward).
 
 Clipped sums accumulate in ``grad_sums`` across micro-batches until the step releases them.
+
+Every pre-noise quantity is fp32 or wider whatever the model computes in: recorded bf16/fp16 tensors
+are widened to fp32 as they arrive, so norms, clip factors and clipped sums are fp32 (a bf16 sum of
+512 near-duplicate examples moved by 1.6 C when one was removed).  A record with a non-finite value
+marks its example: the record is zeroed there and the example's squared norm is NaN, which
+``clip_factors`` turns into the factor 0.  Each layer may complete once per backward: a layer called
+twice in one forward has the per-example gradient g1 + g2, whose norm needs the cross term that two
+separate records cannot give, so that is an error rather than a silently wrong norm.
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 from torch import nn
@@ -23,23 +34,40 @@ from .clipping import clip_factors
 from .rules import rule_for
 
 MODES = ("bookkeeping", "per_layer", "norms")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _widened(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``tensor`` (B, ...) in fp32 or wider with non-finite values zeroed, and the mask of the examples
+    that had any (None when none had: the common case costs one reduction and no copy in fp32)."""
+    if not tensor.is_floating_point():
+        return tensor, None  # token ids
+    if tensor.dtype in LOW_PRECISION:
+        tensor = tensor.float()
+    bad = ~torch.isfinite(tensor.sum(tuple(range(1, tensor.dim()))))  # a finite sum that overflows counts too
+    if not bad.any():
+        return tensor, None
+    return torch.nan_to_num(tensor, nan=0.0, posinf=0.0, neginf=0.0), bad
 
 
 class PerExampleTap:
     def __init__(self, layers: list[nn.Module], strategies: dict[nn.Module, str], *, mode: str = "bookkeeping",
-                 tp_group=None, layer_clip_norm: float | None = None):
+                 tp_group=None, layer_clip_norm: float | None = None, names: dict[nn.Module, str] | None = None):
         if mode not in MODES:
             raise ValueError(f"tap mode must be one of {MODES}; got {mode!r}")
         if mode == "per_layer" and layer_clip_norm is None:
             raise ValueError("per-layer clipping needs layer_clip_norm")
         self.layers, self.strategies, self.mode = layers, strategies, mode
         self.tp_group, self.layer_clip_norm = tp_group, layer_clip_norm
+        self.names = names or {}
         self.tp_rank = group_rank(tp_group)
         self.defer_weight_grad = True
         self.grad_sums: dict[nn.Parameter, torch.Tensor] = {}
         self._pending: dict[nn.Module, dict] = {}
         self._states: list = []
         self._sq_norms: torch.Tensor | None = None
+        self._nonfinite: torch.Tensor | None = None  # examples with a non-finite record in this backward
+        self._completed: set[nn.Module] = set()
 
     def attach(self) -> "PerExampleTap":
         for layer in self.layers:
@@ -52,46 +80,73 @@ class PerExampleTap:
 
     def record(self, layer: nn.Module, site: str, **tensors) -> None:
         pending = self._pending.setdefault(layer, {})
-        pending[site] = tensors
+        if site in pending or layer in self._completed:
+            raise RuntimeError(f"layer {self.names.get(layer, type(layer).__name__)} ran its backward twice in one "
+                               "step: a layer called twice in one forward (shared weights) has per-example gradient "
+                               "g1 + g2, and the norm rules cannot form its cross term from two records; give each "
+                               "call its own layer")
+        bad = None
+        for key, tensor in tensors.items():
+            tensors[key], marked = _widened(tensor)
+            if marked is not None:
+                bad = marked if bad is None else bad | marked
+        pending[site] = (tensors, bad)
         rule = rule_for(layer)
         if site != rule.completing_site:
             return
         del self._pending[layer]
-        state = rule.prepare(layer, pending, self.strategies[layer])
+        self._completed.add(layer)
+        bad = [marked for _, marked in pending.values() if marked is not None]
+        bad = functools.reduce(torch.logical_or, bad) if bad else None
+        state = rule.prepare(layer, {name: recorded for name, (recorded, _) in pending.items()}, self.strategies[layer])
         if self.mode == "per_layer":
             rows: list[torch.Tensor] = []
-            self._accumulate(rule.clip_layer(layer, state, lambda contributions: self._clip_rows(contributions, rows)))
+            clip = lambda contributions: self._clip_rows(contributions, rows, bad)  # noqa: E731
+            self._accumulate(rule.clip_layer(layer, state, clip))
             contribution = torch.cat(rows)
         else:
             contribution = self._counted(rule.sq_norms(layer, state))
             if self.mode == "bookkeeping":
                 self._states.append((layer, rule, state))
+        if bad is not None:
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         self._sq_norms = contribution if self._sq_norms is None else self._sq_norms + contribution
 
-    def _clip_rows(self, contributions: dict, rows: list) -> torch.Tensor:
+    def _clip_rows(self, contributions: dict, rows: list, bad: torch.Tensor | None) -> torch.Tensor:
         """Per-layer clip factors of some consecutive examples from their local contributions; the
         counted contributions are appended to ``rows``.  A layer with a sharded parameter needs one
         tensor-group all-reduce per call.  A layer of replicated parameters only (a norm layer, the
         position table) has the same per-example gradients on every tensor rank, so its local norms
         are already the full ones and no collective is needed."""
         counted = self._counted(contributions)
+        if bad is not None:  # these rows' records were zeroed: their norms are not finite
+            done = sum(len(r) for r in rows)
+            marked = bad[done:done + len(counted)]
+            counted = counted.masked_fill(marked, math.nan)
+            contributions = {param: sq.masked_fill(marked, math.nan) for param, sq in contributions.items()}
         rows.append(counted)
         if any(getattr(param, "tensor_model_parallel", False) for param in contributions):
             full = group_sum(counted, self.tp_group)
         else:
             full = sum(contributions.values())
-        return clip_factors(full.sqrt(), self.layer_clip_norm)
+        return clip_factors(full.clamp(min=0).sqrt(), self.layer_clip_norm)
 
     def take_sq_norms(self) -> torch.Tensor:
-        """This micro-batch's per-example squared norms, summed over the tensor group; resets them.
-        (Under per-layer clipping the factors are already applied; the norms serve statistics.)"""
+        """This micro-batch's per-example squared norms, summed over the tensor group, at least 0 (a
+        ghost norm can come out slightly negative under cancellation) and NaN for an example with a
+        non-finite record; resets them and ends the backward.  (Under per-layer clipping the factors
+        are already applied; the norms serve statistics.)"""
         if self._pending:
             names = ", ".join(type(layer).__name__ for layer in self._pending)
             raise RuntimeError(f"incomplete per-example records after the backward for: {names}")
         if self._sq_norms is None:
             raise RuntimeError("no DP-aware layer recorded anything; was the backward run with the tap attached?")
         sq_norms, self._sq_norms = self._sq_norms, None
-        return group_sum(sq_norms, self.tp_group)
+        if self._nonfinite is not None:
+            sq_norms = sq_norms.masked_fill(self._nonfinite, math.nan)
+        self._nonfinite = None
+        self._completed.clear()
+        return group_sum(sq_norms, self.tp_group).clamp(min=0)
 
     @torch.no_grad()  # the recorded inputs are activations that require grad: build no graph on them
     def accumulate_clipped(self, clip: torch.Tensor) -> None:

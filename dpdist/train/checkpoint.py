@@ -8,7 +8,7 @@ resume checks that it still begins with the copy.  Tensor-parallel shards are ex
 to DCP as DTensor views of the *unpadded* full parameters, so a checkpoint written at one
 (data, tensor) layout loads at another and DCP reshards.  Replicated tensors are saved under one key
 (DCP writes them once).  Nothing here holds per-rank RNG state: the sampling and the noise are
-functions of (secret, step), and the secret stays in ``<run>/private``.
+functions of (secret, release index), and the secret stays in ``<run>/private``.
 
 Commit is atomic: every rank writes into ``step-<k>.partial``, and only after a barrier does rank 0
 write ``privacy.json`` and rename the folder; a crash at any point leaves the previous checkpoint the
@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -39,6 +40,7 @@ from ..runtime.mesh import Mesh
 from .plan import RunPlan
 
 CHECKPOINTS = "checkpoints"
+ABANDONED = "abandoned"  # checkpoints of a branch given up by a rewind (``abandon``)
 PRIVACY_FILE, LEDGER = "privacy.json", "ledger.jsonl"
 PREFIX, PARTIAL = "step-", ".partial"
 FORMAT = 1
@@ -185,6 +187,24 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def newer_checkpoints(checkpoint: Path) -> list[Path]:
+    """The committed checkpoints of ``checkpoint``'s run at later steps: resuming from ``checkpoint``
+    while they exist is a rewind, and they belong to the branch it abandons."""
+    checkpoint = Path(checkpoint)
+    return [d for d in complete_checkpoints(checkpoint.parent.parent) if d.name > checkpoint.name]
+
+
+def abandon(checkpoints: list[Path], run_dir: Path) -> Path:
+    """Move an abandoned branch's checkpoints to ``<run>/abandoned/<time>/``, out of ``checkpoints/``, so
+    that no later ``--resume auto`` takes one of them for the latest; they stay readable there."""
+    target = Path(run_dir) / ABANDONED / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    for folder in checkpoints:
+        os.replace(folder, target / folder.name)
+    _fsync_dir(Path(run_dir) / CHECKPOINTS)
+    return target
 
 
 def save_checkpoint(run_dir: Path, next_step: int, model, optimizer, cfg: RunConfig, plan: RunPlan, mesh: Mesh,

@@ -152,7 +152,7 @@ class PartitionNoise:
     def __init__(self, engine, model: nn.Module, mesh: Mesh, *, secret: int, std: float, expected_batch_size: float):
         self.secret, self.std, self.expected_batch_size = secret, std, expected_batch_size
         self.dp_size = mesh.dp_size
-        self.step: int | None = None
+        self.release: int | None = None  # the release index keying this step's noise
         names = {p: name for name, p in model.named_parameters() if p.requires_grad}
         zero = engine.optimizer
         partitions = zero.single_partition_of_fp32_groups
@@ -163,8 +163,8 @@ class PartitionNoise:
         verify_partitions(self.partitions, self.slices, names, mesh)
 
     def __call__(self, optimizer, args, kwargs) -> None:
-        if self.step is None:
-            raise RuntimeError("the DeepSpeed optimizer stepped without a released step; call release(step) first")
+        if self.release is None:
+            raise RuntimeError("the DeepSpeed optimizer stepped without a release; call release(index) first")
         with torch.no_grad():
             for group in optimizer.param_groups:
                 for partition in group["params"]:
@@ -182,7 +182,7 @@ class PartitionNoise:
         if self.std > 0:
             for piece in self.slices[id(partition)]:
                 p = piece.param
-                noise = keyed_normal_slice(self.secret, self.step, piece.name, p.full_shape, shard_box(p),
+                noise = keyed_normal_slice(self.secret, self.release, piece.name, p.full_shape, shard_box(p),
                                            piece.start, piece.stop, dtype=grad.dtype, device=grad.device)
                 grad[piece.offset:piece.offset + piece.stop - piece.start].add_(noise, alpha=self.std)
         grad.div_(self.expected_batch_size)
@@ -191,7 +191,7 @@ class PartitionNoise:
         """After ``engine.step()``: every partition was noised exactly once, or the step is an error."""
         missing = len(self.partitions) - len(self._noised)
         self._noised.clear()
-        self.step = None
+        self.release = None
         if missing:
             raise RuntimeError(f"DeepSpeed skipped the optimizer step of {missing} partition(s) (an overflow skip?); "
                                "a DP step must update every coordinate once")
@@ -243,13 +243,13 @@ class DeepSpeedPrivateGradient(PrivateGradient):
             self.tap.defer_weight_grad = True
         self._reduced = self._reduced or last
 
-    def release(self, step: int) -> None:
+    def release(self, release: int, step: int | None = None) -> None:
         sums = self.tap.pop_grad_sums()
         if not self._reduced:  # book-keeping, per-layer, or a step with no micro-batch on this rank
             params = list(self.names)
             _surrogate_backward(self.engine, {p: sums.get(p, torch.zeros_like(p)) for p in params})
         self._reduced = False
-        self.noise.step = step
+        self.noise.release = release
 
 
 class DeepSpeedNonPrivateGradient(NonPrivateGradient):
@@ -265,7 +265,7 @@ class DeepSpeedNonPrivateGradient(NonPrivateGradient):
         self.engine.backward(loss * self.dp_size, scale_wrt_gas=False)
         self._reduced = self._reduced or last
 
-    def release(self, step: int) -> None:
+    def release(self, release: int, step: int | None = None) -> None:
         if not self._reduced:  # no micro-batch on this rank this step: DeepSpeed still needs its boundary
             _surrogate_backward(self.engine, {p: torch.zeros_like(p) for p in self.model.parameters()
                                               if p.requires_grad})

@@ -18,22 +18,22 @@ from torch import nn
 
 from ..parallel.cross_entropy import per_example_loss
 from ..parallel.mappings import group_size
-from ..config import AnadpConfig, LsgConfig
+from ..config import TWO_PASS_LOW_PRECISION, AnadpConfig, LsgConfig
 from ..privacy.anadp import NoiseAllocation
 from ..privacy.lsg import LowRankGradients
 from ..privacy.clipping import clip_factors, per_layer_threshold
 from ..privacy.noise import keyed_normal
 from ..privacy.rules import has_rule
 from ..privacy.strategy import Plan, plan_strategies
-from ..privacy.tap import PerExampleTap
+from ..privacy.tap import LOW_PRECISION, PerExampleTap
 
 
 @dataclass
 class MicroBatchStats:
-    loss_sum: float  # sum of per-example losses over the real (unmasked) examples
+    loss_sum: float  # sum of per-example losses over the real (unmasked) examples with a finite loss
     examples: int
     clipped: int  # examples whose norm exceeded the clip norm
-    norm_sum: float
+    nonfinite: int = 0  # examples whose norm was not finite: dropped (clip factor 0)
 
 
 def model_losses(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:
@@ -78,6 +78,8 @@ class PrivateGradient:
                              "use privacy.clipping=flat or automatic, privacy.mode=bookkeeping, and no ANADP")
         if mode == "two_pass" and clipping == "per_layer":
             raise ValueError("per-layer clipping already clips during the backward; use mode='bookkeeping'")
+        if mode == "two_pass" and any(p.dtype in LOW_PRECISION for p in model.parameters() if p.requires_grad):
+            raise ValueError(TWO_PASS_LOW_PRECISION)
         if anadp is not None and anadp.enabled and clipping != "per_layer":
             raise ValueError("ANADP allocates noise per layer group and needs the groups clipped separately: set "
                              "privacy.clipping=per_layer")
@@ -95,7 +97,8 @@ class PrivateGradient:
         tap_mode = {"per_layer": "per_layer"}.get(clipping, "norms" if mode == "two_pass" else "bookkeeping")
         layer_clip = per_layer_threshold(clip_norm, len(layers)) if clipping == "per_layer" else None
         self.tap = PerExampleTap(layers, self.plan.strategies, mode=tap_mode, tp_group=tp_group,
-                                 layer_clip_norm=layer_clip).attach()
+                                 layer_clip_norm=layer_clip,
+                                 names={module: name for name, module in model.named_modules()}).attach()
         self.allocation = None
         if anadp is not None and anadp.enabled:
             groups = [[p for p in layer.parameters(recurse=False) if p.requires_grad] for layer in layers]
@@ -110,19 +113,24 @@ class PrivateGradient:
         """Add sum_i c_i grad L_i of this micro-batch to the clipped sums; ``mask`` marks real rows and
         ``last`` the step's final micro-batch (where a backend that reduces during the backward reduces)."""
         losses = self.loss(input_ids, labels)
-        mask = torch.ones_like(losses) if mask is None else mask.to(losses.dtype)
-        losses = losses * mask  # padding rows get a zero gradient, hence a zero norm
+        real = torch.ones_like(losses, dtype=torch.bool) if mask is None else mask.to(losses.device, torch.bool)
+        losses = torch.where(real, losses, 0.0)  # padding rows: a zero loss, even a non-finite one
         self._recording_backward(losses.sum())
         norms = self.tap.take_sq_norms().sqrt()
         if self.clipping != "per_layer":
-            clip = clip_factors(norms, self.clip_norm, self.clipping, self.automatic_gamma) * mask
+            clip = clip_factors(norms, self.clip_norm, self.clipping, self.automatic_gamma) * real
             if self.mode == "two_pass":
+                if not bool(torch.isfinite(norms[real]).all()):
+                    raise FloatingPointError("an example's gradient is not finite, and the second backward of "
+                                             "privacy.mode=two_pass cannot leave it out (0 x NaN is NaN); use "
+                                             "privacy.mode=bookkeeping, which drops such an example")
                 self._weighted_backward(losses, clip, last)
             else:
                 self.tap.accumulate_clipped(clip)
-        real = mask > 0
-        return MicroBatchStats(loss_sum=float(losses.detach().sum()), examples=int(real.sum()),
-                               clipped=int((norms[real] > self.clip_norm).sum()), norm_sum=float(norms[real].sum()))
+        finite = torch.isfinite(norms) & torch.isfinite(losses.detach())
+        return MicroBatchStats(loss_sum=float(losses.detach()[real & finite].sum()), examples=int(real.sum()),
+                               clipped=int((norms[real] > self.clip_norm).sum()),
+                               nonfinite=int((real & ~finite).sum()))
 
     def _recording_backward(self, loss: torch.Tensor) -> None:
         """The backward in which the layers record for the tap.  ``autograd.grad`` with respect to the
@@ -150,10 +158,15 @@ class PrivateGradient:
         sums = self.tap.pop_grad_sums()
         return {self.names[p]: sums.get(p, torch.zeros_like(p)) for p in self.names}
 
-    def release(self, step: int) -> None:
+    def release(self, release: int, step: int | None = None) -> None:
         """Sum over data-parallel ranks, add keyed noise once per coordinate, divide by qN, set ``p.grad``.
         Under LSG the carriers are what is summed and noised (on their support only), and the update of
-        each carried weight is reconstructed from them."""
+        each carried weight is reconstructed from them.
+
+        ``release`` keys the noise: the ledger position of this release, never used for another one.
+        ``step`` is the training step, which only public schedules read (ANADP's warm-up, LSG's
+        refreshes); it defaults to ``release`` for callers that never compute a step twice."""
+        step = release if step is None else step
         sums = self.tap.pop_grad_sums()
         carried = set(self.lsg.layers) if self.lsg is not None else set()
         released = [p for p in self.names if p not in carried] + (self.lsg.carriers() if self.lsg is not None else [])
@@ -169,7 +182,7 @@ class PrivateGradient:
             std = self.allocation.std_of(p, stds) if stds is not None else self.noise_multiplier * self.clip_norm
             if std > 0:
                 name = self.names.get(p) or p.carrier_name
-                noise = keyed_normal(self.secret, step, name, p.full_shape, shard_box(p), dtype=g.dtype, device=g.device)
+                noise = keyed_normal(self.secret, release, name, p.full_shape, shard_box(p), dtype=g.dtype, device=g.device)
                 if p not in self.names:
                     noise = noise * self.lsg.mask(p)  # a carrier: noise on its support only
                 g = torch.add(g, noise, alpha=std)
@@ -217,13 +230,12 @@ class NonPrivateGradient:
         mask = torch.ones_like(losses) if mask is None else mask.to(losses.dtype)
         losses = losses * mask
         self._backward(losses.sum() / self.expected_batch_size, last)
-        return MicroBatchStats(loss_sum=float(losses.detach().sum()), examples=int((mask > 0).sum()), clipped=0,
-                               norm_sum=0.0)
+        return MicroBatchStats(loss_sum=float(losses.detach().sum()), examples=int((mask > 0).sum()), clipped=0)
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
 
-    def release(self, step: int) -> None:
+    def release(self, release: int, step: int | None = None) -> None:
         if group_size(self.dp_group) > 1:
             for p in self.model.parameters():
                 if p.grad is not None:

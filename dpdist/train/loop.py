@@ -4,6 +4,12 @@ Each logical step: the Poisson plan for this step (identical on every rank), the
 data-parallel rank through ``PrivateGradient``, one noisy gradient, the ledger entry (written before
 the update, so a crash never under-counts epsilon), the optimizer step.  The printed training loss is a
 non-private diagnostic of the sampled batch; the privacy guarantee covers the model, not the log.
+
+Sampling and noise are keyed by the release index, the ledger position of the step's release: a run
+resumed from its latest checkpoint after a clean stop continues the ledger where the checkpoint left
+it and draws exactly what an uninterrupted run would, while a step computed again (after a crash, or a
+rewind to an older checkpoint) is a new ledger line with a fresh sample and fresh noise.  The budget
+is checked against the ledger itself, so releases spent on replayed steps count against it.
 """
 from __future__ import annotations
 
@@ -22,10 +28,11 @@ from ..data.dataset import prepare_data
 from ..model.gpt import build_model, strip_vocab_padding
 from ..parallel.state import full_state_dict
 from ..parallel.cross_entropy import per_example_loss
+from ..privacy import accounting
 from ..privacy.accounting import DISPLAY_PLD_GRID
 from ..privacy.frequencies import setup_reattention
 from ..privacy.ledger import PrivacyLedger
-from ..privacy.sampling import PoissonSampler
+from ..privacy.sampling import PoissonSampler, public_padding
 from ..runtime.mesh import Mesh
 from ..runtime.secret import load_secret, save_secret, shared_secret, warn_fixed_seed
 from .checkpoint import check_ledger, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -99,6 +106,24 @@ def run_secret(cfg: RunConfig, run_dir: Path, mesh: Mesh) -> int:
     return secret
 
 
+def release_budget(ledger: PrivacyLedger | None, cfg: RunConfig, plan: RunPlan, steps_left: int,
+                   mesh: Mesh) -> tuple[int, int]:
+    """(the release index of the next release, how many releases may still be made): the ledger's
+    length, and the most releases that keep the ledger's epsilon within the budget (``steps_left`` when
+    there is no budget or it is not binding).  Rank 0 reads the ledger; every rank gets its answer."""
+    answer = [0, steps_left]
+    if ledger is not None:
+        history = ledger.history()
+        answer[0] = sum(count for _, _, count in history)
+        if plan.epsilon_budget is not None:
+            answer[1] = accounting.max_steps_within(plan.epsilon_budget, plan.sample_rate, plan.noise_multiplier,
+                                                    plan.delta, accountant=cfg.privacy.accountant, upper=steps_left,
+                                                    prior=history)
+    if mesh.world_size > 1:
+        dist.broadcast_object_list(answer, src=0, group=mesh.world_group)
+    return answer[0], answer[1]
+
+
 def resume_point(resume: str | None, run_dir: Path) -> Path | None:
     """The checkpoint to start from: ``auto`` is the run's latest complete one (None: a fresh start)."""
     if resume in (None, "none"):
@@ -140,10 +165,12 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
             check_ledger(checkpoint, run_dir / "ledger.jsonl")
     ledger = PrivacyLedger(run_dir / "ledger.jsonl") if privacy.enabled and mesh.is_main else None
     setup_reattention(cfg, plan, data, model, run_dir, mesh, secret, ledger)  # Re-Attention; no-op unless enabled
+    first_release, allowed = release_budget(ledger, cfg, plan, plan.max_steps - start, mesh)
+    end = start + allowed  # < plan.max_steps only when replayed steps spent part of the budget
     metrics = open(run_dir / "metrics.jsonl", "a") if mesh.is_main else None
     bar = tqdm(total=plan.max_steps, desc="dp-train" if privacy.enabled else "train", unit="step", file=sys.stderr,
                disable=not (mesh.is_main and cfg.train.progress), dynamic_ncols=True)
-    window = {"loss": 0.0, "examples": 0.0, "clipped": 0.0, "tokens": 0.0, "seconds": 0.0}
+    window = {"loss": 0.0, "examples": 0.0, "clipped": 0.0, "nonfinite": 0.0, "tokens": 0.0, "seconds": 0.0}
     last_loss, epsilon, stopped_at = float("nan"), 0.0, None
     bar.update(start)
 
@@ -151,32 +178,36 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
         save_checkpoint(run_dir, next_step, model, optimizer, cfg, plan, mesh, keep=cfg.train.keep_checkpoints,
                         deepspeed_engine=ds_engine, extra=gradient.checkpoint_state())
 
-    for step in range(start, plan.max_steps):
+    for step in range(start, end):
         started = time.perf_counter()
-        step_plan = sampler.plan(step)
-        loss_sum = clipped = examples = 0.0
+        release = first_release + step - start
+        step_plan = sampler.plan(release)
+        loss_sum = clipped = examples = nonfinite = 0.0
         last = len(step_plan.micro_batches) - 1
         for k, micro in enumerate(step_plan.micro_batches):
-            input_ids, labels = data.train_batch(micro.indices)
+            input_ids, labels = public_padding(*data.train_batch(micro.indices), micro.mask)
             input_ids, labels, mask = input_ids.to(mesh.device), labels.to(mesh.device), micro.mask.to(mesh.device)
             stats = gradient.microbatch(input_ids, labels, mask, last=k == last)
             loss_sum, clipped, examples = loss_sum + stats.loss_sum, clipped + stats.clipped, examples + stats.examples
-        gradient.release(step)
-        if ledger is not None:
-            ledger.append(step, plan.sample_rate, plan.noise_multiplier)  # before the update is applied
+            nonfinite += stats.nonfinite
+        gradient.release(release, step)
+        if ledger is not None:  # before the update is applied
+            ledger.append(step, plan.sample_rate, plan.noise_multiplier, release=release)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, examples, clipped = _all_sum([loss_sum, examples, clipped], mesh)
+        loss_sum, examples, clipped, nonfinite = _all_sum([loss_sum, examples, clipped, nonfinite], mesh)
         window["loss"] += loss_sum
         window["examples"] += examples
         window["clipped"] += clipped
+        window["nonfinite"] += nonfinite
         window["tokens"] += examples * cfg.data.seq_len
         window["seconds"] += time.perf_counter() - started
-        if mesh.is_main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == plan.max_steps):
+        if mesh.is_main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == end):
             last_loss = window["loss"] / max(window["examples"], 1.0)
             epsilon = ledger.epsilon(plan.delta, privacy.accountant, DISPLAY_PLD_GRID) if ledger else math.inf
             record = {"step": step + 1, "loss": last_loss, "epsilon": epsilon,
                       "clipped_fraction": window["clipped"] / max(window["examples"], 1.0),
+                      "nonfinite_examples": int(window["nonfinite"]),
                       "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9)}
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
@@ -187,19 +218,23 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
             checkpoint_at(step + 1)
             stopped_at = step + 1
             break
-        if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < plan.max_steps:
+        if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < end:
             checkpoint_at(step + 1)
     bar.close()
     if stopped_at is not None:
         return {"steps": stopped_at, "stopped_by_signal": True, "resumed_from": resumed_from,
                 "checkpoint": str(latest_checkpoint(run_dir))}
-    if cfg.train.checkpoint_every:
-        checkpoint_at(plan.max_steps)
+    if cfg.train.checkpoint_every and end > start or start < end < plan.max_steps:
+        checkpoint_at(end)  # the budget stop is checkpointed too: a resume then finds nothing left to release
+    if end < plan.max_steps and mesh.is_main:
+        print(f"privacy budget reached: the ledger's {first_release + allowed} releases (some of them replayed "
+              f"steps) leave no room for step {end} within epsilon {plan.epsilon_budget}; stopped before it",
+              file=sys.stderr, flush=True)
     val_loss = validation_loss(model, data, mesh, cfg.train.micro_batch_size) if data.num_val else float("nan")
-    summary = {"steps": plan.max_steps, "train_loss": last_loss, "val_loss": val_loss,
+    summary = {"steps": end, "train_loss": last_loss, "val_loss": val_loss,
                "val_perplexity": math.exp(min(val_loss, 50.0)), "delta": plan.delta,
                "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
-               "budget_stopped": plan.max_steps < cfg.train.steps, "stopped_by_signal": False,
+               "budget_stopped": end < cfg.train.steps, "stopped_by_signal": False,
                "resumed_from": resumed_from}
     if mesh.is_main:
         if ledger is not None:
