@@ -7,8 +7,8 @@ keys it owns.  Refused, because each would change what the privacy guarantee is 
 - fp16: dynamic loss scaling skips a step when a gradient overflows, a data-dependent event that
   the accountant does not see;
 - bf16 with privacy on: DeepSpeed keeps and reduces the gradient handed to it in bf16, so the
-  per-rank clipped sums would be rounded and reduced in bf16 before the noise (removing one of 1024
-  near-duplicate examples moved the sum by 2.2 C); the native backend keeps them in fp32;
+  per-rank clipped sums would be rounded and reduced in bf16 before the noise, and removing one of
+  many near-duplicate examples can then move them by more than C; the native backend keeps them fp32;
 - ``gradient_clipping``: DeepSpeed would rescale the pre-noise aggregate of the clipped gradients
   (still private, a projection onto a ball, but the noise then swamps a shrunken signal, and the
   update is no longer the DP-SGD update the native backend computes);
