@@ -15,6 +15,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
+SECRET_KEYS = frozenset({"privacy.seed"})  # whoever knows one can subtract the noise: no error message echoes it
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message says what to change."""
@@ -158,7 +160,7 @@ class PrivacyConfig:
         if self.automatic_gamma <= 0:
             raise ConfigError(f"privacy.automatic_gamma must be > 0; got {self.automatic_gamma}")
         if self.seed is not None and not 0 <= self.seed < 2**124:
-            raise ConfigError(f"privacy.seed must be a non-negative integer below 2**124; got {self.seed}")
+            raise ConfigError("privacy.seed must be a non-negative integer below 2**124")  # never echo a secret
         if self.max_epsilon is not None and self.max_epsilon <= 0:
             raise ConfigError(f"privacy.max_epsilon must be > 0; got {self.max_epsilon}")
 
@@ -384,7 +386,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key} expects {text}; got {value!r}") from None
+        shown = "a value not shown (it is secret)" if key in SECRET_KEYS else repr(value)
+        raise ConfigError(f"{key} expects {text}; got {shown}") from None
 
 
 def _apply(section: Any, values: dict, prefix: str) -> None:

@@ -46,9 +46,24 @@ def test_export_holds_weights_tokenizer_and_the_ledgers_epsilon(tmp_path, capsys
     assert json.loads(meta[MODEL_KEY])["vocab_size"] == 512
     tokenizer = spm.SentencePieceProcessor(model_proto=base64.b64decode(meta[TOKENIZER_KEY]))
     assert tokenizer.vocab_size() == 512
-    secret = (finished_run / "private" / "secret").read_text().strip()
-    blob = out.read_bytes()
-    assert secret.encode() not in blob and int(secret, 16).to_bytes(16, "little") not in blob
+    assert_holds_no_secret(out.read_bytes(), finished_run)
+
+
+def assert_holds_no_secret(blob: bytes, run_dir: Path) -> None:
+    """No trace of the secret in any encoding a careless copy could use: hex either case, decimal, 16 raw bytes."""
+    secret = int((run_dir / "private" / "secret").read_text(), 16)
+    for encoded in (f"{secret:x}", f"{secret:X}", str(secret)):
+        assert encoded.encode() not in blob
+    for order in ("little", "big"):
+        assert secret.to_bytes(16, order) not in blob
+
+
+def test_the_default_export_folder_holds_only_the_file_and_nothing_from_private(capsys, finished_run):
+    assert main(["export", str(finished_run)]) == 0
+    written = list((finished_run / "export").rglob("*"))
+    assert written == [finished_run / "export" / "model.safetensors"]
+    assert_holds_no_secret(written[0].read_bytes(), finished_run)
+    assert "WARNING" not in capsys.readouterr().err  # the secret came from OS entropy: nothing to warn of
 
 
 def test_export_refuses_an_unfinished_run(tmp_path, capsys, finished_run):

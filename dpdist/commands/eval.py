@@ -134,7 +134,7 @@ def report(result: dict) -> str:
         spent = "none (trained without differential privacy)"
     else:
         spent = f"epsilon = {privacy['epsilon']:.3f} at delta = {privacy['delta']:.2e} over {privacy['steps']} steps"
-    if privacy["fixed_seed"]:
+    if "warning" in privacy:
         spent += f" (WARNING: {privacy['warning']})"
     lines = [f"run: {result['run_dir']} (weights {result['weights']})", f"privacy: {spent}"]
     if result["val_loss"] is None:

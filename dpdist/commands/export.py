@@ -3,9 +3,9 @@
 The weights are the run's final full-shape model; the tokenizer (sentencepiece model, base64; for the
 generated item task, its public item catalogue as JSON) and the
 privacy report (epsilon from the run's own ledger with PLD and RDP, delta, steps, sample rate, noise
-multiplier, clip, clipping, the privacy unit) go into the file's metadata, so the guarantee travels
-with the model.  Nothing from ``RUN_DIR/private`` (the secret) or the checkpoints is read into it:
-with the secret, anyone could subtract the noise.
+multiplier, clip, clipping, the privacy unit, whether the secret was a fixed seed) go into the file's
+metadata, so the guarantee travels with the model.  Nothing else from ``RUN_DIR/private`` (the secret)
+or the checkpoints is read into it: with the secret, anyone could subtract the noise.
 """
 from __future__ import annotations
 
@@ -31,19 +31,21 @@ def add_parser(subparsers) -> None:
 
 def privacy_report(run_dir: Path, cfg) -> dict:
     from ..privacy.ledger import PrivacyLedger
+    from ..runtime.secret import origin_warning, seed_is_fixed
     from ..train.plan import RunPlan
 
     plan = RunPlan.load(run_dir / "plan.json")
     report = {"enabled": cfg.privacy.enabled, "unit": f"one sequence of {cfg.data.seq_len + 1} tokens",
               "delta": plan.delta, "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
               "clip_norm": cfg.privacy.clip_norm, "clipping": cfg.privacy.clipping, "num_examples": plan.num_examples,
-              "fixed_seed": cfg.privacy.seed is not None}
+              "fixed_seed": seed_is_fixed(run_dir, cfg.privacy.seed)}
     if cfg.privacy.enabled:
         ledger = PrivacyLedger(run_dir / "ledger.jsonl")
         report.update(steps=sum(1 for e in ledger.entries() if "kind" not in e), epsilon=ledger.epsilon(plan.delta, "pld"),
                       epsilon_rdp=ledger.epsilon(plan.delta, "rdp"), accountant="PLD (RDP alongside), dp_accounting")
-    if report["fixed_seed"]:
-        report["warning"] = "privacy.seed was fixed: anyone who knows it can remove the noise; no guarantee"
+    warning = origin_warning(report["fixed_seed"])
+    if warning is not None:
+        report["warning"] = warning
     return report
 
 
@@ -90,6 +92,6 @@ def run(args) -> int:
               f"multiplier {report['noise_multiplier']:.4f}, clip {report['clip_norm']} ({report['clipping']})")
     else:
         print("privacy: none (trained without differential privacy)")
-    if report["fixed_seed"]:
+    if "warning" in report:
         print(f"WARNING: {report['warning']}", file=sys.stderr)
     return 0

@@ -89,11 +89,13 @@ def rewound(checkpoint: Path | None, rewind: bool) -> list[Path]:
 def prepare_run(cfg: RunConfig, resume: str | None = None, rewind: bool = False) -> tuple[Path, "RunPlan", Path | None]:
     from ..data.dataset import prepare_data
     from ..runtime.mesh import Mesh
+    from ..runtime.secret import check_resumed_secret
     from ..train.checkpoint import abandon, check_backend, check_compatible, read_record
     from ..train.plan import resolve_plan
 
     run_dir, checkpoint = resumed_run(cfg, resume) if resume else (fresh_run_dir(cfg.train.run_dir), None)
     abandoned = rewound(checkpoint, rewind)
+    check_resumed_secret(cfg.privacy.seed, run_dir, checkpoint)  # before config.yaml is rewritten without the seed
     record = read_record(checkpoint) if checkpoint is not None else None  # intact files, before the slow data step
     data = prepare_data(cfg.data)
     cfg.model.vocab_size = data.vocab_size
@@ -186,6 +188,8 @@ def run(args) -> int:
 
 
 def format_summary(summary: dict, cfg: RunConfig) -> str:
+    from ..runtime.secret import origin_warning
+
     if summary["stopped_by_signal"]:
         return (f"stopped by a signal after step {summary['steps']}; checkpoint {summary['checkpoint']}\n"
                 f"  continue with: dpdist train --config {cfg.train.run_dir}/config.yaml --resume auto")
@@ -197,6 +201,9 @@ def format_summary(summary: dict, cfg: RunConfig) -> str:
                      f"{summary['delta']:.2e}, sigma {summary['noise_multiplier']:.4f}, q {summary['sample_rate']:.5f}")
     else:
         lines.append("  privacy: none (privacy.enabled=false)")
+    warning = origin_warning(summary["fixed_seed"])
+    if warning is not None:
+        lines.append(f"  WARNING: {warning}")
     lines.append(f"  model: {summary['model']}")
     if summary.get("checkpoint"):
         lines.append(f"  checkpoint: {summary['checkpoint']}")

@@ -40,7 +40,7 @@ def derive_key(secret: int, *parts) -> int:
     keys the same stream as the Python int.
     """
     if not isinstance(secret, int) or not 0 <= secret < 2**128:
-        raise ValueError(f"the secret must be a non-negative integer below 2**128; got {secret!r}")
+        raise ValueError("the secret must be a non-negative integer below 2**128")  # never echo it
     digest = hashlib.blake2b(digest_size=16, key=secret.to_bytes(16, "little"), person=b"dpdist.key")
     for part in parts:
         if isinstance(part, str):

@@ -34,7 +34,7 @@ from ..privacy.frequencies import setup_reattention
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.sampling import PoissonSampler, public_padding
 from ..runtime.mesh import Mesh
-from ..runtime.secret import load_secret, save_secret, shared_secret, warn_fixed_seed
+from ..runtime.secret import run_secret, seed_is_fixed
 from .checkpoint import check_ledger, latest_checkpoint, load_checkpoint, save_checkpoint
 from .engine import NonPrivateGradient, PrivateGradient
 from .plan import RunPlan
@@ -93,19 +93,6 @@ def validation_loss(model, data, mesh: Mesh, micro_batch_size: int, max_examples
     return total / max(count, 1.0)
 
 
-def run_secret(cfg: RunConfig, run_dir: Path, mesh: Mesh) -> int:
-    """The run's secret: the saved one when the run directory has it (a restart or resume), else new;
-    rank 0 reads or draws it and every rank receives rank 0's."""
-    saved = load_secret(run_dir) if mesh.is_main else None
-    secret = shared_secret(cfg.privacy.seed, mesh.world_group, saved=saved)
-    if mesh.is_main:
-        if cfg.privacy.seed is not None:
-            warn_fixed_seed(cfg.privacy.seed)
-        if saved is None:
-            save_secret(secret, run_dir)
-    return secret
-
-
 def release_budget(ledger: PrivacyLedger | None, cfg: RunConfig, plan: RunPlan, steps_left: int,
                    mesh: Mesh) -> tuple[int, int]:
     """(the release index of the next release, how many releases may still be made): the ledger's
@@ -151,7 +138,7 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
     model = build_model(cfg.model, tp_group=mesh.tp_group, device=mesh.device)
     optimizer = make_optimizer(cfg, model)
     privacy = cfg.privacy
-    secret = run_secret(cfg, run_dir, mesh)
+    secret = run_secret(privacy.seed, run_dir, mesh)
     sampler = PoissonSampler(plan.num_examples, plan.sample_rate, secret, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
                              micro_batch_size=cfg.train.micro_batch_size)
     gradient, optimizer, ds_engine = make_gradient(cfg, plan, model, optimizer, mesh, secret)
@@ -237,6 +224,7 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
                "budget_stopped": end < cfg.train.steps, "stopped_by_signal": False,
                "resumed_from": resumed_from}
     if mesh.is_main:
+        summary["fixed_seed"] = seed_is_fixed(run_dir, privacy.seed)
         if ledger is not None:
             summary["epsilon"] = ledger.epsilon(plan.delta, accountant="pld")
             summary["epsilon_rdp"] = ledger.epsilon(plan.delta, accountant="rdp")
