@@ -119,7 +119,8 @@ def test_a_bound_above_the_accountant_epsilon_is_reported_as_a_failure(noisy):
     assert report(refuted).splitlines()[-1].startswith("FAIL: the lower bound exceeds the accountant's epsilon")
 
 
-@pytest.mark.parametrize("args", [["--beta", "1.5"], ["--canaries", "8", "--k-plus", "5", "--k-minus", "4"],
+@pytest.mark.parametrize("args", [["--beta", "1.5"], ["--ordinary", "0"],
+                                  ["--canaries", "8", "--k-plus", "5", "--k-minus", "4"],
                                   ["--canaries", "8", "--k-plus", "0", "--k-minus", "0"],
                                   ["privacy.enabled=false"], ["model.vocab_size=2", "data.seq_len=2"]])
 def test_bad_input_is_one_error_line_and_exit_code_two(capsys, args):

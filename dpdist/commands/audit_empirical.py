@@ -19,15 +19,15 @@ def add_arguments(parser) -> None:
     group.add_argument("--empirical", action="store_true",
                        help="train once with planted canaries and bound epsilon from below (Steinke et al. 2023)")
     group.add_argument("--canaries", type=int, default=256, help="canaries m, each trained on with probability 1/2")
-    group.add_argument("--ordinary", type=int, default=None, help="ordinary sequences always trained on (default m)")
+    group.add_argument("--ordinary", type=int, default=None, help="ordinary sequences, always trained on (default m)")
     group.add_argument("--k-plus", type=int, default=None, help="how many top scores to guess 'in' (default m/4)")
     group.add_argument("--k-minus", type=int, default=None, help="how many bottom scores to guess 'out' (default m/4)")
     group.add_argument("--beta", type=float, default=0.05, help="the bound holds with confidence 1 - beta")
 
 
 def _input_error(canaries: int, ordinary: int, k_plus: int, k_minus: int, beta: float) -> str | None:
-    if canaries < 1 or ordinary < 0:
-        return f"--canaries must be >= 1 and --ordinary >= 0; got {canaries} and {ordinary}"
+    if canaries < 1 or ordinary < 1:  # ordinary sequences keep the training set non-empty whatever the coins
+        return f"--canaries and --ordinary must be >= 1; got {canaries} and {ordinary}"
     if k_plus < 0 or k_minus < 0 or not 1 <= k_plus + k_minus <= canaries:
         return (f"--k-plus and --k-minus must be >= 0 with 1 <= k-plus + k-minus <= --canaries ({canaries}); "
                 f"got {k_plus} and {k_minus}")
