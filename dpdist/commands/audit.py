@@ -15,6 +15,7 @@ import sys
 import torch
 
 from .. import audit
+from . import audit_empirical
 from ..config import ConfigError, load_config
 from ..model.gpt import build_model
 
@@ -32,6 +33,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--batch", type=int, default=4, help="examples in the audit batch (default 4)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: min(data.seq_len, 32))")
     parser.add_argument("--seed", type=int, default=0)
+    audit_empirical.add_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -92,6 +94,8 @@ def precision_checks(model, vocab_size: int, clip_norm: float, seq_len: int, see
 
 
 def run(args) -> int:
+    if args.empirical:
+        return audit_empirical.run(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
