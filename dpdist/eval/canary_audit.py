@@ -25,7 +25,7 @@ from ..config import ConfigError, RunConfig
 from ..model.gpt import build_model
 from ..privacy import accounting
 from ..privacy.empirical_audit import count_correct, epsilon_lower_bound, guesses
-from ..privacy.sampling import PoissonSampler
+from ..privacy.sampling import PoissonSampler, public_padding
 from ..runtime.mesh import Mesh
 from ..runtime.secret import shared_secret
 from ..train.engine import model_losses
@@ -102,7 +102,8 @@ def train(cfg: RunConfig, plan: RunPlan, model, rows: torch.Tensor, secret: int)
         micro_batches = sampler.plan(step).micro_batches
         for k, micro in enumerate(micro_batches):
             batch = rows[micro.indices]
-            gradient.microbatch(batch[:, :-1], batch[:, 1:], micro.mask, last=k == len(micro_batches) - 1)
+            input_ids, labels = public_padding(batch[:, :-1], batch[:, 1:], micro.mask)
+            gradient.microbatch(input_ids, labels, micro.mask, last=k == len(micro_batches) - 1)
         gradient.release(step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
