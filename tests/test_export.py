@@ -23,7 +23,7 @@ def finished_run(tmp_path_factory):
     args = ["train", "--config", str(ROOT / "configs/default.yaml"), f"data.cache_dir={base / 'cache'}",
             "data.max_corpus_mb=0.5", "data.vocab_size=512", "data.seq_len=32", "model.d_model=32", "model.n_layers=1",
             "model.max_seq_len=32", "train.steps=3", "train.batch_size=16", "train.progress=false",
-            "parallel.data=1", f"train.run_dir={run_dir}"]
+            "parallel.data=1", "data.packing=document", f"train.run_dir={run_dir}"]
     assert main(args) == 0
     return run_dir
 
@@ -45,7 +45,8 @@ def test_export_holds_weights_tokenizer_and_the_ledgers_epsilon(tmp_path, capsys
     assert report["steps"] == 3 == len(ledger.entries())
     assert report["epsilon"] == ledger.epsilon(plan["delta"], "pld") and report["delta"] == plan["delta"]
     assert report["noise_multiplier"] == plan["noise_multiplier"] and report["fixed_seed"] is False
-    assert report["tokenizer_trained_on_private_data"] is True and report["unit"] == "one sequence of 33 tokens"
+    assert report["tokenizer_trained_on_private_data"] is True
+    assert report["unit"].startswith("one sequence of at most 33 tokens from one document")
     assert json.loads(meta[MODEL_KEY])["vocab_size"] == 512
     tokenizer = spm.SentencePieceProcessor(model_proto=base64.b64decode(meta[TOKENIZER_KEY]))
     assert tokenizer.vocab_size() == 512
@@ -62,13 +63,12 @@ def test_export_refuses_an_unfinished_run(tmp_path, capsys, finished_run):
     assert "not a dpdist run directory" in capsys.readouterr().err
 
 
-def test_the_report_says_whether_the_tokenizer_and_the_unit_come_from_the_private_corpus(tmp_path, finished_run):
+def test_the_report_says_whether_the_tokenizer_came_from_the_private_corpus_and_what_the_unit_is(tmp_path, finished_run):
     cfg = load_config(finished_run / "config.yaml")
     public = tmp_path / "public.model"
     public.write_bytes((finished_run / "tokenizer.model").read_bytes())
-    cfg.data.tokenizer_path, cfg.data.packing = str(public), "document"
+    cfg.data.tokenizer_path, cfg.data.packing = str(public), "stream"
     report = privacy_report(finished_run, cfg)
-    assert report["tokenizer_trained_on_private_data"] is False
-    assert report["unit"].startswith("one sequence of at most 33 tokens from one document")
+    assert report["tokenizer_trained_on_private_data"] is False and report["unit"] == "one sequence of 33 tokens"
     cfg.data.source, cfg.data.tokenizer_path = "zipf_items", None  # generated items: no tokenizer at all
     assert privacy_report(finished_run, cfg)["tokenizer_trained_on_private_data"] is False
