@@ -56,13 +56,13 @@ def sequence_counts(ends: np.ndarray, seq_len: int) -> np.ndarray:
     stream starts with one, so every document has one), its text and its closing EOS.  Its targets,
     every token after the first, are cut into runs of ``seq_len``; consecutive examples share one
     token (the last of one is the first input of the next), so each target is in exactly one example."""
-    opening = np.concatenate(([0], ends[:-1]))
+    opening = np.concatenate(([0], ends))[:-1]
     return -(-(ends - opening) // seq_len)
 
 
 def sequence_starts(ends: np.ndarray, seq_len: int) -> np.ndarray:
     """The stream offset where each example of document packing starts, in document order."""
-    opening = np.concatenate(([0], ends[:-1]))
+    opening = np.concatenate(([0], ends))[:-1]
     counts = sequence_counts(ends, seq_len)
     within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
     return np.repeat(opening, counts) + within * seq_len
