@@ -91,6 +91,12 @@ class DataConfig:
     tokenizer_model: str = "bpe"  # bpe | unigram
     max_corpus_mb: float = 4.0  # cap on the embedded default corpus
     val_fraction: float = 0.02
+    # What one example (the privacy unit) may hold.  "stream": a chunk of the corpus's one token stream,
+    # so neighbouring documents share chunks and removing a document shifts every later chunk.
+    # "document": a sequence never holds tokens of two documents (a .jsonl line's "text", a whole .txt
+    # file, a default-corpus source file or canary line); the tail is padded and a longer document is
+    # split into several sequences, each its own unit.  zipf_items: every sequence is one user either way.
+    packing: str = "stream"
     canaries: bool = True  # plant fake secrets in the embedded corpus (for exposure measurements)
     cache_dir: str = ".cache/dpdist"
     # "text" (path / embedded corpus, tokenised) or "zipf_items": generated long-tailed item sequences
@@ -108,6 +114,7 @@ class DataConfig:
             raise ConfigError("data.path and data.tokenizer_path are for data.source=text; zipf_items generates its "
                               "own item sequences (tokens are item ids), so unset them")
         _choice("data.tokenizer_model", self.tokenizer_model, ("bpe", "unigram"))
+        _choice("data.packing", self.packing, ("stream", "document"))
         if not 0.0 <= self.val_fraction < 0.5:
             raise ConfigError(f"data.val_fraction must be in [0, 0.5); got {self.val_fraction}")
         if self.path is not None and not Path(self.path).exists():

@@ -201,6 +201,7 @@ def test_tokenize_command_prints_a_summary(tmp_path, capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "standard library" in out and "training +" in out and "canaries.json" in out and str(tmp_path) in out
+    assert "(data.packing=stream)" in out
     args = parser.parse_args(["tokenize", f"data.path={tmp_path / 'nope.txt'}"])
     assert args.func(args) == 2
     err = capsys.readouterr().err

@@ -9,7 +9,8 @@ import torch
 from safetensors import safe_open
 
 from dpdist.cli import main
-from dpdist.commands.export import MODEL_KEY, PRIVACY_KEY, TOKENIZER_KEY
+from dpdist.commands.export import MODEL_KEY, PRIVACY_KEY, TOKENIZER_KEY, privacy_report
+from dpdist.config import load_config
 from dpdist.privacy.ledger import PrivacyLedger
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,7 @@ def finished_run(tmp_path_factory):
     args = ["train", "--config", str(ROOT / "configs/default.yaml"), f"data.cache_dir={base / 'cache'}",
             "data.max_corpus_mb=0.5", "data.vocab_size=512", "data.seq_len=32", "model.d_model=32", "model.n_layers=1",
             "model.max_seq_len=32", "train.steps=3", "train.batch_size=16", "train.progress=false",
-            "parallel.data=1", f"train.run_dir={run_dir}"]
+            "parallel.data=1", "data.packing=document", f"train.run_dir={run_dir}"]
     assert main(args) == 0
     return run_dir
 
@@ -30,7 +31,8 @@ def finished_run(tmp_path_factory):
 def test_export_holds_weights_tokenizer_and_the_ledgers_epsilon(tmp_path, capsys, finished_run):
     out = tmp_path / "model.safetensors"
     assert main(["export", str(finished_run), "--out", str(out)]) == 0
-    assert "epsilon =" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "epsilon =" in printed.out and "tokenizer was trained on the corpus itself" in printed.err
     final = torch.load(finished_run / "final" / "model.pt")
     with safe_open(str(out), framework="pt") as f:
         assert set(f.keys()) == set(final)
@@ -43,6 +45,8 @@ def test_export_holds_weights_tokenizer_and_the_ledgers_epsilon(tmp_path, capsys
     assert report["steps"] == 3 == len(ledger.entries())
     assert report["epsilon"] == ledger.epsilon(plan["delta"], "pld") and report["delta"] == plan["delta"]
     assert report["noise_multiplier"] == plan["noise_multiplier"] and report["fixed_seed"] is False
+    assert report["tokenizer_trained_on_private_data"] is True
+    assert report["unit"].startswith("one sequence of at most 33 tokens from one document")
     assert json.loads(meta[MODEL_KEY])["vocab_size"] == 512
     tokenizer = spm.SentencePieceProcessor(model_proto=base64.b64decode(meta[TOKENIZER_KEY]))
     assert tokenizer.vocab_size() == 512
@@ -72,3 +76,14 @@ def test_export_refuses_an_unfinished_run(tmp_path, capsys, finished_run):
     assert "no final model" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nothing")]) == 2
     assert "not a dpdist run directory" in capsys.readouterr().err
+
+
+def test_the_report_says_whether_the_tokenizer_came_from_the_private_corpus_and_what_the_unit_is(tmp_path, finished_run):
+    cfg = load_config(finished_run / "config.yaml")
+    public = tmp_path / "public.model"
+    public.write_bytes((finished_run / "tokenizer.model").read_bytes())
+    cfg.data.tokenizer_path, cfg.data.packing = str(public), "stream"
+    report = privacy_report(finished_run, cfg)
+    assert report["tokenizer_trained_on_private_data"] is False and report["unit"] == "one sequence of 33 tokens"
+    cfg.data.source, cfg.data.tokenizer_path = "zipf_items", None  # generated items: no tokenizer at all
+    assert privacy_report(finished_run, cfg)["tokenizer_trained_on_private_data"] is False

@@ -3,9 +3,10 @@
 The weights are the run's final full-shape model; the tokenizer (sentencepiece model, base64; for the
 generated item task, its public item catalogue as JSON) and the
 privacy report (epsilon from the run's own ledger with PLD and RDP, delta, steps, sample rate, noise
-multiplier, clip, clipping, the privacy unit, whether the secret was a fixed seed) go into the file's
-metadata, so the guarantee travels with the model.  Nothing else from ``RUN_DIR/private`` (the secret)
-or the checkpoints is read into it: with the secret, anyone could subtract the noise.
+multiplier, clip, clipping, the privacy unit, whether the secret was a fixed seed, whether the tokenizer
+was trained on the private corpus) go into the file's metadata, so the guarantee travels with the model.
+Nothing else from ``RUN_DIR/private`` (the secret) or the checkpoints is read into it: with the secret,
+anyone could subtract the noise.
 """
 from __future__ import annotations
 
@@ -29,16 +30,25 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def privacy_unit(data) -> str:
+    if data.source == "text" and data.packing == "document":
+        return (f"one sequence of at most {data.seq_len + 1} tokens from one document (data.packing=document; a "
+                f"document longer than {data.seq_len} tokens spans several units)")
+    return f"one sequence of {data.seq_len + 1} tokens"
+
+
 def privacy_report(run_dir: Path, cfg) -> dict:
     from ..privacy.ledger import PrivacyLedger
     from ..runtime.secret import origin_warning, seed_is_fixed
     from ..train.plan import RunPlan
 
     plan = RunPlan.load(run_dir / "plan.json")
-    report = {"enabled": cfg.privacy.enabled, "unit": f"one sequence of {cfg.data.seq_len + 1} tokens",
+    report = {"enabled": cfg.privacy.enabled, "unit": privacy_unit(cfg.data),
               "delta": plan.delta, "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
               "clip_norm": cfg.privacy.clip_norm, "clipping": cfg.privacy.clipping, "num_examples": plan.num_examples,
               "fixed_seed": seed_is_fixed(run_dir, cfg.privacy.seed)}
+    # Such a vocabulary is a non-private function of the corpus: the guarantee does not cover it.
+    report["tokenizer_trained_on_private_data"] = cfg.data.source == "text" and cfg.data.tokenizer_path is None
     if cfg.privacy.enabled:
         ledger = PrivacyLedger(run_dir / "ledger.jsonl")
         report.update(steps=sum(1 for e in ledger.entries() if "kind" not in e), epsilon=ledger.epsilon(plan.delta, "pld"),
@@ -86,6 +96,9 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
+    if report["tokenizer_trained_on_private_data"]:
+        print("note: the tokenizer was trained on the corpus itself (data.tokenizer_path unset); its vocabulary is "
+              "not covered by the guarantee", file=sys.stderr)
     if report["enabled"]:
         print(f"privacy: epsilon = {report['epsilon']:.3f} (PLD; RDP {report['epsilon_rdp']:.3f}) at delta = "
               f"{report['delta']:.2e} over {report['steps']} steps, sample rate {report['sample_rate']:.5f}, noise "

@@ -33,7 +33,8 @@ def run(args) -> int:
     d = cfg.data
     print(f"corpus: {data.num_files} files from {data.source}")
     print(f"tokens: {data.num_tokens:,} ({d.tokenizer_model} vocabulary of {data.vocab_size})")
-    print(f"examples: {data.num_train:,} training + {data.num_val:,} validation sequences of {data.seq_len} tokens")
+    print(f"examples: {data.num_train:,} training + {data.num_val:,} validation sequences of {data.seq_len} tokens "
+          f"(data.packing={d.packing})")
     print(f"cache: {data.cache_path} ({'found' if data.from_cache else 'built'} in "
           f"{time.perf_counter() - started:.1f} s)")
     print(f"canaries: {data.canaries_path}" if data.canaries_path else "canaries: none")

@@ -1,10 +1,17 @@
-"""Tokenized corpus on disk, cut into examples: one chunk of ``seq_len + 1`` tokens is one privacy unit.
+"""Tokenized corpus on disk, cut into examples: one sequence of at most ``seq_len + 1`` tokens is one privacy unit.
 
 The corpus is encoded once into a flat token file (``tokens.bin``, uint16 or uint32) in a cache folder
 named by a hash of everything that changes its content (source files with sizes and mtimes, canaries,
-tokenizer settings) but not of ``seq_len`` or ``val_fraction``: the chunking is arithmetic on the flat
-stream, so one cache serves every sequence length.  Chunks never overlap, so every token belongs to
-exactly one example; the last ``val_fraction`` of them are the validation split.
+tokenizer settings, the packing) but not of ``seq_len`` or ``val_fraction``: the cutting is arithmetic
+on the flat stream, so one cache serves every sequence length.  The last ``val_fraction`` of the
+examples are the validation split.
+
+``data.packing=stream`` cuts the stream into non-overlapping chunks of ``seq_len + 1`` tokens, so every
+token belongs to exactly one example, but a chunk may hold the end of one document and the start of
+the next, and removing a document shifts every later chunk: the unit is a chunk, not a document.
+``data.packing=document`` also writes where each document ends (``documents.bin``) and cuts every
+document on its own: no example holds tokens of two documents, so removing a document removes its
+examples and changes no other.  A document longer than ``seq_len`` targets becomes several examples.
 
 A cache folder is built under a temporary name and renamed into place, so a process that sees it sees
 it complete, and two processes racing to build it both end up reading the same one.
@@ -17,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -28,15 +36,36 @@ from tqdm import tqdm
 from ..config import ConfigError, DataConfig
 from .corpus import (CANARY_ALPHABET, CANARY_FORMAT, CANARY_SECRET_LENGTH, CANARY_SEED, Corpus, Segment,
                      load_corpus)
-from .tokenizer import EOS_ID, MAX_SENTENCES, TRAINER_OPTIONS, load_tokenizer, sample_sentences, train_tokenizer
+from ..parallel.cross_entropy import IGNORE_INDEX
+from .tokenizer import EOS_ID, MAX_SENTENCES, PAD_ID, TRAINER_OPTIONS, load_tokenizer, sample_sentences, train_tokenizer
 
 FORMAT_VERSION = 1  # bump when the cache's content changes for the same inputs
 TOKENIZER_FILE, TOKENS_FILE, CANARIES_FILE, META_FILE = "tokenizer.model", "tokens.bin", "canaries.json", "meta.json"
+DOCUMENTS_FILE = "documents.bin"  # document packing: the int64 offset of each document's closing EOS
 ENCODE_BATCH_CHARS = 4 * 2**20
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
+
+
+def sequence_counts(ends: np.ndarray, seq_len: int) -> np.ndarray:
+    """How many examples each document makes under document packing: ceil(targets / seq_len).
+
+    Document j is the tokens ``ends[j-1] .. ends[j]`` (``ends[-1]`` read as 0): the EOS before it (the
+    stream starts with one, so every document has one), its text and its closing EOS.  Its targets,
+    every token after the first, are cut into runs of ``seq_len``; consecutive examples share one
+    token (the last of one is the first input of the next), so each target is in exactly one example."""
+    opening = np.concatenate(([0], ends))[:-1]
+    return -(-(ends - opening) // seq_len)
+
+
+def sequence_starts(ends: np.ndarray, seq_len: int) -> np.ndarray:
+    """The stream offset where each example of document packing starts, in document order."""
+    opening = np.concatenate(([0], ends))[:-1]
+    counts = sequence_counts(ends, seq_len)
+    within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(opening, counts) + within * seq_len
 
 
 def commit_cache(staging: Path, cache: Path, meta: dict) -> None:
@@ -66,10 +95,15 @@ class PreparedData:
     source: str
     cache_path: str
     from_cache: bool
+    packing: str = "stream"
+    documents_path: str | None = None  # document packing only: DOCUMENTS_FILE
     _tokens: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _ends: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _starts: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tokens": None}  # a memmap is reopened, never pickled
+        # a memmap is reopened, never pickled; the document index is rebuilt rather than copied to every worker
+        return {**self.__dict__, "_tokens": None, "_ends": None, "_starts": None}
 
     def train_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         return self._batch(indices, 0, self.num_train, "training")
@@ -87,9 +121,26 @@ class PreparedData:
             raise IndexError(f"{split} example index out of range [0, {count})")
         if self._tokens is None:
             self._tokens = np.memmap(self.tokens_path, dtype=token_dtype(self.vocab_size), mode="r")
+        if self.packing == "document":
+            return self._document_batch(first + indices)
         width = self.seq_len + 1
         chunks = self._tokens[(first + indices)[:, None] * width + np.arange(width)].astype(np.int64)  # [b, T+1]
         return torch.from_numpy(chunks[:, :-1].copy()), torch.from_numpy(chunks[:, 1:].copy())
+
+    def _document_batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Example r: ``seq_len + 1`` tokens from its start, or up to its document's closing EOS when that
+        comes first; the rest is PAD_ID in the inputs and IGNORE_INDEX in the labels, so padding is never a
+        target, and under causal attention no real position sees it."""
+        if self._starts is None:
+            self._ends = np.fromfile(self.documents_path, dtype=np.int64)
+            self._starts = sequence_starts(self._ends, self.seq_len)
+        starts = self._starts[rows]
+        last = self._ends[np.searchsorted(self._ends, starts, side="right")][:, None]  # first closing EOS after start
+        positions = starts[:, None] + np.arange(self.seq_len + 1)
+        inside = positions <= last
+        chunks = np.where(inside, self._tokens[np.minimum(positions, last)], PAD_ID).astype(np.int64)  # [b, T+1]
+        labels = np.where(inside[:, 1:], chunks[:, 1:], IGNORE_INDEX)
+        return torch.from_numpy(chunks[:, :-1].copy()), torch.from_numpy(labels)
 
 
 def prepare_data(cfg: DataConfig, progress: bool | None = None) -> PreparedData:
@@ -108,19 +159,26 @@ def prepare_data(cfg: DataConfig, progress: bool | None = None) -> PreparedData:
                    "max_sentences": MAX_SENTENCES[cfg.tokenizer_model]}
     if cfg.tokenizer_path is not None:
         fingerprint["tokenizer"] = hashlib.sha256(Path(cfg.tokenizer_path).read_bytes()).hexdigest()
+    if cfg.packing != "stream":  # stream's key predates the option: its caches stay valid
+        fingerprint["packing"] = cfg.packing
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cfg.cache_dir) / key
     from_cache = (cache / META_FILE).exists()
     if not from_cache:
         _build(corpus, cfg, fingerprint, cache, sys.stderr.isatty() if progress is None else progress)
     meta = json.loads((cache / META_FILE).read_text())
-    chunks = meta["tokens"] // (cfg.seq_len + 1)
-    num_val = int(chunks * cfg.val_fraction)
+    documents = cache / DOCUMENTS_FILE if cfg.packing == "document" else None
+    if documents is None:
+        examples = meta["tokens"] // (cfg.seq_len + 1)
+    else:
+        examples = int(sequence_counts(np.fromfile(documents, dtype=np.int64), cfg.seq_len).sum())
+    num_val = int(examples * cfg.val_fraction)
     return PreparedData(tokenizer_path=str(cache / TOKENIZER_FILE), tokens_path=str(cache / TOKENS_FILE),
-                        vocab_size=meta["vocab_size"], seq_len=cfg.seq_len, num_train=chunks - num_val,
+                        vocab_size=meta["vocab_size"], seq_len=cfg.seq_len, num_train=examples - num_val,
                         num_val=num_val, canaries_path=str(cache / CANARIES_FILE) if meta["canaries"] else None,
                         num_tokens=meta["tokens"], num_files=meta["files"], source=meta["source"],
-                        cache_path=str(cache), from_cache=from_cache)
+                        cache_path=str(cache), from_cache=from_cache, packing=cfg.packing,
+                        documents_path=None if documents is None else str(documents))
 
 
 def _build(corpus: Corpus, cfg: DataConfig, fingerprint: dict, cache: Path, progress: bool) -> None:
@@ -141,8 +199,9 @@ def _build(corpus: Corpus, cfg: DataConfig, fingerprint: dict, cache: Path, prog
         vocab_size = tokenizer.get_piece_size()
         bar = tqdm(total=corpus.num_bytes, desc="tokenize", unit="B", unit_scale=True, file=sys.stderr,
                    disable=not progress, dynamic_ncols=True)
-        with open(staging / TOKENS_FILE, "wb") as out:
-            num_tokens, canary_offsets = _encode(corpus, tokenizer, token_dtype(vocab_size), out, bar)
+        with (open(staging / TOKENS_FILE, "wb") as out,
+              open(staging / DOCUMENTS_FILE, "wb") if cfg.packing == "document" else nullcontext() as documents):
+            num_tokens, canary_offsets = _encode(corpus, tokenizer, token_dtype(vocab_size), out, bar, documents)
         bar.close()
         if corpus.canaries:
             _write_canaries(staging / CANARIES_FILE, corpus, tokenizer, canary_offsets)
@@ -154,18 +213,28 @@ def _build(corpus: Corpus, cfg: DataConfig, fingerprint: dict, cache: Path, prog
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _encode(corpus: Corpus, tokenizer, dtype: np.dtype, out, bar) -> tuple[int, dict[str, list[int]]]:
-    """Write the token stream (each document's ids, then EOS); return its length and where each canary starts."""
+def _encode(corpus: Corpus, tokenizer, dtype: np.dtype, out, bar, documents=None) -> tuple[int, dict[str, list[int]]]:
+    """Write the token stream (each document's ids, then EOS); return its length and where each canary starts.
+
+    ``documents`` (document packing): a file to receive each document's closing-EOS offset (int64); the
+    stream then opens with an EOS too, so that the first document, like every other, follows one."""
     written, canary_offsets = 0, {}
+    if documents is not None:
+        np.asarray([EOS_ID], dtype=dtype).tofile(out)
+        written = 1
     for batch in _batches(corpus.segments()):
-        pieces = []
+        pieces, closing = [], []
         for segment, ids in zip(batch, tokenizer.encode([s.text for s in batch],
                                                         num_threads=TRAINER_OPTIONS["num_threads"])):
             if segment.canary is not None:
                 canary_offsets.setdefault(segment.canary.secret, []).append(written)
             pieces.append(np.asarray(ids + [EOS_ID] if segment.last else ids, dtype=dtype))
             written += len(pieces[-1])
+            if segment.last:
+                closing.append(written - 1)
         np.concatenate(pieces).tofile(out)
+        if documents is not None:
+            np.asarray(closing, dtype=np.int64).tofile(documents)
         bar.update(sum(len(s.text.encode()) for s in batch))
         bar.set_postfix(tokens=written)
     return written, canary_offsets
@@ -186,8 +255,9 @@ def _batches(segments: Iterable[Segment]) -> Iterator[list[Segment]]:
 
 def _write_canaries(path: Path, corpus: Corpus, tokenizer, offsets: dict[str, list[int]]) -> None:
     """What an exposure measurement needs: the format and secret space (to draw reference candidates), each
-    secret with its insertion count, and where each copy sits in the token stream (a copy counts as seen in
-    one example when it does not straddle a chunk boundary)."""
+    secret with its insertion count, and where each copy sits in the token stream (under stream packing a
+    copy counts as seen in one example when it does not straddle a chunk boundary; under document packing
+    each copy is a document of its own)."""
     record = {
         "seed": CANARY_SEED, "format": CANARY_FORMAT, "secret_alphabet": CANARY_ALPHABET,
         "secret_length": CANARY_SECRET_LENGTH,

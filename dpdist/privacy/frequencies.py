@@ -8,8 +8,8 @@ data, so p comes from ``model.reattention_frequencies``:
 * a path to a JSON list of counts per token id from PUBLIC data: p_i = c_i / sum(c), a relative
   frequency on the same scale as ``uniform`` (equal counts give exactly ``uniform``);
 * ``dp``: a Gaussian release of the per-sequence presence counts c_v = #{training sequences
-  containing v}, p_i = c~_i / N.  A sequence is its chunk of seq_len + 1 tokens (the inputs and the
-  last target), so it contains at most L_max = min(seq_len + 1, V) distinct tokens, a public bound:
+  containing v}, p_i = c~_i / N.  A sequence is its (at most) seq_len + 1 tokens (the first input and
+  the targets), so it contains at most L_max = min(seq_len + 1, V) distinct tokens, a public bound:
   adding or removing one sequence moves at most L_max counts by one, an L2 sensitivity of
   sqrt(L_max).  The release c~ = max(0, c + N(0, (sigma_h sqrt(L_max))^2)) is the Gaussian mechanism
   with noise multiplier sigma_h at sensitivity one, which the accountant composes exactly as one
@@ -49,7 +49,13 @@ def sensitivity_bound(seq_len: int, vocab_size: int) -> int:
 def release_history(cfg) -> list[tuple[float, float, int]]:
     """What the frequency release of run config ``cfg`` adds to the ledger, as accounting's ``prior``:
     the plan must fit it into the budget along with the steps."""
-    return [(1.0, cfg.model.reattention_frequency_noise, 1)] if _releases(cfg) else []
+    return release_entry(cfg.model.reattention_frequency_noise) if _releases(cfg) else []
+
+
+def release_entry(noise_multiplier: float) -> list[tuple[float, float, int]]:
+    """The ledger history of one release at multiplier sigma_h: a Gaussian mechanism at sensitivity one,
+    which is one Poisson-sampled step at rate 1.  ``dpdist account`` plans with it too."""
+    return [(1.0, noise_multiplier, 1)]
 
 
 def _releases(cfg) -> bool:
@@ -61,12 +67,13 @@ def _releases(cfg) -> bool:
 def presence_counts(data, num_sequences: int, vocab_size: int) -> torch.Tensor:
     """c_v = #{training sequences 0 .. num_sequences-1 containing token v}: PRIVATE, never released as is.
 
-    ``data`` is a prepared dataset (``train_batch(indices) -> (inputs, labels)``); negative labels
-    (ignored targets) are not tokens."""
+    ``data`` is a prepared dataset (``train_batch(indices) -> (inputs, labels)``).  A sequence's tokens
+    are its first input and its targets: negative labels (ignored targets) are not tokens, and neither
+    is the padding that document packing puts in the inputs where those labels are ignored."""
     counts = torch.zeros(vocab_size, dtype=torch.int64)
     for start in range(0, num_sequences, COUNT_BLOCK):
         inputs, labels = data.train_batch(torch.arange(start, min(start + COUNT_BLOCK, num_sequences)))
-        tokens = torch.cat([inputs, labels[:, -1:]], dim=1).sort(dim=1).values
+        tokens = torch.cat([inputs[:, :1], labels], dim=1).sort(dim=1).values
         first = torch.ones_like(tokens, dtype=torch.bool)
         first[:, 1:] = tokens[:, 1:] != tokens[:, :-1]  # count each distinct token once per sequence
         present = tokens[first & (tokens >= 0)]
