@@ -129,19 +129,41 @@ def _batches(runs: list[tuple[int, int]], size: int):
         yield batch
 
 
-def _box_muller(words: np.ndarray, out: torch.Tensor) -> None:
+def pair_indices(pairs: list[tuple[int, int]], positions: np.ndarray) -> list[int]:
+    """The index in the full tensor of the pairs at ``positions`` of a batch that concatenates the pair
+    ranges ``[p0, p1)`` of ``pairs``."""
+    firsts = np.cumsum([0] + [p1 - p0 for p0, p1 in pairs])  # batch position of each range's first pair
+    ranges = np.searchsorted(firsts, positions, side="right") - 1
+    return [pairs[r][0] + int(position - firsts[r]) for r, position in zip(ranges, positions)]
+
+
+def _box_muller(words: np.ndarray, out: torch.Tensor, deep_words=None) -> None:
     """Two standard normals per pair of words, into contiguous ``out`` (as long as ``words``).
 
     Words 2p and 2p+1 give u1 and u2; out[2p] = r cos(2 pi u2) and out[2p+1] = r sin(2 pi u2) with
     r = sqrt(-2 ln u1), two independent N(0, 1), computed in float64 and rounded once on the store
     into ``out``'s dtype.  The transcendental functions run on contiguous buffers of whole pairs, so a
     value never depends on where its pair sits in a batch.
+
+    u1 = (k+1) / 2^53 from the word's top 53 bits k would cut the radius at sqrt(106 ln 2) = 8.57, a
+    tail of 2^-53 per pair that over a large model's run (10^11 pairs and more) costs a delta far
+    above any delta a user asks for (README: "The Gaussian's truncated tail").  So the lowest bucket,
+    k = 0, that is u1 in (0, 2^-53], is refined with 53 more bits: ``deep_words(pairs)`` gives a word
+    for each listed pair (from another keyed stream), and u1 = (k'+1) / 2^106.  The radius then
+    reaches sqrt(212 ln 2) = 12.12, and the tail beyond it has mass 2^-106 per pair.
     """
     words >>= np.uint64(11)  # 53 random bits: every k / 2^53 is an exact double
     bits = words.view(np.int64)
     u1 = torch.from_numpy(bits[0::2].astype(np.float64))
     u2 = torch.from_numpy(bits[1::2].astype(np.float64))
-    radius = u1.add_(1.0).mul_(2.0**-53).log_().mul_(-2.0).sqrt_()  # u1 = (k+1) / 2^53 in (0, 1]: no log(0)
+    u1.add_(1.0).mul_(2.0**-53)  # u1 = (k+1) / 2^53 in (0, 1]: no log(0)
+    lowest = np.flatnonzero(bits[0::2] == 0)
+    if lowest.size:  # probability 2^-53 per pair: the cost is nil
+        if deep_words is None:
+            raise ValueError("a pair in the lowest u1 bucket needs deep_words to refine it")
+        deep = (deep_words(lowest) >> np.uint64(11)).view(np.int64).astype(np.float64)
+        u1[torch.from_numpy(lowest)] = torch.from_numpy(deep).add_(1.0).mul_(2.0**-106)
+    radius = u1.log_().mul_(-2.0).sqrt_()
     angle = u2.mul_(2 * math.pi * 2.0**-53)  # angle 2 pi u2, u2 = k / 2^53 in [0, 1)
     pairs = out.view(-1, 2)
     torch.mul(torch.sin(angle), radius, out=pairs[:, 1])
@@ -185,6 +207,7 @@ def keyed_normal_runs(secret: int, release: int, name: str, runs: list[tuple[int
     """Noise of the flat index runs ``(start, length)`` of parameter ``name``, concatenated: float64
     values rounded to ``dtype`` (written straight into a ``dtype`` buffer, saving a conversion pass)."""
     aes = _aes(derive_key(secret, release, "noise", name))
+    deep_key = derive_key(secret, release, "noise-deep", name)  # refines the rare lowest u1 (``_box_muller``)
     out = torch.empty(sum(length for _, length in runs), dtype=dtype)
     gap = memoryview(np.empty(_BLOCK * (_GAP + 1), np.uint8))  # discarded keystream between runs
     filled = 0
@@ -207,11 +230,16 @@ def keyed_normal_runs(secret: int, release: int, name: str, runs: list[tuple[int
             pos += p1 - p0
             if (start + length) % 2:
                 drop.append(2 * pos - 1)  # and ends at the first half of its last pair
+        def deep_words(positions: np.ndarray, pairs=pairs) -> np.ndarray:
+            """Word p of the deep stream for each pair, p its index in the full tensor, so that a refined
+            value is the same whatever batch or shard draws it."""
+            return np.array([keystream_words(deep_key, p, 1)[0] for p in pair_indices(pairs, positions)], dtype=_WORD)
+
         if not drop:
-            _box_muller(words[:-2], out[filled:filled + count])
+            _box_muller(words[:-2], out[filled:filled + count], deep_words)
         else:
             normals = torch.empty(2 * total, dtype=torch.float64)
-            _box_muller(words[:-2], normals)
+            _box_muller(words[:-2], normals, deep_words)
             keep = torch.ones(2 * total, dtype=torch.bool)
             keep[drop] = False
             out[filled:filled + count] = normals[keep]
