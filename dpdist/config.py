@@ -56,6 +56,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         _positive(self, "model", "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "mlp_ratio")
+        if not 0 <= self.init_seed < 2**63:  # torch's generator takes no more
+            raise ConfigError(f"model.init_seed must be a non-negative integer below 2**63; got {self.init_seed}")
         if not (0 <= self.reattention_lambda < math.inf and 0 < self.reattention_frequency_noise < math.inf):
             raise ConfigError("model.reattention_lambda must be >= 0 and model.reattention_frequency_noise > 0; got "
                               f"{self.reattention_lambda} and {self.reattention_frequency_noise}")
@@ -110,6 +112,8 @@ class DataConfig:
     def validate(self) -> None:
         _positive(self, "data", "seq_len", "vocab_size", "max_corpus_mb", "num_items", "zipf_exponent", "num_sequences")
         _choice("data.source", self.source, ("text", "zipf_items"))
+        if self.items_seed < 0:
+            raise ConfigError(f"data.items_seed must be a non-negative integer; got {self.items_seed}")
         if self.source == "zipf_items" and (self.path is not None or self.tokenizer_path is not None):
             raise ConfigError("data.path and data.tokenizer_path are for data.source=text; zipf_items generates its "
                               "own item sequences (tokens are item ids), so unset them")
@@ -149,8 +153,7 @@ class PrivacyConfig:
             raise ConfigError(f"privacy.noise_multiplier must be >= 0; got {self.noise_multiplier}")
         if self.noise_multiplier is not None and self.target_epsilon is not None:
             raise ConfigError("give privacy.noise_multiplier or privacy.target_epsilon, not both")
-        if self.target_epsilon is not None and self.target_epsilon <= 0:
-            raise ConfigError(f"privacy.target_epsilon must be > 0; got {self.target_epsilon}")
+        _epsilon("privacy.target_epsilon", self.target_epsilon)
         if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
             raise ConfigError("set privacy.noise_multiplier (sigma) or privacy.target_epsilon")
         if self.delta is not None and not 0 < self.delta < 1:
@@ -168,8 +171,7 @@ class PrivacyConfig:
             raise ConfigError(f"privacy.automatic_gamma must be > 0; got {self.automatic_gamma}")
         if self.seed is not None and not 0 <= self.seed < 2**124:
             raise ConfigError("privacy.seed must be a non-negative integer below 2**124")  # never echo a secret
-        if self.max_epsilon is not None and self.max_epsilon <= 0:
-            raise ConfigError(f"privacy.max_epsilon must be > 0; got {self.max_epsilon}")
+        _epsilon("privacy.max_epsilon", self.max_epsilon)
 
 
 @dataclass
@@ -198,6 +200,12 @@ class TrainConfig:
             raise ConfigError(f"train.batch_size must be > 0; got {self.batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0; got {self.lr}")
+        # what torch's optimizers would refuse only once the workers build them
+        if self.weight_decay < 0 or self.momentum < 0:
+            raise ConfigError(f"train.weight_decay and train.momentum must be >= 0; got {self.weight_decay} and "
+                              f"{self.momentum}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {list(self.betas)}")
         _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
 
 
@@ -318,6 +326,8 @@ class RunConfig:
     lsg: LsgConfig = field(default_factory=LsgConfig)
 
     def validate(self) -> "RunConfig":
+        for name in (f.name for f in dataclasses.fields(self)):
+            _finite(getattr(self, name), name)
         for section in (self.model, self.data, self.privacy, self.train, self.parallel, self.launch, self.deepspeed,
                         self.anadp, self.lsg):
             section.validate()
@@ -359,9 +369,30 @@ def _positive(section: Any, name: str, *keys: str) -> None:
             raise ConfigError(f"{name}.{key} must be > 0; got {value}")
 
 
+def _finite(section: Any, name: str) -> None:
+    """No float key has a use for nan or inf: nan passes every range check written as ``if x <= 0:
+    refuse``, and inf trains (train.lr=inf)."""
+    for key in (f.name for f in dataclasses.fields(section)):
+        value = getattr(section, key)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+            raise ConfigError(f"{name}.{key} must be finite (no nan or inf); got {value}")
+
+
+def _epsilon(key: str, value: float | None) -> None:
+    if value is None:
+        return
+    from .privacy.accounting import MAX_EPSILON  # imported only when needed: dp_accounting is slow to import
+
+    if not 0 < value <= MAX_EPSILON:
+        raise ConfigError(f"{key} must be in (0, {MAX_EPSILON:g}]; got {value:g} (past {MAX_EPSILON:g} no guarantee is "
+                          "left and the PLD accountant runs out of memory; to train without privacy set "
+                          "privacy.enabled=false)")
+
+
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+        hint = next((f"; did you mean {a}?" for a in allowed if a == value.replace("-", "_")), "")
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}{hint}")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

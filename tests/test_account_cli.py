@@ -99,7 +99,7 @@ def _args(sigma="1", q="0.1", steps="10", delta="1e-5"):
     (_args(delta="0"), "--delta must be in (0, 1)"),
     (_args(delta="1"), "--delta must be in (0, 1)"),
     (_args(sigma="-1"), "--noise-multiplier must be >= 0"),
-    (["--target-epsilon", "0", *ROW], "--target-epsilon must be > 0"),
+    (["--target-epsilon", "0", *ROW], "--target-epsilon must be in (0, 100]"),
     (["--noise-multiplier", "1", "--target-epsilon", "1", *ROW], "exactly one of"),
     (ROW, "exactly one of"),
     (_args() + ["--reattention-frequency-noise", "0"], "--reattention-frequency-noise must be > 0"),

@@ -9,6 +9,7 @@ those of the steps alone, which the output then says.
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 from ..privacy import accounting
@@ -22,12 +23,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate q = B / N")
     parser.add_argument("--steps", type=int, required=True, help="number of DP steps")
     parser.add_argument("--delta", type=float, required=True, help="delta, usually below 1/N")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--reattention-frequency-noise", type=float, metavar="SIGMA_H",
                         help="also count Re-Attention's token-frequency release (model.reattention=true with "
                              "model.reattention_frequencies=dp): one Gaussian release at this noise multiplier "
                              "(model.reattention_frequency_noise), as training charges it; without this option it "
                              "is not counted")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
 
@@ -40,20 +41,53 @@ def _input_error(args) -> str | None:
         return f"--steps must be >= 0; got {args.steps}"
     if not 0 < args.delta < 1:
         return f"--delta must be in (0, 1); got {args.delta}"
-    if args.noise_multiplier is not None and not args.noise_multiplier >= 0:
-        return f"--noise-multiplier must be >= 0; got {args.noise_multiplier}"
-    if args.target_epsilon is not None and not args.target_epsilon > 0:
-        return f"--target-epsilon must be > 0; got {args.target_epsilon}"
-    if args.reattention_frequency_noise is not None and not args.reattention_frequency_noise > 0:
-        return f"--reattention-frequency-noise must be > 0; got {args.reattention_frequency_noise}"
-    return None
+    if args.noise_multiplier is not None and not 0 <= args.noise_multiplier < math.inf:
+        return f"--noise-multiplier must be >= 0 and finite; got {args.noise_multiplier}"
+    if args.target_epsilon is not None and not 0 < args.target_epsilon <= accounting.MAX_EPSILON:
+        return (f"--target-epsilon must be in (0, {accounting.MAX_EPSILON:g}]; got {args.target_epsilon:g} (past "
+                f"{accounting.MAX_EPSILON:g} no guarantee is left and the PLD accountant runs out of memory)")
+    if args.reattention_frequency_noise is not None and not 0 < args.reattention_frequency_noise < math.inf:
+        return f"--reattention-frequency-noise must be > 0 and finite; got {args.reattention_frequency_noise}"
+    return _reach_error(args)
+
+
+def _reach_error(args) -> str | None:
+    """Like ``dpdist train`` (``plan.check_reach``): a sigma whose RDP epsilon is past MAX_EPSILON is
+    refused before the PLD accountant tries it."""
+    if not args.noise_multiplier or not args.steps:
+        return None  # sigma 0 is an infinite epsilon and 0 steps spend nothing, with no accountant run
+    limit = accounting.MAX_EPSILON
+    spent = accounting.epsilon(args.sample_rate, args.noise_multiplier, args.steps, args.delta, accountant="rdp")
+    if spent <= limit:
+        return None
+    floor = accounting.noise_floor(args.sample_rate, args.steps, args.delta)
+    return (f"--noise-multiplier {args.noise_multiplier:g} spends epsilon {spent:.5g} (RDP) over {args.steps} steps, past "
+            f"{limit:g}: no guarantee is left and the PLD accountant cannot compute it; use at least {floor:.4g}")
 
 
 def run(args) -> int:
-    error = _input_error(args)
+    try:
+        error = _input_error(args)
+        result, text = (None, None) if error else _account(args)
+    except accounting.OutOfReach as exc:
+        error = str(exc)
+    except ValueError as exc:  # a target the Re-Attention release alone already exceeds
+        error = f"--target-epsilon {args.target_epsilon:g} cannot be reached: {exc}"
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        sigma_h = args.reattention_frequency_noise
+        release = (f" after Re-Attention's token-frequency release (sigma_h {sigma_h:g})" if sigma_h is not None else
+                   " (steps only, no Re-Attention token-frequency release)")
+        print(f"{text} at delta {args.delta:g}, sample rate {args.sample_rate:g}, {args.steps} steps{release}")
+    return 0
+
+
+def _account(args) -> tuple[dict, str]:
+    """The JSON result and its one-line text."""
     sigma_h = args.reattention_frequency_noise
     prior = release_entry(sigma_h) if sigma_h is not None else []
     result = {"sample_rate": args.sample_rate, "steps": args.steps, "delta": args.delta,
@@ -63,22 +97,10 @@ def run(args) -> int:
         for name in ("pld", "rdp"):
             result[f"epsilon_{name}"] = accounting.epsilon(args.sample_rate, args.noise_multiplier, args.steps,
                                                            args.delta, accountant=name, prior=prior)
-        text = f"epsilon {result['epsilon_pld']:.4f} (PLD), {result['epsilon_rdp']:.4f} (RDP)"
-    else:
-        result["target_epsilon"] = args.target_epsilon
-        try:
-            for name in ("pld", "rdp"):
-                result[f"noise_multiplier_{name}"] = accounting.calibrate_noise_multiplier(
-                    args.target_epsilon, args.sample_rate, args.steps, args.delta, accountant=name, prior=prior)
-        except ValueError as exc:
-            print(f"error: --target-epsilon {args.target_epsilon:g} cannot be reached: {exc}", file=sys.stderr)
-            return 2
-        text = (f"noise multiplier {result['noise_multiplier_pld']:.4f} (PLD), "
-                f"{result['noise_multiplier_rdp']:.4f} (RDP) for epsilon {args.target_epsilon:g}")
-    release = (f" after Re-Attention's token-frequency release (sigma_h {sigma_h:g})" if sigma_h is not None else
-               " (steps only, no Re-Attention token-frequency release)")
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{text} at delta {args.delta:g}, sample rate {args.sample_rate:g}, {args.steps} steps{release}")
-    return 0
+        return result, f"epsilon {result['epsilon_pld']:.4f} (PLD), {result['epsilon_rdp']:.4f} (RDP)"
+    result["target_epsilon"] = args.target_epsilon
+    for name in ("pld", "rdp"):
+        result[f"noise_multiplier_{name}"] = accounting.calibrate_noise_multiplier(
+            args.target_epsilon, args.sample_rate, args.steps, args.delta, accountant=name, prior=prior)
+    return result, (f"noise multiplier {result['noise_multiplier_pld']:.4f} (PLD), "
+                    f"{result['noise_multiplier_rdp']:.4f} (RDP) for epsilon {args.target_epsilon:g}")

@@ -101,9 +101,10 @@ def run(args) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    seq_len = args.seq_len or min(cfg.data.seq_len, 32)
-    if seq_len > cfg.model.max_seq_len or args.batch < 2:
-        print(f"error: --seq-len must be <= model.max_seq_len ({cfg.model.max_seq_len}) and --batch >= 2", file=sys.stderr)
+    seq_len = args.seq_len if args.seq_len is not None else min(cfg.data.seq_len, 32)
+    if not 2 <= seq_len <= cfg.model.max_seq_len or args.batch < 2:
+        print(f"error: --seq-len must be in [2, model.max_seq_len = {cfg.model.max_seq_len}] and --batch >= 2; got "
+              f"{seq_len} and {args.batch}", file=sys.stderr)
         return 2
     model = build_model(dataclasses.replace(cfg.model, dtype="float64"))
     input_ids, labels = audit_batch(cfg.model.vocab_size, args.batch, seq_len, args.seed)

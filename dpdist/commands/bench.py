@@ -9,8 +9,11 @@ native backend, DP and non-private, time and memory per rank (``dpdist.train.ben
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+
+CLIPPING = ("flat", "per_layer", "automatic")  # privacy.clipping's values, spelled the same
 
 
 def add_parser(subparsers) -> None:
@@ -26,7 +29,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6, help="steps per mode; the first is excluded (default 6)")
-    parser.add_argument("--clipping", choices=("flat", "per-layer", "automatic"), default="flat")
+    parser.add_argument("--clipping", type=clipping, default="flat", metavar="{" + ",".join(CLIPPING) + "}",
+                        help="as privacy.clipping (default flat)")
     parser.add_argument("--memory-budget", default="none", metavar="MB",
                         help="memory budget for the per-layer ghost/materialise/stream choice: MB, 'none' (the engine's "
                              "default choice; the default) or 'unlimited'")
@@ -48,6 +52,13 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def clipping(text: str) -> str:
+    if text in CLIPPING:
+        return text
+    hint = f"; did you mean {text.replace('-', '_')}?" if text.replace("-", "_") in CLIPPING else ""
+    raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(CLIPPING)}{hint}")
+
+
 def run(args) -> int:
     from ..train.bench import BenchConfig, format_report, parse_budget, run_benchmark
 
@@ -66,7 +77,7 @@ def run(args) -> int:
     if args.data * args.tensor > 1 or args.data < 1 or args.tensor < 1:
         return _run_parallel(args, cfg, log)
     try:
-        out = run_benchmark(cfg, clipping=args.clipping.replace("-", "_"), budget=budget, budgets=budgets,
+        out = run_benchmark(cfg, clipping=args.clipping, budget=budget, budgets=budgets,
                             opacus=not args.no_opacus, rounds=args.rounds, paired=not args.no_paired, log=log)
     except (RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -108,7 +119,7 @@ def _run_backends(args, cfg, log) -> int:
         return 2
     try:
         out = bench_backend.run_benchmark(dataclasses.asdict(cfg), data=args.data, tensor=args.tensor,
-                                          clipping=args.clipping.replace("-", "_"), stages=stages, log=log)
+                                          clipping=args.clipping, stages=stages, log=log)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -126,7 +137,7 @@ def _run_parallel(args, cfg, log) -> int:
     import dataclasses
 
     spec = {"config": dataclasses.asdict(cfg), "data": args.data, "tensor": args.tensor,
-            "clipping": args.clipping.replace("-", "_")}
+            "clipping": args.clipping}
     try:
         out = bench_parallel.launch(spec, log=log)
     except RuntimeError as exc:

@@ -94,9 +94,9 @@ def prepare_run(cfg: RunConfig, resume: str | None = None, rewind: bool = False)
     from ..train.plan import resolve_plan
 
     run_dir, checkpoint = resumed_run(cfg, resume) if resume else (fresh_run_dir(cfg.train.run_dir), None)
+    record = read_record(checkpoint) if checkpoint is not None else None  # intact files, before the slow data step
     abandoned = rewound(checkpoint, rewind)
     check_resumed_secret(cfg.privacy.seed, run_dir, checkpoint)  # before config.yaml is rewritten without the seed
-    record = read_record(checkpoint) if checkpoint is not None else None  # intact files, before the slow data step
     data = prepare_data(cfg.data)
     cfg.model.vocab_size = data.vocab_size
     cfg.validate()

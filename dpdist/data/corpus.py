@@ -74,6 +74,9 @@ class Corpus:
     canaries: list[Canary] = field(default_factory=list)
     insertions: dict[int, list[int]] = field(default_factory=dict)  # file index -> canaries planted before it
     max_corpus_mb: float | None = None  # only for the default corpus, where it changes the text
+    # The user's files must be UTF-8 (anything else would train on replacement characters); the default
+    # corpus is whatever this Python ships, never refused for a stray byte.
+    errors: str = "strict"
 
     @property
     def num_bytes(self) -> int:
@@ -89,7 +92,7 @@ class Corpus:
         for index, source in enumerate(self.files):
             for canary in self.insertions.get(index, ()):
                 yield Segment(self.canaries[canary].line, canary=self.canaries[canary])
-            yield from _read(source)
+            yield from _read(source, self.errors)
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
@@ -132,7 +135,8 @@ def default_corpus(max_corpus_mb: float, canaries: bool) -> Corpus:
         raise ConfigError(f"the default corpus needs this Python's standard-library source, but {stdlib} has no "
                           ".py files; set data.path to your own text")
     version = ".".join(map(str, sys.version_info[:3]))
-    corpus = Corpus(f"Python {version} standard library at {stdlib}", files, max_corpus_mb=float(max_corpus_mb))
+    corpus = Corpus(f"Python {version} standard library at {stdlib}", files, max_corpus_mb=float(max_corpus_mb),
+                    errors="replace")
     if canaries:
         plant_canaries(corpus)
     return corpus
@@ -170,20 +174,24 @@ def _source(path: Path) -> SourceFile:
     return SourceFile(path.resolve(), stat.st_size, stat.st_mtime_ns)
 
 
-def _read(source: SourceFile) -> Iterator[Segment]:
-    if source.path.suffix == ".jsonl":
-        yield from _read_jsonl(source.path)
-    elif source.limit is not None:
-        with open(source.path, "rb") as f:
-            head = f.read(source.limit)
-        yield Segment(head[: head.rfind(b"\n") + 1].decode("utf-8", errors="replace"))
-    else:
-        yield from _read_text(source.path)
+def _read(source: SourceFile, errors: str) -> Iterator[Segment]:
+    try:
+        if source.path.suffix == ".jsonl":
+            yield from _read_jsonl(source.path, errors)
+        elif source.limit is not None:
+            with open(source.path, "rb") as f:
+                head = f.read(source.limit)
+            yield Segment(head[: head.rfind(b"\n") + 1].decode("utf-8", errors=errors))
+        else:
+            yield from _read_text(source.path, errors)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source.path} is not UTF-8 text; convert it (e.g. iconv -f latin1 -t utf-8) or leave "
+                          "it out of data.path") from None
 
 
-def _read_text(path: Path) -> Iterator[Segment]:
+def _read_text(path: Path, errors: str) -> Iterator[Segment]:
     """Blocks that end after a newline: the tokenizer encodes them separately with the same result."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8", errors=errors) as f:
         block = f.read(BLOCK_CHARS)
         while True:
             block += f.readline()
@@ -195,8 +203,8 @@ def _read_text(path: Path) -> Iterator[Segment]:
             block = following
 
 
-def _read_jsonl(path: Path) -> Iterator[Segment]:
-    with open(path, encoding="utf-8", errors="replace") as f:
+def _read_jsonl(path: Path, errors: str) -> Iterator[Segment]:
+    with open(path, encoding="utf-8", errors=errors) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -37,7 +37,8 @@ from ..config import ConfigError, DataConfig
 from .corpus import (CANARY_ALPHABET, CANARY_FORMAT, CANARY_SECRET_LENGTH, CANARY_SEED, Corpus, Segment,
                      load_corpus)
 from ..parallel.cross_entropy import IGNORE_INDEX
-from .tokenizer import EOS_ID, MAX_SENTENCES, PAD_ID, TRAINER_OPTIONS, load_tokenizer, sample_sentences, train_tokenizer
+from .tokenizer import (EOS_ID, MAX_SENTENCES, PAD_ID, TRAINER_OPTIONS, load_tokenizer, read_model, sample_sentences,
+                        train_tokenizer)
 
 FORMAT_VERSION = 1  # bump when the cache's content changes for the same inputs
 TOKENIZER_FILE, TOKENS_FILE, CANARIES_FILE, META_FILE = "tokenizer.model", "tokens.bin", "canaries.json", "meta.json"
@@ -157,15 +158,16 @@ def prepare_data(cfg: DataConfig, progress: bool | None = None) -> PreparedData:
     fingerprint = {"format": FORMAT_VERSION, "corpus": corpus.fingerprint(), "vocab_size": cfg.vocab_size,
                    "tokenizer_model": cfg.tokenizer_model, "trainer": TRAINER_OPTIONS,
                    "max_sentences": MAX_SENTENCES[cfg.tokenizer_model]}
-    if cfg.tokenizer_path is not None:
-        fingerprint["tokenizer"] = hashlib.sha256(Path(cfg.tokenizer_path).read_bytes()).hexdigest()
+    public_model = read_model(cfg.tokenizer_path) if cfg.tokenizer_path is not None else None
+    if public_model is not None:
+        fingerprint["tokenizer"] = hashlib.sha256(public_model).hexdigest()
     if cfg.packing != "stream":  # stream's key predates the option: its caches stay valid
         fingerprint["packing"] = cfg.packing
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cfg.cache_dir) / key
     from_cache = (cache / META_FILE).exists()
     if not from_cache:
-        _build(corpus, cfg, fingerprint, cache, sys.stderr.isatty() if progress is None else progress)
+        _build(corpus, cfg, fingerprint, cache, sys.stderr.isatty() if progress is None else progress, public_model)
     meta = json.loads((cache / META_FILE).read_text())
     documents = cache / DOCUMENTS_FILE if cfg.packing == "document" else None
     if documents is None:
@@ -181,14 +183,14 @@ def prepare_data(cfg: DataConfig, progress: bool | None = None) -> PreparedData:
                         documents_path=None if documents is None else str(documents))
 
 
-def _build(corpus: Corpus, cfg: DataConfig, fingerprint: dict, cache: Path, progress: bool) -> None:
+def _build(corpus: Corpus, cfg: DataConfig, fingerprint: dict, cache: Path, progress: bool,
+           model: bytes | None) -> None:
+    """``model``: the public sentencepiece model to use; None trains one on the corpus."""
     cache.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
     staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
     try:
-        if cfg.tokenizer_path is not None:
-            model = Path(cfg.tokenizer_path).read_bytes()
-        else:
+        if model is None:
             sentences = sample_sentences((s.text for s in corpus.segments() if s.canary is None),
                                          MAX_SENTENCES[cfg.tokenizer_model])
             if not sentences:

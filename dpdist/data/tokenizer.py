@@ -71,5 +71,19 @@ def train_tokenizer(sentences: list[str], vocab_size: int, model_type: str) -> b
         raise
 
 
+def read_model(path: str | Path) -> bytes:
+    """The bytes of the sentencepiece model at ``path`` (``data.tokenizer_path``), refused in one line
+    when they are not one: sentencepiece's own error is a C++ assertion about protobuf."""
+    try:
+        model = Path(path).read_bytes()
+        spm.SentencePieceProcessor().LoadFromSerializedProto(model)
+    except OSError as exc:
+        raise ConfigError(f"data.tokenizer_path {str(path)!r} cannot be read: {exc.strerror}") from None
+    except RuntimeError:
+        raise ConfigError(f"data.tokenizer_path {str(path)!r} is not a sentencepiece model; give a .model file written "
+                          "by sentencepiece's trainer") from None
+    return model
+
+
 def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
     return spm.SentencePieceProcessor(model_file=str(path))

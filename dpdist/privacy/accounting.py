@@ -6,8 +6,11 @@ analysis uses.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from typing import Sequence
+import sys
+from typing import Iterator, Sequence
 
 import dp_accounting
 
@@ -18,6 +21,59 @@ PLD_GRID = 1e-4  # dp_accounting's default PLD value discretisation: the reporte
 # (0.90 instead of 0.70 at 1e5 steps), so never the reported number.
 DISPLAY_PLD_GRID = 1e-3
 Prior = Sequence[tuple[float, float, int]]  # releases before the first step, run-length encoded like a ledger
+# How far the accountants reach.  PLD's grid spans the privacy loss, so its memory and time grow with
+# epsilon / PLD_GRID: measured on 2 cores, calibrating sigma for epsilon 100 took 16-40 s and 1 GB,
+# an epsilon near 700 took 33 s and 3 GB, sigma 0.01 ran out of 6 GB, and sigma 1e-9 (epsilon ~1e17)
+# asks numpy for an array past its size limit.  A bound of e^100 on a likelihood ratio says nothing
+# anyway, so a run is planned only within this epsilon (RDP's, the cheap one, for a given sigma).
+MAX_EPSILON = 100.0
+
+
+class OutOfReach(Exception):
+    """The accountant ran out of memory: the parameters' epsilon is far past ``MAX_EPSILON``."""
+
+
+class _NonConvergence(logging.Filter):
+    """Drops RDP's warning that an order's series did not converge (dozens per calibration at large
+    sampling rates), remembering that one came."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "failed to converge" in record.getMessage():
+            self.seen = True
+            return False
+        return True
+
+
+_explained_non_convergence = False
+
+
+@contextlib.contextmanager
+def _dp_accounting() -> Iterator[None]:
+    """Around each dp_accounting computation: its RDP non-convergence warnings are replaced by one
+    note per process in our words, and an allocation failure of an extreme PLD becomes OutOfReach."""
+    global _explained_non_convergence
+    absl_logger = logging.getLogger("absl")
+    dropped = _NonConvergence()
+    absl_logger.addFilter(dropped)
+    try:
+        yield
+    except (MemoryError, ValueError) as exc:  # numpy: out of memory, or an array past its size limit
+        if isinstance(exc, ValueError) and "Maximum allowed size exceeded" not in str(exc):
+            raise
+        raise OutOfReach(f"the privacy accountant ran out of memory: these parameters spend an epsilon far past "
+                         f"{MAX_EPSILON:g}, where no guarantee is left; use more noise or a smaller epsilon") from None
+    finally:
+        absl_logger.removeFilter(dropped)
+    if dropped.seen and not _explained_non_convergence:
+        _explained_non_convergence = True
+        # An order left out only removes a candidate from RDP's minimum over orders: the bound stays valid.
+        print("note: the RDP accountant left out some Renyi orders whose series did not converge at this sampling "
+              "rate; its epsilon is still an upper bound, if possibly a looser one (PLD is not affected)",
+              file=sys.stderr, flush=True)
 
 
 def _accountant(name: str, pld_grid: float = PLD_GRID) -> dp_accounting.PrivacyAccountant:
@@ -47,7 +103,8 @@ def epsilon_for_history(history: list[tuple[float, float, int]], delta: float, a
     if any(sigma == 0 for _, sigma, _ in history):
         return math.inf  # a noiseless release of a sampled example
     event = dp_accounting.ComposedDpEvent([dp_sgd_event(q, sigma, count) for q, sigma, count in history])
-    return float(fresh.compose(event).get_epsilon(delta))
+    with _dp_accounting():
+        return float(fresh.compose(event).get_epsilon(delta))
 
 
 def _merged(history) -> list[tuple[float, float, int]]:
@@ -93,8 +150,9 @@ def calibrate_noise_multiplier(target_epsilon: float, sample_rate: float, steps:
         return dp_accounting.ComposedDpEvent([*earlier, steps_event]) if earlier else steps_event
 
     def calibrate(bracket=None) -> float:
-        return float(dp_accounting.calibrate_dp_mechanism(lambda: _accountant(accountant), make_event,
-                                                          target_epsilon, delta, bracket_interval=bracket))
+        with _dp_accounting():
+            return float(dp_accounting.calibrate_dp_mechanism(lambda: _accountant(accountant), make_event,
+                                                              target_epsilon, delta, bracket_interval=bracket))
 
     if accountant != "pld":
         return calibrate()
@@ -109,18 +167,29 @@ def calibrate_noise_multiplier(target_epsilon: float, sample_rate: float, steps:
         return calibrate()
 
 
+def noise_floor(sample_rate: float, steps: int, delta: float, prior: Prior = ()) -> float:
+    """The least noise multiplier whose RDP epsilon is within ``MAX_EPSILON``, rounded up to four
+    significant digits so that the value printed in a refusal is accepted."""
+    sigma = calibrate_noise_multiplier(MAX_EPSILON, sample_rate, steps, delta, accountant="rdp", prior=prior)
+    unit = 10.0 ** (math.floor(math.log10(sigma)) - 3)
+    return math.ceil(sigma / unit) * unit
+
+
 def max_steps_within(epsilon_budget: float, sample_rate: float, noise_multiplier: float, delta: float,
                      accountant: str = "pld", upper: int = 10**7, prior: Prior = ()) -> int:
     """The largest T <= ``upper`` whose epsilon, composed with the ``prior`` releases, is at most the
     budget (epsilon grows with T); 0 also when the prior releases alone exceed it.
 
     Doubling from T = 1 before bisecting keeps every evaluation below twice the answer: PLD is
-    several times slower far beyond it (about 3 s at T = 5e6 against 0.4 s at T = 1e3).
+    several times slower far beyond it (about 3 s at T = 5e6 against 0.4 s at T = 1e3), and out of
+    memory where epsilon is far past ``MAX_EPSILON``, so T = ``upper`` is tried first only when RDP
+    (milliseconds, and looser than PLD) puts it within that.
     """
     def within(steps: int) -> bool:
         return epsilon(sample_rate, noise_multiplier, steps, delta, accountant, prior=prior) <= epsilon_budget
 
-    if within(upper):  # the common case: a run calibrated for its budget
+    # the common case: a run calibrated for its budget
+    if epsilon(sample_rate, noise_multiplier, upper, delta, "rdp", prior=prior) <= MAX_EPSILON and within(upper):
         return upper
     good, bad = 0, 1  # invariant: within(good), and bad > upper or not within(bad)
     while bad <= upper and within(bad):

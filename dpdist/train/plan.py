@@ -56,19 +56,43 @@ def resolve_plan(cfg: RunConfig, num_examples: int, num_val: int, vocab_size: in
     if not privacy.enabled:
         return RunPlan(num_examples, num_val, vocab_size, sample_rate, delta, 0.0, None, train.steps)
     prior = release_history(cfg)  # spent before step 0 (Re-Attention's token-frequency release)
-    sigma = privacy.noise_multiplier
-    if sigma is None:
-        try:
-            sigma = accounting.calibrate_noise_multiplier(privacy.target_epsilon, sample_rate, train.steps, delta,
-                                                          accountant=privacy.accountant, prior=prior)
-        except ValueError as exc:
-            raise ConfigError(f"privacy.target_epsilon {privacy.target_epsilon} cannot be reached: {exc}") from None
     budget = privacy.max_epsilon if privacy.max_epsilon is not None else privacy.target_epsilon
-    max_steps = train.steps
-    if budget is not None:
-        if sigma == 0:
-            raise ConfigError("privacy.noise_multiplier=0 spends an infinite epsilon; no budget can hold it")
-        max_steps = min(train.steps, accounting.max_steps_within(budget, sample_rate, sigma, delta,
-                                                                 accountant=privacy.accountant, upper=train.steps,
-                                                                 prior=prior))
+    check_reach(cfg, sample_rate, delta, prior, budget)
+    sigma = privacy.noise_multiplier
+    try:
+        if sigma is None:
+            try:
+                sigma = accounting.calibrate_noise_multiplier(privacy.target_epsilon, sample_rate, train.steps, delta,
+                                                              accountant=privacy.accountant, prior=prior)
+            except ValueError as exc:
+                raise ConfigError(f"privacy.target_epsilon {privacy.target_epsilon} cannot be reached: {exc}") from None
+        max_steps = train.steps
+        if budget is not None:
+            if sigma == 0:
+                raise ConfigError("privacy.noise_multiplier=0 spends an infinite epsilon; no budget can hold it")
+            max_steps = min(train.steps, accounting.max_steps_within(budget, sample_rate, sigma, delta,
+                                                                     accountant=privacy.accountant, upper=train.steps,
+                                                                     prior=prior))
+    except accounting.OutOfReach as exc:
+        raise ConfigError(str(exc)) from None
     return RunPlan(num_examples, num_val, vocab_size, sample_rate, delta, float(sigma), budget, max_steps)
+
+
+def check_reach(cfg: RunConfig, sample_rate: float, delta: float, prior: list, budget: float | None) -> None:
+    """Refuse, by RDP's epsilon (milliseconds), what spends more than ``accounting.MAX_EPSILON`` before
+    the PLD accountant is asked (its memory and time grow with epsilon): the token-frequency release,
+    and a given sigma over the run, or over one step when a budget (at most MAX_EPSILON) stops the run."""
+    limit = accounting.MAX_EPSILON
+    if prior and accounting.epsilon_for_history(prior, delta, "rdp") > limit:
+        raise ConfigError(f"model.reattention_frequency_noise {cfg.model.reattention_frequency_noise:g} spends more "
+                          f"than epsilon {limit:g} on the token-frequency release alone; raise it")
+    sigma = cfg.privacy.noise_multiplier
+    if not sigma:  # calibrated within the target, or 0: an infinite epsilon by design, with no accountant run
+        return
+    steps = cfg.train.steps if budget is None else 1
+    spent = accounting.epsilon(sample_rate, sigma, steps, delta, "rdp", prior=prior)
+    if spent > limit:
+        floor = accounting.noise_floor(sample_rate, steps, delta, prior)
+        raise ConfigError(f"privacy.noise_multiplier {sigma:g} spends epsilon {spent:.5g} (RDP) over {steps} step(s), "
+                          f"past {limit:g}: no guarantee is left and the PLD accountant cannot compute it; use at least "
+                          f"{floor:.4g}, or privacy.enabled=false to train without privacy")
