@@ -97,7 +97,7 @@ def epsilon_for_history(history: list[tuple[float, float, int]], delta: float, a
     A one-off Gaussian release at sensitivity one (the token-frequency release of Re-Attention) is the
     entry (1.0, its noise multiplier, 1): Poisson sampling at rate 1 is no sampling."""
     fresh = _accountant(accountant, pld_grid)
-    history = _merged(history)
+    history = run_lengths(history)
     if not history:
         return 0.0
     if any(sigma == 0 for _, sigma, _ in history):
@@ -107,9 +107,10 @@ def epsilon_for_history(history: list[tuple[float, float, int]], delta: float, a
         return float(fresh.compose(event).get_epsilon(delta))
 
 
-def _merged(history) -> list[tuple[float, float, int]]:
-    """Adjacent runs of the same (q, sigma) as one: a history composes to the same event however it was
-    split (a ledger and a plan, a run and its resumed part), so its epsilon is the same to the bit."""
+def run_lengths(history) -> list[tuple[float, float, int]]:
+    """(q, sigma, count) runs with adjacent runs of the same (q, sigma) as one: a history composes to
+    the same event however it was split (a ledger and a plan, a run and its resumed part), so its
+    epsilon is the same to the bit."""
     runs: list[list] = []
     for q, sigma, count in history:
         if count <= 0:

@@ -85,14 +85,7 @@ class PrivacyLedger:
 
     def history(self) -> list[tuple[float, float, int]]:
         """(sample_rate, noise_multiplier, count) runs in step order, as the accountant takes them."""
-        runs: list[list] = []
-        for entry in self.entries():
-            q, sigma = entry["sample_rate"], entry["noise_multiplier"]
-            if runs and runs[-1][:2] == [q, sigma]:
-                runs[-1][2] += 1
-            else:
-                runs.append([q, sigma, 1])
-        return [tuple(run) for run in runs]
+        return accounting.run_lengths((e["sample_rate"], e["noise_multiplier"], 1) for e in self.entries())
 
     def epsilon(self, delta: float, accountant: str = "pld", pld_grid: float = accounting.PLD_GRID) -> float:
         """``pld_grid=accounting.DISPLAY_PLD_GRID``: a fast, slightly larger epsilon for a progress bar."""

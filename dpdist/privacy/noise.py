@@ -230,6 +230,7 @@ def keyed_normal_runs(secret: int, release: int, name: str, runs: list[tuple[int
             pos += p1 - p0
             if (start + length) % 2:
                 drop.append(2 * pos - 1)  # and ends at the first half of its last pair
+
         def deep_words(positions: np.ndarray, pairs=pairs) -> np.ndarray:
             """Word p of the deep stream for each pair, p its index in the full tensor, so that a refined
             value is the same whatever batch or shard draws it."""

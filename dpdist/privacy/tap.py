@@ -19,9 +19,11 @@ are widened to fp32 as they arrive, so norms, clip factors and clipped sums are 
 its records has a non-finite norm (every rule's norm reads every recorded value of the example), which
 ``clip_factors`` turns into the factor 0; its rows of the records are then zeroed before a clipped sum
 is formed, since 0 x inf would still be NaN.  Reading the norms instead of scanning the records costs
-nothing on the common path (a scan of the bench model's records took about 0.1 s a step).  Each layer may complete once per backward: a layer called
-twice in one forward has the per-example gradient g1 + g2, whose norm needs the cross term that two
-separate records cannot give, so that is an error rather than a silently wrong norm.
+nothing on the common path (a scan of the bench model's records took about 0.1 s a step).
+
+Each layer may complete once per backward: a layer called twice in one forward has the per-example
+gradient g1 + g2, whose norm needs the cross term that two separate records cannot give, so that is
+an error rather than a silently wrong norm.
 """
 from __future__ import annotations
 
@@ -178,8 +180,7 @@ class PerExampleTap:
         return total if total is not None else torch.zeros_like(next(iter(per_param.values())))
 
     def _accumulate(self, sums: dict) -> None:
-        for param, grad in sums.items():
-            grad = grad.float() if grad.dtype == torch.bfloat16 else grad
+        for param, grad in sums.items():  # fp32 or wider: every record was widened
             if param in self.grad_sums:
                 self.grad_sums[param] += grad
             else:
