@@ -1,6 +1,6 @@
 """Public auditing API: the engine's own per-example norms and clipped sums, for reviewers and tests.
 
-Both functions run the same code path as training (``dpdist.train.engine.PrivateGradient``) on one
+Both functions run the same code path as training (``dpdist.privacy.step.DPStep``) on one
 process, with no noise, and work in float64 when the model is float64, so they can be compared with
 brute-force per-example gradients.  In a bf16 model the clipped sums are fp32, as in training, and
 ``removal_shift`` on ``near_duplicates`` checks the sensitivity bound in that precision.
@@ -12,12 +12,12 @@ import warnings
 import torch
 from torch import nn
 
-from .train.engine import PrivateGradient
+from .privacy.step import DPStep
 
 
-def _engine(model: nn.Module, input_ids: torch.Tensor, clip_norm: float, **options) -> PrivateGradient:
+def _engine(model: nn.Module, input_ids: torch.Tensor, clip_norm: float, **options) -> DPStep:
     batch, seq_len = input_ids.shape
-    return PrivateGradient(model, clip_norm=clip_norm, micro_batch_size=batch, seq_len=seq_len, **options)
+    return DPStep(model, clip_norm=clip_norm, micro_batch_size=batch, seq_len=seq_len, **options)
 
 
 def per_example_norms(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *,

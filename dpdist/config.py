@@ -163,8 +163,6 @@ class PrivacyConfig:
         _choice("privacy.clipping", self.clipping, ("flat", "per_layer", "automatic"))
         _choice("privacy.mode", self.mode, ("bookkeeping", "two_pass"))
         _choice("privacy.accountant", self.accountant, ("pld", "rdp"))
-        if self.mode == "two_pass" and self.clipping == "per_layer":
-            raise ConfigError("privacy.clipping=per_layer already clips during the backward; use privacy.mode=bookkeeping")
         if self.memory_budget_mb is not None and self.memory_budget_mb < 0:
             raise ConfigError(f"privacy.memory_budget_mb must be >= 0; got {self.memory_budget_mb}")
         if self.automatic_gamma <= 0:
@@ -193,7 +191,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         _positive(self, "train", "steps", "micro_batch_size", "log_every", "keep_checkpoints")
-        _choice("train.backend", self.backend, ("native", "deepspeed"))
+        from .train.backends import BACKENDS
+
+        _choice("train.backend", self.backend, tuple(BACKENDS))
         if self.checkpoint_every < 0:
             raise ConfigError(f"train.checkpoint_every must be >= 0 (0: only on a stop signal); got {self.checkpoint_every}")
         if self.batch_size is not None and self.batch_size <= 0:
@@ -290,7 +290,7 @@ class LsgConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """The DeepSpeed engine behind ``train.backend=deepspeed`` (``dpdist.train.deepspeed_backend``).
+    """The DeepSpeed engine behind ``train.backend=deepspeed`` (``dpdist.train.backends.deepspeed``).
 
     ``config_file`` is a DeepSpeed JSON passed through to ``deepspeed.initialize``; a key set here
     (not None) overrides it, and one left None is taken from the file or else from the default noted.
@@ -331,19 +331,10 @@ class RunConfig:
         for section in (self.model, self.data, self.privacy, self.train, self.parallel, self.launch, self.deepspeed,
                         self.anadp, self.lsg):
             section.validate()
-        if self.lsg.enabled and (self.privacy.clipping == "per_layer" or self.privacy.mode == "two_pass"
-                                 or self.anadp.enabled):
-            raise ConfigError("lsg.enabled clips the carriers jointly with the dense parameters in one book-keeping "
-                              "backward: use privacy.clipping=flat or automatic, privacy.mode=bookkeeping, and no anadp")
-        if self.privacy.enabled and self.privacy.mode == "two_pass" and self.model.dtype == "bfloat16":
-            raise ConfigError(TWO_PASS_LOW_PRECISION)
-        if self.anadp.enabled and self.privacy.clipping != "per_layer":
-            raise ConfigError("anadp.enabled allocates noise per layer group, which needs the groups clipped "
-                              "separately: set privacy.clipping=per_layer")
-        if self.train.backend == "deepspeed":
-            from .deepspeed_config import resolve_deepspeed_config
+        _check_combinations(self)
+        from .train.backends import backend_class  # the backend's own refusals (imports torch)
 
-            resolve_deepspeed_config(self)  # refuses what would break the guarantee, before anything starts
+        backend_class(self.train.backend).validate(self)
         if self.parallel.world_size % self.launch.nnodes:
             raise ConfigError(f"parallel.data x parallel.tensor = {self.parallel.world_size} processes do not split "
                               f"evenly over launch.nnodes = {self.launch.nnodes} nodes")
@@ -360,6 +351,28 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_combinations(cfg: RunConfig) -> None:
+    """What combines with what: the one place these rules live (the step, the methods and the
+    backends do not re-check them)."""
+    p = cfg.privacy
+    if p.mode == "two_pass" and p.clipping == "per_layer":
+        raise ConfigError("privacy.clipping=per_layer already clips during the backward; use privacy.mode=bookkeeping")
+    if cfg.lsg.enabled and (p.clipping == "per_layer" or p.mode == "two_pass" or cfg.anadp.enabled):
+        raise ConfigError("lsg.enabled clips the carriers jointly with the dense parameters in one book-keeping "
+                          "backward: use privacy.clipping=flat or automatic, privacy.mode=bookkeeping, and no anadp")
+    if p.enabled and p.mode == "two_pass" and cfg.model.dtype == "bfloat16":
+        raise ConfigError(TWO_PASS_LOW_PRECISION)
+    if cfg.anadp.enabled and p.clipping != "per_layer":
+        raise ConfigError("anadp.enabled allocates noise per layer group, which needs the groups clipped "
+                          "separately: set privacy.clipping=per_layer")
+    if cfg.train.backend == "deepspeed":
+        for key, on in (("anadp.enabled", cfg.anadp.enabled), ("lsg.enabled", cfg.lsg.enabled),
+                        ("model.reattention", cfg.model.reattention)):
+            if on:
+                raise ConfigError(f"{key} is not supported with train.backend=deepspeed (the DeepSpeed step adds "
+                                  "uniform noise on ZeRO partitions); use train.backend=native")
 
 
 def _positive(section: Any, name: str, *keys: str) -> None:

@@ -13,7 +13,7 @@ keys it owns.  Refused, because each would change what the privacy guarantee is 
   (still private, a projection onto a ball, but the noise then swamps a shrunken signal, and the
   update is no longer the DP-SGD update the native backend computes);
 - batch sizes and accumulation steps: Poisson sampling decides how many micro-batches a step has;
-- ``optimizer``/``scheduler``: the noise rides on dpdist's optimizer (``deepspeed_backend``);
+- ``optimizer``/``scheduler``: the noise rides on dpdist's optimizer (``dpdist.train.backends.deepspeed``);
 - ZeRO stage 3: the weights are partitioned during the backward, so a layer cannot form exact
   per-example norms from its local weight and activations (README, "DeepSpeed").
 """
@@ -46,11 +46,6 @@ def _read_file(path: str) -> dict:
 def resolve_deepspeed_config(cfg) -> dict:
     """The DeepSpeed config of ``cfg`` (a RunConfig with train.backend=deepspeed), or a ConfigError."""
     ds = cfg.deepspeed
-    for key, on in (("anadp.enabled", cfg.anadp.enabled), ("lsg.enabled", cfg.lsg.enabled),
-                    ("model.reattention", cfg.model.reattention)):
-        if on:
-            raise ConfigError(f"{key} is not supported with train.backend=deepspeed (the DeepSpeed step adds uniform "
-                              "noise on ZeRO partitions); use train.backend=native")
     merged = _read_file(ds.config_file) if ds.config_file else {}
     for key in OWNED:
         if key in merged:

@@ -8,7 +8,7 @@ from torch import nn
 from dpdist import ModelConfig, build_model
 from dpdist.privacy.noise import keyed_normal
 from dpdist.privacy.strategy import plan_strategies
-from dpdist.train.engine import PrivateGradient, dp_layers
+from dpdist.privacy.step import dp_layers, native_step
 
 SIGMA, CLIP, EXPECTED_BATCH, SECRET = 2.0, 0.5, 10.0, 99
 
@@ -19,7 +19,7 @@ def model(**overrides):
 
 
 def released_noise(m, step=0):
-    engine = PrivateGradient(m, clip_norm=CLIP, noise_multiplier=SIGMA, expected_batch_size=EXPECTED_BATCH,
+    engine = native_step(m, clip_norm=CLIP, noise_multiplier=SIGMA, expected_batch_size=EXPECTED_BATCH,
                              secret=SECRET)
     engine.release(step)  # an empty Poisson batch still releases noise, normalised by qN
     return {name: p.grad * EXPECTED_BATCH for name, p in m.named_parameters()}
@@ -47,7 +47,7 @@ def test_noise_is_keyed_by_step_and_parameter_name():
 
 def test_clipped_sum_is_divided_by_the_expected_batch_size():
     m = model()
-    engine = PrivateGradient(m, clip_norm=CLIP, noise_multiplier=0.0, expected_batch_size=EXPECTED_BATCH,
+    engine = native_step(m, clip_norm=CLIP, noise_multiplier=0.0, expected_batch_size=EXPECTED_BATCH,
                              micro_batch_size=3, seq_len=8)
     ids = torch.randint(0, 211, (3, 8))
     engine.microbatch(ids, ids.roll(-1, 1))
@@ -65,7 +65,7 @@ def test_a_parameter_without_a_norm_rule_is_refused_by_name():
     m = model()
     m.extra = nn.Linear(4, 4)
     with pytest.raises(TypeError, match=r"extra\.weight.*no per-example norm rule"):
-        PrivateGradient(m, clip_norm=1.0)
+        native_step(m, clip_norm=1.0)
 
 
 def test_frozen_parameters_are_allowed_and_get_no_noise():
@@ -73,7 +73,7 @@ def test_frozen_parameters_are_allowed_and_get_no_noise():
     m.extra = nn.Linear(4, 4).double().requires_grad_(False)
     m.pos_emb.weight.requires_grad_(False)
     assert all(type(layer) is not nn.Linear for layer in dp_layers(m))
-    PrivateGradient(m, clip_norm=CLIP, noise_multiplier=SIGMA, secret=SECRET).release(0)
+    native_step(m, clip_norm=CLIP, noise_multiplier=SIGMA, secret=SECRET).release(0)
     assert m.extra.weight.grad is None and m.pos_emb.weight.grad is None
     assert m.tok_emb.weight.grad is not None
 

@@ -23,7 +23,7 @@ from runs import assert_resume_is_exact  # noqa: E402
 from dpdist import ModelConfig, build_model  # noqa: E402
 from dpdist.config import ConfigError, LsgConfig, load_config  # noqa: E402
 from dpdist.privacy.sampling import PoissonSampler  # noqa: E402
-from dpdist.train.engine import PrivateGradient  # noqa: E402
+from helpers.steps import private_step  # noqa: E402
 
 CFG = ModelConfig(vocab_size=37, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, dtype="float64")
 N, Q, SECRET = 30, 0.3, 8
@@ -31,7 +31,7 @@ DATA = torch.randint(0, 37, (N, 9), generator=torch.Generator().manual_seed(4))
 
 
 def engine_for(model, lsg: LsgConfig | None, clip=0.5, sigma=1.0):
-    return PrivateGradient(model, clip_norm=clip, noise_multiplier=sigma, expected_batch_size=Q * N, secret=SECRET,
+    return private_step(model, clip_norm=clip, noise_multiplier=sigma, expected_batch_size=Q * N, secret=SECRET,
                            micro_batch_size=4, seq_len=8, lsg=lsg)
 
 
@@ -54,20 +54,20 @@ def test_noise_goes_only_on_the_support():
     model = build_model(CFG)
     rank, density = 2, 0.25
     engine = engine_for(model, LsgConfig(enabled=True, rank=rank, density=density))
-    dims = engine.lsg.noise_dimension()
+    dims = engine.parametrization.noise_dimension()
     engine.release(0)  # an empty batch: what is released is the noise alone
     assert len(dims) == 8  # qkv, proj, fc, proj in two blocks
-    for weight, layer in engine.lsg.layers.items():
+    for weight, layer in engine.parametrization.layers.items():
         p, d = weight.shape
         expected = round(density * p * rank) + round(density * rank * d)
         assert dims[layer.name] == expected < p * d, layer.name
         assert torch.linalg.matrix_rank(weight.grad) <= 2 * rank
     # the released noisy carrier values are nonzero exactly on the support of step 0
     engine2 = engine_for(build_model(CFG), LsgConfig(enabled=True, rank=rank, density=density))
-    masks = {c: m.clone() for layer in engine2.lsg.layers.values() for c, m in layer.masks.items()}
+    masks = {c: m.clone() for layer in engine2.parametrization.layers.values() for c, m in layer.masks.items()}
     captured = {}
-    original = engine2.lsg.after_release
-    engine2.lsg.after_release = lambda step, noisy: captured.update(noisy) or original(step, noisy)
+    original = engine2.parametrization.observe
+    engine2.parametrization.observe = lambda step, noisy: captured.update(noisy) or original(step, noisy)
     engine2.release(0)
     for carrier, mask in masks.items():
         assert torch.equal(captured[carrier] != 0, mask), carrier.carrier_name
@@ -78,7 +78,7 @@ def test_one_example_moves_everything_released_by_at_most_c():
     engine = engine_for(build_model(CFG), LsgConfig(enabled=True, rank=2, density=0.5), clip=clip, sigma=0.0)
     one_batch(engine, DATA[:1])
     sums = engine.tap.pop_grad_sums()
-    carried = set(engine.lsg.layers)
+    carried = set(engine.parametrization.layers)
     assert not carried & set(sums), "a carried weight's own gradient was summed"
     total = sum(float(g.double().pow(2).sum()) for g in sums.values()) ** 0.5
     assert total <= clip * (1 + 1e-9)
@@ -96,7 +96,7 @@ def test_carriers_and_support_ignore_the_current_batch():
             rows = last_rows if step == steps - 1 else DATA[sampler.plan(step).micro_batches[0].indices]
             one_batch(engine, rows)
             history.append({layer.name: (layer.left.clone(), layer.right.clone(),
-                                         *(m.clone() for m in layer.masks.values())) for layer in engine.lsg.layers.values()})
+                                         *(m.clone() for m in layer.masks.values())) for layer in engine.parametrization.layers.values()})
             engine.release(step)
         return history
 
@@ -112,10 +112,10 @@ def test_carriers_and_support_ignore_the_current_batch():
 def test_lsg_refuses_per_layer_clipping_and_two_pass():
     with pytest.raises(ConfigError, match="lsg.enabled"):
         load_config(None, ["privacy.noise_multiplier=1", "lsg.enabled=true", "privacy.clipping=per_layer"])
-    with pytest.raises(ValueError, match="book-keeping"):
-        PrivateGradient(build_model(CFG), clip_norm=1.0, mode="two_pass", lsg=LsgConfig(enabled=True))
+    with pytest.raises(ConfigError, match="book-keeping"):
+        load_config(None, ["privacy.noise_multiplier=1", "lsg.enabled=true", "privacy.mode=two_pass"])
     with pytest.raises(ValueError, match="exceeds"):
-        PrivateGradient(build_model(CFG), clip_norm=1.0, lsg=LsgConfig(enabled=True, rank=17))
+        private_step(build_model(CFG), clip_norm=1.0, lsg=LsgConfig(enabled=True, rank=17))
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from dpdist.config import ConfigError, load_config
 from dpdist.privacy.noise import keyed_normal
 from dpdist.privacy.sampling import PAD_TOKEN, public_padding
 from dpdist.privacy.tap import PerExampleTap
-from dpdist.train.engine import PrivateGradient
+from dpdist.privacy.step import native_step
 
 CLIPPINGS = ("flat", "automatic", "per_layer")
 VOCAB, SEQ = 50, 8
@@ -69,7 +69,7 @@ def _poisoned_model(dtype="float64"):
 
 
 def _sums(model, input_ids, labels, mask=None, **options):
-    engine = PrivateGradient(model, clip_norm=0.1, micro_batch_size=input_ids.shape[0], seq_len=SEQ, **options)
+    engine = native_step(model, clip_norm=0.1, micro_batch_size=input_ids.shape[0], seq_len=SEQ, **options)
     try:
         stats = engine.microbatch(input_ids, labels, mask)
         return engine.clipped_sums(), stats
@@ -95,7 +95,7 @@ def test_the_release_of_a_poisoned_batch_is_the_clean_sum_plus_the_keyed_noise()
     model, input_ids, labels = _poisoned_model()
     clean, _ = _sums(model, input_ids[1:], labels[1:])
     sigma, secret, release, expected = 2.0, 5, 7, 4.0
-    engine = PrivateGradient(model, clip_norm=0.1, noise_multiplier=sigma, expected_batch_size=expected,
+    engine = native_step(model, clip_norm=0.1, noise_multiplier=sigma, expected_batch_size=expected,
                              secret=secret, micro_batch_size=6, seq_len=SEQ)
     engine.microbatch(input_ids, labels)
     engine.release(release)

@@ -90,6 +90,7 @@ def prepare_run(cfg: RunConfig, resume: str | None = None, rewind: bool = False)
     from ..data.dataset import prepare_data
     from ..runtime.mesh import Mesh
     from ..runtime.secret import check_resumed_secret
+    from ..train.backends import backend_for
     from ..train.checkpoint import abandon, check_backend, check_compatible, read_record
     from ..train.plan import resolve_plan
 
@@ -103,7 +104,7 @@ def prepare_run(cfg: RunConfig, resume: str | None = None, rewind: bool = False)
     plan = resolve_plan(cfg, data.num_train, data.num_val, data.vocab_size)
     if record is not None:
         check_compatible(record, checkpoint, cfg, plan)
-        check_backend(record, checkpoint, cfg, Mesh(dp_size=cfg.parallel.data, tp_size=cfg.parallel.tensor))
+        check_backend(record, checkpoint, backend_for(cfg), Mesh(dp_size=cfg.parallel.data, tp_size=cfg.parallel.tensor))
     if abandoned:
         print(f"rewinding to {checkpoint.name}: moved {len(abandoned)} newer checkpoint(s) to {abandon(abandoned, run_dir)}",
               flush=True)
@@ -116,14 +117,13 @@ def prepare_run(cfg: RunConfig, resume: str | None = None, rewind: bool = False)
 
 
 def describe(cfg: RunConfig, plan) -> str:
-    from ..deepspeed_config import resolve_deepspeed_config
+    from ..train.backends import backend_for
 
     p = cfg.privacy
     lines = [f"data: {plan.num_examples} training sequences of {cfg.data.seq_len} tokens (one sequence = one "
              f"privacy unit), vocab {plan.vocab_size}",
              f"parallel: {cfg.parallel.data} data x {cfg.parallel.tensor} tensor on {cfg.parallel.device}"
-             + (f", DeepSpeed ZeRO-{resolve_deepspeed_config(cfg)['zero_optimization']['stage']}"
-                if cfg.train.backend == "deepspeed" else "")]
+             + backend_for(cfg).describe()]
     if p.enabled:
         lines.append(f"privacy: clip {p.clip_norm} ({p.clipping}), sigma {plan.noise_multiplier:.4f}, sample rate "
                      f"{plan.sample_rate:.5f} (expected batch {plan.expected_batch_size:.1f}), delta {plan.delta:.2e}, "

@@ -4,7 +4,7 @@ m canaries, random token sequences, distinct, drawn from the audit's seed, are e
 training set by a secret fair coin, next to ordinary sequences that are always in (counting runs
 ``s, s+1, s+2, ... mod V`` from a random start: data the model can learn, so the canaries are not the
 whole signal).  The config's model is then trained with the project's own DP step, exactly as ``dpdist
-train`` builds it (``make_gradient``: clipping, mode, ANADP, LSG; Poisson sampling with the plan's rate),
+train`` builds it (``build_gradient``: clipping, mode, ANADP, LSG; Poisson sampling with the plan's rate),
 on one CPU process.  The sample rate and delta are resolved for the nominal data set of every ordinary
 sequence and every canary, so neither depends on the coins; the gradient is normalised by that
 nominal expected batch size, a public constant.
@@ -28,8 +28,9 @@ from ..privacy.empirical_audit import count_correct, epsilon_lower_bound, guesse
 from ..privacy.sampling import PoissonSampler, public_padding
 from ..runtime.mesh import Mesh
 from ..runtime.secret import shared_secret
-from ..train.engine import model_losses
-from ..train.loop import make_gradient, make_optimizer
+from ..privacy.step import model_losses
+from ..train.engine import build_gradient
+from ..train.loop import make_optimizer
 from ..train.plan import RunPlan, resolve_plan
 
 
@@ -95,7 +96,8 @@ def train(cfg: RunConfig, plan: RunPlan, model, rows: torch.Tensor, secret: int)
     """``plan.max_steps`` DP steps on ``rows`` (seq_len + 1 tokens each), as ``dpdist.train.loop``
     takes them; a progress bar on stderr."""
     optimizer = make_optimizer(cfg, model)
-    gradient, optimizer, _ = make_gradient(cfg, plan, model, optimizer, Mesh(), secret)
+    run = build_gradient(cfg, plan, model, optimizer, Mesh(), secret)
+    gradient, optimizer = run.step, run.optimizer
     sampler = PoissonSampler(len(rows), plan.sample_rate, secret, micro_batch_size=cfg.train.micro_batch_size)
     for step in tqdm(range(plan.max_steps), desc="audit-train", unit="step", file=sys.stderr,
                      disable=not cfg.train.progress, dynamic_ncols=True):

@@ -6,11 +6,21 @@ returned as they are.  Every rank of the group gets the full tensors.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .mappings import group_size
+
+
+class Sharded(NamedTuple):
+    """A tensor held sharded as parameter ``like`` is (a component's state, e.g. a moving average of
+    that parameter's gradient): a checkpoint saves it at the parameter's full shape."""
+
+    tensor: torch.Tensor
+    like: nn.Parameter
 
 
 def gather_full(param: torch.Tensor, group, local: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,3 +46,15 @@ def unpadded_local_rows(param: torch.Tensor) -> int:
 def full_state_dict(model: nn.Module, tp_group) -> dict[str, torch.Tensor]:
     """Every parameter at its full shape, in ``named_parameters`` order (a collective over ``tp_group``)."""
     return {name: gather_full(p, tp_group) for name, p in model.named_parameters()}
+
+
+def load_into(own: dict, loaded: dict) -> None:
+    """Copy a checkpoint's ``loaded`` values into a component's own state tensors ``own`` (its
+    ``state_dict()``: tensors, or ``Sharded`` ones) in place, so the component keeps its tensors."""
+    with torch.no_grad():
+        for key, target in own.items():
+            target = target.tensor if isinstance(target, Sharded) else target
+            value = loaded[key]
+            value = value.tensor if isinstance(value, Sharded) else value
+            if value.data_ptr() != target.data_ptr():
+                target.copy_(value)

@@ -24,30 +24,34 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import AnadpConfig
 from ..parallel.mappings import group_rank, group_size
-from ..parallel.state import unpadded_local_rows
+from ..parallel.state import Sharded, load_into, unpadded_local_rows
 from .clipping import per_layer_threshold
+from .precision import accumulation_dtype
+from .step import Released
 
 
 class NoiseAllocation:
-    """Per-group noise scales and the importance state they are computed from."""
+    """ANADP as the DP step's noise_scales seam: per-group noise scales and the importance state they
+    are computed from.  The keyword arguments are the ``anadp`` config section's."""
 
-    def __init__(self, groups: list[list[nn.Parameter]], *, clip_norm: float, noise_multiplier: float,
-                 cfg: AnadpConfig, tp_group=None):
+    def __init__(self, groups: list[list[nn.Parameter]], names: dict[nn.Parameter, str], *, clip_norm: float,
+                 noise_multiplier: float, tp_group=None, beta1: float = 0.85, beta2: float = 0.85,
+                 warmup_steps: int = 20, refresh_every: int = 1, temperature: float = 1.0, min_weight: float = 0.1):
         if not groups or any(not g for g in groups):
             raise ValueError("ANADP needs at least one group, each with a parameter")
-        self.groups, self.cfg, self.tp_group = groups, cfg, tp_group
+        self.groups, self.names, self.tp_group = groups, names, tp_group
+        self.beta1, self.beta2, self.warmup_steps, self.refresh_every = beta1, beta2, warmup_steps, refresh_every
+        self.temperature, self.min_weight = temperature, min_weight
         self.noise_multiplier = noise_multiplier
         self.layer_clip = per_layer_threshold(clip_norm, len(groups))
         self.weights = torch.full((len(groups),), 1.0 / len(groups), dtype=torch.float64)
         params = [p for group in groups for p in group]
-        dtype = {torch.bfloat16: torch.float32}
-        self.sensitivity = {p: torch.zeros_like(p, dtype=dtype.get(p.dtype, p.dtype)) for p in params}
-        self.uncertainty = {p: torch.zeros_like(p, dtype=dtype.get(p.dtype, p.dtype)) for p in params}
+        self.sensitivity = {p: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype)) for p in params}
+        self.uncertainty = {p: torch.zeros_like(p, dtype=accumulation_dtype(p.dtype)) for p in params}
         self.group_of = {p: k for k, group in enumerate(groups) for p in group}
 
-    def stds(self) -> list[float]:
+    def group_stds(self) -> list[float]:
         """s_k for every group, after checking sum_k C_k^2 / s_k^2 <= 1 / sigma^2."""
         if self.noise_multiplier == 0:
             return [0.0] * len(self.groups)
@@ -58,21 +62,23 @@ class NoiseAllocation:
                                f"> 1/sigma^2 = {1 / self.noise_multiplier ** 2:.6g}")
         return stds
 
-    def std_of(self, param: nn.Parameter, stds: list[float]) -> float:
-        return stds[self.group_of[param]]
+    def stds(self, released: list[Released]) -> list[float]:
+        """The noise std of each released tensor: its group's s_k."""
+        stds = self.group_stds()
+        return [stds[self.group_of[r.tensor]] for r in released]
 
     @torch.no_grad()
     def observe(self, step: int, released: dict[nn.Parameter, torch.Tensor]) -> None:
         """Update the importance state with step ``step``'s released gradient (already noised, the
         same on every replica), and re-allocate the weights used from step ``step + 1`` on."""
-        b1, b2 = self.cfg.beta1, self.cfg.beta2
+        b1, b2 = self.beta1, self.beta2
         for p, grad in released.items():
             state = self.sensitivity[p]
             sensitivity = (p.detach().to(state.dtype) * grad.to(state.dtype)).abs_()
             self.sensitivity[p].mul_(b1).add_(sensitivity, alpha=1 - b1)
             self.uncertainty[p].mul_(b2).add_((sensitivity - self.sensitivity[p]).abs_(), alpha=1 - b2)
         done = step + 1
-        if done >= self.cfg.warmup_steps and (done - self.cfg.warmup_steps) % self.cfg.refresh_every == 0:
+        if done >= self.warmup_steps and (done - self.warmup_steps) % self.refresh_every == 0:
             self.weights = self._allocate(self._group_importance())
 
     def _group_importance(self) -> torch.Tensor:
@@ -94,18 +100,19 @@ class NoiseAllocation:
     def _allocate(self, importance: torch.Tensor) -> torch.Tensor:
         if not bool(torch.isfinite(importance).all()) or float(importance.sum()) <= 0:
             return torch.full_like(self.weights, 1.0 / len(self.groups))
-        raw = importance.clamp(min=0) ** self.cfg.temperature
+        raw = importance.clamp(min=0) ** self.temperature
         weights = raw / raw.sum()
-        floor = self.cfg.min_weight / len(self.groups)
+        floor = self.min_weight / len(self.groups)
         weights = weights.clamp(min=floor)
         return weights / weights.sum()
 
-    def checkpoint_state(self, names: dict[nn.Parameter, str]) -> dict[str, tuple[torch.Tensor, nn.Parameter | None]]:
-        """Every tensor an exact resume needs, by checkpoint key, with the parameter whose sharding it
-        shares (None: the same on every rank).  Loading writes into these same tensors."""
-        state = {"anadp/weights": (self.weights, None)}
+    def state_dict(self) -> dict:
+        """Every tensor an exact resume needs, by checkpoint key (``Sharded`` as its parameter is)."""
+        state = {"anadp/weights": self.weights}
         for p in self.sensitivity:
-            state[f"anadp/{names[p]}/sensitivity"] = (self.sensitivity[p], p)
-            state[f"anadp/{names[p]}/uncertainty"] = (self.uncertainty[p], p)
+            state[f"anadp/{self.names[p]}/sensitivity"] = Sharded(self.sensitivity[p], p)
+            state[f"anadp/{self.names[p]}/uncertainty"] = Sharded(self.uncertainty[p], p)
         return state
 
+    def load_state_dict(self, state: dict) -> None:
+        load_into(self.state_dict(), state)

@@ -33,13 +33,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import LsgConfig
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
 from ..parallel.mappings import group_sum
-from ..parallel.state import gather_full
+from ..parallel.state import Sharded, gather_full, load_into
 from .noise import keyed_normal
+from .precision import accumulation_dtype
 from .rules import Cost, NormRule
 from .rules.linear import example_sq_norms, weighted_example_sum
+from .step import Released
 
 PUBLIC = 0  # the key of public randomness (random starts, random masks): nothing secret in it
 
@@ -74,7 +75,7 @@ class LayerCarriers:
         self.group = layer.tp_group if weight.tensor_model_parallel else None
         self.column = isinstance(layer, ColumnParallelLinear)
         sharded = weight.tensor_model_parallel
-        dtype = torch.float32 if weight.dtype == torch.bfloat16 else weight.dtype
+        dtype = accumulation_dtype(weight.dtype)
         if self.column:  # rows of W sharded: L sharded the same way, R replicated
             self.left = _carrier((weight.shape[0], rank), (p, rank), 0 if sharded else None, weight.partition_offset,
                                  dtype)
@@ -83,7 +84,7 @@ class LayerCarriers:
             self.left = _carrier((p, rank), (p, rank), None, 0, dtype)
             self.right = _carrier((rank, weight.shape[1]), (rank, d), 1 if sharded else None, weight.partition_offset,
                                   dtype)
-        self.left.carrier_name, self.right.carrier_name = f"{name}.lsg_left", f"{name}.lsg_right"
+        self.carrier_names = {self.left: f"{name}.lsg_left", self.right: f"{name}.lsg_right"}  # their noise keys
         self.masks = {self.left: torch.ones(self.left.shape, dtype=torch.bool),
                       self.right: torch.ones(self.right.shape, dtype=torch.bool)}
         self.start = weight.detach().to(dtype).clone()  # W_0, public (the initial weights)
@@ -111,13 +112,13 @@ class LayerCarriers:
         self.right.data.copy_(right)
         self.refreshes += 1
 
-    def checkpoint_state(self) -> dict:
-        return {f"lsg/{self.name}/left": (self.left.data, self.left),
-                f"lsg/{self.name}/right": (self.right.data, self.right),
-                f"lsg/{self.name}/left_mask": (self.masks[self.left], self.left),
-                f"lsg/{self.name}/right_mask": (self.masks[self.right], self.right),
-                f"lsg/{self.name}/start": (self.start, self.layer.weight),
-                f"lsg/{self.name}/refreshes": (self.refreshes, None)}
+    def state_dict(self) -> dict:
+        return {f"lsg/{self.name}/left": Sharded(self.left.data, self.left),
+                f"lsg/{self.name}/right": Sharded(self.right.data, self.right),
+                f"lsg/{self.name}/left_mask": Sharded(self.masks[self.left], self.left),
+                f"lsg/{self.name}/right_mask": Sharded(self.masks[self.right], self.right),
+                f"lsg/{self.name}/start": Sharded(self.start, self.layer.weight),
+                f"lsg/{self.name}/refreshes": self.refreshes}
 
     def carrier_gradients(self, inputs: torch.Tensor, grad_outputs: torch.Tensor):
         """Per-example dL_i (B, p, r) and dR_i (B, r, d) of this layer, masked to the support."""
@@ -153,7 +154,7 @@ class LayerCarriers:
             if keep >= full[0] * full[1]:
                 mask.fill_(True)
                 continue
-            score = keyed_normal(PUBLIC, step, f"lsg/mask/{carrier.carrier_name}", full, dtype=torch.float64).abs()
+            score = keyed_normal(PUBLIC, step, f"lsg/mask/{self.carrier_names[carrier]}", full, dtype=torch.float64).abs()
             score = score.reshape(-1)
             if not random and noisy is not None:
                 previous = gather_full(carrier, self.group, noisy[carrier]).abs().reshape(-1)
@@ -175,32 +176,35 @@ def _frobenius(t: torch.Tensor, group) -> torch.Tensor:
 
 
 class LsgRule(NormRule):
-    """The norm rule of a linear layer trained through its carriers (chosen by ``rule_for`` when the
-    layer has ``lsg`` set): norms and clipped sums of the carriers and the bias, never of W."""
+    """The norm rule of a linear layer trained through its carriers (given to the tap by
+    ``LowRankGradients.rules``): norms and clipped sums of the carriers and the bias, never of W."""
 
     completing_site = "linear"
 
+    def __init__(self, carriers: LayerCarriers):
+        self.carriers = carriers
+
     def choices(self, layer, batch, seq_len, elem_bytes, per_layer=False):
         p, d = layer.weight.shape
-        r = layer.lsg.rank
+        r = self.carriers.rank
         return {"materialise": Cost(flops=4.0 * batch * seq_len * r * (p + d), kept_bytes=batch * r * (p + d) * 8)}
 
     def prepare(self, layer, recorded, strategy):
         inputs, grad_outputs = recorded["linear"]["inputs"], recorded["linear"]["grad_outputs"]
         inputs = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
         grad_outputs = grad_outputs.reshape(grad_outputs.shape[0], -1, grad_outputs.shape[-1])
-        left, right = layer.lsg.carrier_gradients(inputs, grad_outputs)
+        left, right = self.carriers.carrier_gradients(inputs, grad_outputs)
         return {"left": left, "right": right, "bias": grad_outputs.sum(1) if layer.bias is not None else None}
 
     def sq_norms(self, layer, state):
-        carriers = layer.lsg
+        carriers = self.carriers
         norms = {carriers.left: example_sq_norms(state["left"]), carriers.right: example_sq_norms(state["right"])}
         if state["bias"] is not None:
             norms[layer.bias] = example_sq_norms(state["bias"]).to(norms[carriers.left].dtype)
         return norms
 
     def clipped_sums(self, layer, state, clip_factors):
-        carriers = layer.lsg
+        carriers = self.carriers
         sums = {carriers.left: weighted_example_sum(state["left"], clip_factors),
                 carriers.right: weighted_example_sum(state["right"], clip_factors)}
         if state["bias"] is not None:
@@ -208,49 +212,58 @@ class LsgRule(NormRule):
         return sums
 
 
-LSG_RULE = LsgRule()
-
-
 class LowRankGradients:
-    """LSG for a model: carriers on every block linear layer, their refresh and support schedule."""
+    """LSG as the DP step's parametrization seam: carriers on every block linear layer, released in
+    place of its weight, and their refresh and support schedule (``rank``, ``density``,
+    ``refresh_every`` and ``mask`` are the ``lsg`` config section's)."""
 
-    def __init__(self, model: nn.Module, cfg: LsgConfig):
-        self.cfg = cfg
+    def __init__(self, model: nn.Module, *, rank: int, density: float = 1.0, refresh_every: int = 10,
+                 mask: str = "previous"):
+        self.density, self.refresh_every, self.random_mask = density, refresh_every, mask == "random"
         self.layers: dict[nn.Parameter, LayerCarriers] = {}
+        self.rules: dict[nn.Module, LsgRule] = {}
         for name, module in model.named_modules():
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-                module.lsg = LayerCarriers(module, f"{name}.weight", cfg.rank)
-                module.lsg.refresh()
-                module.lsg.choose_support(0, cfg.density, None, random=True)
-                self.layers[module.weight] = module.lsg
-        self.masks = {c: m for layer in self.layers.values() for c, m in layer.masks.items()}  # the same tensors
+                carriers = LayerCarriers(module, f"{name}.weight", rank)
+                carriers.refresh()
+                carriers.choose_support(0, density, None, random=True)
+                self.layers[module.weight] = carriers
+                self.rules[module] = LsgRule(carriers)
         if not self.layers:
             raise ValueError("lsg.enabled but the model has no linear layer to carry")
 
     def carriers(self) -> list[nn.Parameter]:
         return [c for layer in self.layers.values() for c in (layer.left, layer.right)]
 
-    def mask(self, carrier: nn.Parameter) -> torch.Tensor:
-        """The support of ``carrier`` for the next release."""
-        return self.masks[carrier]
+    def released(self, names: dict[nn.Parameter, str]) -> list[Released]:
+        """The dense parameters as themselves, and the carriers of every carried weight on their support."""
+        dense = [Released(name, p) for p, name in names.items() if p not in self.layers]
+        return dense + [Released(layer.carrier_names[c], c, layer.masks[c])
+                        for layer in self.layers.values() for c in (layer.left, layer.right)]
+
+    def updates(self, noisy: dict[torch.Tensor, torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+        """Each carried weight's update reconstructed from its noisy carriers; the rest as released."""
+        updates = {p: g for p, g in noisy.items() if p not in self.layers}
+        for weight, layer in self.layers.items():
+            updates[weight] = layer.reconstruct(noisy[layer.left], noisy[layer.right])
+        return updates
 
     def noise_dimension(self) -> dict[str, int]:
         """Coordinates noised per matrix at the next release (this rank's share)."""
         return {layer.name: sum(int(m.sum()) for m in layer.masks.values()) for layer in self.layers.values()}
 
-    def after_release(self, step: int, noisy: dict[nn.Parameter, torch.Tensor]) -> None:
+    def observe(self, step: int, noisy: dict[torch.Tensor, torch.Tensor]) -> None:
         """Choose what step ``step + 1`` uses, from what step ``step`` released (and nothing else)."""
-        refresh = (step + 1) % self.cfg.refresh_every == 0
+        refresh = (step + 1) % self.refresh_every == 0
         for layer in self.layers.values():
             if refresh:
                 layer.refresh()
-            layer.choose_support(step + 1, self.cfg.density, noisy, random=refresh or self.cfg.mask == "random")
+            layer.choose_support(step + 1, self.density, noisy, random=refresh or self.random_mask)
 
-    def checkpoint_state(self) -> dict:
+    def state_dict(self) -> dict:
         """Carriers, supports, W_0 and refresh counts: what an exact resume needs."""
-        return {key: value for layer in self.layers.values() for key, value in layer.checkpoint_state().items()}
+        return {key: value for layer in self.layers.values() for key, value in layer.state_dict().items()}
 
-    def detach(self, model: nn.Module) -> None:
-        for module in model.modules():
-            if getattr(module, "lsg", None) is not None:
-                module.lsg = None
+    def load_state_dict(self, state: dict) -> None:
+        load_into(self.state_dict(), state)
+

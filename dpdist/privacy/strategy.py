@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .rules import Cost, rule_for
+from .rules import Cost, NormRule, rule_for
 
 # A byte of memory traffic costs about as much time as this many flops: calibrated on the project's
 # 2-core CPU (BENCHMARKS.md) when ghost norms ran at ~170 GFLOP/s and per-example gradients that spill
@@ -59,10 +59,12 @@ class Plan:
 
 def plan_strategies(layers: list[nn.Module], batch: int, seq_len: int, elem_bytes: int, *,
                     budget_bytes: float | None = None, per_layer: bool = False, force: str | None = None,
-                    tensor_parallel: bool = False) -> Plan:
+                    tensor_parallel: bool = False, rules: dict[nn.Module, NormRule] | None = None) -> Plan:
     """``tensor_parallel``: the layers are shards, and every clip of per-layer clipping is a tensor-group
-    all-reduce (which a streamed layer makes once per chunk)."""
-    options = {layer: rule_for(layer).choices(layer, batch, seq_len, elem_bytes, per_layer) for layer in layers}
+    all-reduce (which a streamed layer makes once per chunk).  ``rules``: each layer's norm rule where
+    it is not the registry's (a parametrization's)."""
+    rules = {layer: (rules or {}).get(layer) or rule_for(layer) for layer in layers}
+    options = {layer: rules[layer].choices(layer, batch, seq_len, elem_bytes, per_layer) for layer in layers}
     cost = functools.partial(time_cost, tensor_parallel=tensor_parallel)
     if force is not None:
         chosen = {layer: force if force in opts else next(iter(opts)) for layer, opts in options.items()}
@@ -70,7 +72,7 @@ def plan_strategies(layers: list[nn.Module], batch: int, seq_len: int, elem_byte
         chosen = {layer: min([n for n in opts if n != "materialise"] or list(opts), key=lambda n, o=opts: cost(o[n]))
                   for layer, opts in options.items()}
     elif budget_bytes is None:
-        chosen = {layer: rule_for(layer).default_choice(layer, seq_len) for layer in layers}
+        chosen = {layer: rules[layer].default_choice(layer, seq_len) for layer in layers}
     else:
         chosen = _fit_budget(options, budget_bytes, per_layer, cost)
     return Plan(chosen, {layer: options[layer][name] for layer, name in chosen.items()})

@@ -13,13 +13,13 @@ over the tensor group (the one collective clipping needs) gives every rank the f
 
 Clipped sums accumulate in ``grad_sums`` across micro-batches until the step releases them.
 
-Every pre-noise quantity is fp32 or wider whatever the model computes in: recorded bf16/fp16 tensors
-are widened to fp32 as they arrive, so norms, clip factors and clipped sums are fp32 (a bf16 sum of
-512 near-duplicate examples moved by 1.6 C when one was removed).  An example with an inf or NaN in
+Every pre-noise quantity is fp32 or wider whatever the model computes in (``dpdist.privacy.precision``):
+recorded bf16/fp16 tensors are widened as they arrive, so norms, clip factors and clipped sums are fp32.
+An example with an inf or NaN in
 its records has a non-finite norm (every rule's norm reads every recorded value of the example), which
 ``clip_factors`` turns into the factor 0; its rows of the records are then zeroed before a clipped sum
-is formed, since 0 x inf would still be NaN.  Reading the norms instead of scanning the records costs
-nothing on the common path (a scan of the bench model's records took about 0.1 s a step).
+is formed, since 0 x inf would still be NaN.  The norms tell which examples those are, so the common
+path scans no record.
 
 Each layer may complete once per backward: a layer called twice in one forward has the per-example
 gradient g1 + g2, whose norm needs the cross term that two separate records cannot give, so that is
@@ -27,6 +27,7 @@ an error rather than a silently wrong norm.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -34,15 +35,10 @@ from torch import nn
 
 from ..parallel.mappings import group_rank, group_sum
 from .clipping import clip_factors
-from .rules import rule_for
+from .precision import widened
+from .rules import NormRule, rule_for
 
 MODES = ("bookkeeping", "per_layer", "norms")
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def _widened(tensor: torch.Tensor) -> torch.Tensor:
-    """A recorded tensor in fp32 or wider (token ids as they are)."""
-    return tensor.float() if tensor.dtype in LOW_PRECISION else tensor
 
 
 def _without_rows(state: dict, rows: torch.Tensor) -> dict:
@@ -56,7 +52,10 @@ def _without_rows(state: dict, rows: torch.Tensor) -> dict:
 
 class PerExampleTap:
     def __init__(self, layers: list[nn.Module], strategies: dict[nn.Module, str], *, mode: str = "bookkeeping",
-                 tp_group=None, layer_clip_norm: float | None = None, names: dict[nn.Module, str] | None = None):
+                 tp_group=None, layer_clip_norm: float | None = None, names: dict[nn.Module, str] | None = None,
+                 rules: dict[nn.Module, NormRule] | None = None):
+        """``rules``: each layer's norm rule (default: the registry's for its type); a parametrization
+        that trains a layer through other tensors (LSG's carriers) brings its own."""
         if mode not in MODES:
             raise ValueError(f"tap mode must be one of {MODES}; got {mode!r}")
         if mode == "per_layer" and layer_clip_norm is None:
@@ -64,6 +63,7 @@ class PerExampleTap:
         self.layers, self.strategies, self.mode = layers, strategies, mode
         self.tp_group, self.layer_clip_norm = tp_group, layer_clip_norm
         self.names = names or {}
+        self.rules = {layer: (rules or {}).get(layer) or rule_for(layer) for layer in layers}
         self.tp_rank = group_rank(tp_group)
         self.defer_weight_grad = True
         self.grad_sums: dict[nn.Parameter, torch.Tensor] = {}
@@ -82,6 +82,16 @@ class PerExampleTap:
         for layer in self.layers:
             layer.grad_tap = None
 
+    @contextlib.contextmanager
+    def forming_weight_grads(self):
+        """Within this block the layers form their weight gradients themselves (the second backward of
+        two-pass clipping), instead of recording for the tap."""
+        self.defer_weight_grad = False
+        try:
+            yield
+        finally:
+            self.defer_weight_grad = True
+
     def record(self, layer: nn.Module, site: str, **tensors) -> None:
         pending = self._pending.setdefault(layer, {})
         if site in pending or layer in self._completed:
@@ -89,8 +99,8 @@ class PerExampleTap:
                                "step: a layer called twice in one forward (shared weights) has per-example gradient "
                                "g1 + g2, and the norm rules cannot form its cross term from two records; give each "
                                "call its own layer")
-        pending[site] = {key: _widened(tensor) for key, tensor in tensors.items()}
-        rule = rule_for(layer)
+        pending[site] = {key: widened(tensor) for key, tensor in tensors.items()}
+        rule = self.rules[layer]
         if site != rule.completing_site:
             return
         del self._pending[layer]
@@ -162,11 +172,9 @@ class PerExampleTap:
             self._accumulate(rule.clipped_sums(layer, state, clip))
         self._states.clear()
 
-    def add_to_sums(self, params) -> None:
-        """Two-pass: move the weighted backward's ``.grad`` into ``grad_sums``."""
-        self._accumulate({p: p.grad for p in params if p.grad is not None})
-        for p in params:
-            p.grad = None
+    def add_to_sums(self, grads: dict[nn.Parameter, torch.Tensor]) -> None:
+        """Two-pass: add the weighted backward's gradients to ``grad_sums``."""
+        self._accumulate(grads)
 
     def pop_grad_sums(self) -> dict[nn.Parameter, torch.Tensor]:
         sums, self.grad_sums = self.grad_sums, {}

@@ -18,25 +18,20 @@ file.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import json
 import os
 import shutil
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from ..config import ConfigError, RunConfig
-from ..parallel.state import unpadded_local_rows
 from ..privacy.ledger import PrivacyLedger
 from ..runtime.mesh import Mesh
+from .dcp_state import StateMismatch
 from .plan import RunPlan
 
 CHECKPOINTS = "checkpoints"
@@ -59,81 +54,6 @@ def privacy_identity(cfg: RunConfig, plan: RunPlan) -> dict:
             "seq_len": cfg.data.seq_len, "vocab_size": cfg.model.vocab_size}
 
 
-@functools.lru_cache(maxsize=None)
-def _device_mesh_of(device_type: str, dp_size: int, tp_size: int):
-    """One DeviceMesh per process and layout (creating one makes process groups: never per save)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    return init_device_mesh(device_type, (dp_size, tp_size), mesh_dim_names=("data", "tensor"))
-
-
-def _device_mesh(mesh: Mesh):
-    if mesh.world_size == 1:
-        return None
-    return _device_mesh_of(mesh.device.type, mesh.dp_size, mesh.tp_size)
-
-
-def _view(tensor: torch.Tensor, param: torch.nn.Parameter, device_mesh):
-    """What DCP sees for ``tensor`` (the parameter itself or state sharded like it): a DTensor of the
-    unpadded full shape for a tensor-parallel shard, the tensor itself otherwise.  A vocabulary
-    table drops its padding rows, so the saved table is the same at every tensor degree."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return tensor
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    full = list(param.full_shape)
-    local = tensor
-    if getattr(param, "unpadded_rows", None) is not None:
-        full[0] = param.unpadded_rows
-        local = tensor.narrow(0, 0, unpadded_local_rows(param))
-    stride = torch.empty(full, device="meta").stride()
-    return DTensor.from_local(local, device_mesh, [Replicate(), Shard(param.partition_dim)], run_check=False,
-                              shape=torch.Size(full), stride=stride)
-
-
-def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create the optimizer's state tensors (values are overwritten by the load): one step at lr 0
-    with zero gradients, which leaves every parameter as it is."""
-    if optimizer.state:
-        return
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    lrs = [group["lr"] for group in optimizer.param_groups]
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-    optimizer.step()
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-
-
-def _state(model, optimizer, device_mesh, extra: dict | None = None) -> dict:
-    """What DCP saves: parameters, optimizer slots, and ``extra`` (key -> (tensor, the parameter whose
-    sharding it shares, or None)), e.g. ANADP's importance state."""
-    params = dict(model.named_parameters())
-    state = {f"model/{name}": _view(p.detach(), p, device_mesh) for name, p in params.items()}
-    by_param = {p: name for name, p in params.items()}
-    for key, (tensor, param) in (extra or {}).items():
-        state[key] = tensor if param is None else _view(tensor, param, device_mesh)
-    for p, slots in optimizer.state.items():
-        name = by_param[p]
-        for key, value in slots.items():
-            if torch.is_tensor(value) and value.shape == p.shape:
-                state[f"optim/{name}/{key}"] = _view(value, p, device_mesh)
-            else:  # a scalar such as Adam's step count: the same on every rank
-                state[f"optim/{name}/{key}"] = value
-    return state
-
-
-@contextlib.contextmanager
-def _quiet_single_process():
-    """DCP warns that it 'assumes' a single process even when told so (no_dist); that is intended here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -146,15 +66,6 @@ def _manifest(folder: Path) -> dict:
     """Every file under ``folder`` (DeepSpeed writes a sub-folder) but the record, with size and hash."""
     return {f.relative_to(folder).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != PRIVACY_FILE}
-
-
-def backend_identity(cfg: RunConfig) -> dict:
-    """Which engine wrote the state: a DeepSpeed checkpoint holds ZeRO partitions of one layout."""
-    if cfg.train.backend != "deepspeed":
-        return {"name": "native"}
-    from ..deepspeed_config import resolve_deepspeed_config
-
-    return {"name": "deepspeed", "zero_stage": resolve_deepspeed_config(cfg)["zero_optimization"]["stage"]}
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -208,10 +119,10 @@ def abandon(checkpoints: list[Path], run_dir: Path) -> Path:
 
 
 def save_checkpoint(run_dir: Path, next_step: int, model, optimizer, cfg: RunConfig, plan: RunPlan, mesh: Mesh,
-                    keep: int, deepspeed_engine=None, extra: dict | None = None) -> Path:
+                    keep: int, backend, components: list = ()) -> Path:
     """Write the checkpoint to resume at ``next_step`` (a collective: every rank calls it at a step
-    boundary), commit it atomically, and keep the newest ``keep`` committed ones.  With a DeepSpeed
-    engine its own checkpoint (model, ZeRO partitions, optimizer state) replaces the DCP files."""
+    boundary) through ``backend.save``, commit it atomically, and keep the newest ``keep`` committed
+    ones.  ``components``: objects with ``state_dict()``/``load_state_dict()`` saved alongside."""
     final = step_folder(run_dir, next_step)
     partial = final.with_name(final.name + PARTIAL)
     if mesh.is_main:
@@ -219,14 +130,7 @@ def save_checkpoint(run_dir: Path, next_step: int, model, optimizer, cfg: RunCon
             shutil.rmtree(partial)  # left by a crash during an earlier save of this same step
         partial.mkdir(parents=True)
     _barrier(mesh)
-    if deepspeed_engine is not None:
-        from .deepspeed_backend import CHECKPOINT_TAG
-
-        deepspeed_engine.save_checkpoint(str(partial), tag=CHECKPOINT_TAG, save_latest=False)
-    else:
-        with _quiet_single_process():
-            dcp.save(_state(model, optimizer, _device_mesh(mesh), extra), checkpoint_id=str(partial),
-                     no_dist=mesh.world_size == 1)
+    backend.save(partial, model, optimizer, list(components), mesh)
     _barrier(mesh)
     if mesh.is_main:
         run_ledger = Path(run_dir) / LEDGER
@@ -235,7 +139,7 @@ def save_checkpoint(run_dir: Path, next_step: int, model, optimizer, cfg: RunCon
         entries = len(PrivacyLedger(partial / LEDGER).entries())
         record = {"format": FORMAT, "next_step": next_step, "ledger_entries": entries,
                   "privacy": privacy_identity(cfg, plan), "model": asdict(cfg.model),
-                  "layout": {"data": mesh.dp_size, "tensor": mesh.tp_size}, "backend": backend_identity(cfg),
+                  "layout": {"data": mesh.dp_size, "tensor": mesh.tp_size}, "backend": backend.identity(),
                   "files": _manifest(partial)}
         with open(partial / PRIVACY_FILE, "w") as handle:
             json.dump(record, handle, indent=2)
@@ -294,19 +198,17 @@ def _read_on_main(folder: Path, mesh: Mesh) -> dict:
     return record
 
 
-def check_backend(record: dict, folder: Path, cfg: RunConfig, mesh: Mesh) -> None:
-    """A DeepSpeed checkpoint resumes only under DeepSpeed at its own stage and layout (ZeRO
-    partitions do not reshard here); a native one only natively."""
-    saved, mine = record.get("backend", {"name": "native"}), backend_identity(cfg)
+def check_backend(record: dict, folder: Path, backend, mesh: Mesh) -> None:
+    """A checkpoint resumes only under the backend that wrote it, and only where that backend can
+    load it (a ZeRO checkpoint at its own stage and layout)."""
+    saved, mine = record.get("backend", {"name": "native"}), backend.identity()
     if saved["name"] != mine["name"]:
         raise CheckpointError(f"checkpoint {folder} was written by the {saved['name']} backend and this run uses "
                               f"train.backend={mine['name']}; resume with train.backend={saved['name']}")
-    layout = {"data": mesh.dp_size, "tensor": mesh.tp_size}
-    if mine["name"] == "deepspeed" and (saved != mine or record["layout"] != layout):
-        raise CheckpointError(f"checkpoint {folder} holds ZeRO stage {saved.get('zero_stage')} partitions for "
-                              f"(data, tensor) = ({record['layout']['data']}, {record['layout']['tensor']}); resume "
-                              f"with that stage and layout (this run: stage {mine['zero_stage']}, "
-                              f"({mesh.dp_size}, {mesh.tp_size}))")
+    try:
+        backend.check_resume(saved, folder, record["layout"], {"data": mesh.dp_size, "tensor": mesh.tp_size})
+    except StateMismatch as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def check_compatible(record: dict, folder: Path, cfg: RunConfig, plan: RunPlan) -> None:
@@ -337,55 +239,14 @@ def check_ledger(folder: Path, run_ledger: Path) -> None:
                               "resume on it")
 
 
-def load_checkpoint(folder: Path, model, optimizer, cfg: RunConfig, plan: RunPlan, mesh: Mesh,
-                    deepspeed_engine=None, extra: dict | None = None) -> dict:
-    """Load model and optimizer (resharded to this run's layout) in place; return the record."""
+def load_checkpoint(folder: Path, model, optimizer, cfg: RunConfig, plan: RunPlan, mesh: Mesh, backend,
+                    components: list = ()) -> dict:
+    """Load model, optimizer and components in place through ``backend.load``; return the record."""
     record = _read_on_main(folder, mesh)
     check_compatible(record, folder, cfg, plan)
-    check_backend(record, folder, cfg, mesh)
-    if deepspeed_engine is not None:
-        from .deepspeed_backend import CHECKPOINT_TAG
-
-        loaded, _ = deepspeed_engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                                     load_lr_scheduler_states=False)
-        if loaded is None:
-            raise CheckpointError(f"checkpoint {folder} has no DeepSpeed state under {CHECKPOINT_TAG}/; resume from "
-                                  "an older checkpoint")
-        return record
-    _init_optimizer_state(optimizer)
-    device_mesh = _device_mesh(mesh)
-    state = _state(model, optimizer, device_mesh, extra)
-    saved = set(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
-    missing = sorted(set(state) - saved)
-    if missing:
-        raise CheckpointError(f"checkpoint {folder} lacks {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")
-                              + f": it was saved with another optimizer or model (train.optimizer is "
-                              f"{cfg.train.optimizer!r}); resume with the config it was saved with")
+    check_backend(record, folder, backend, mesh)
     try:
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(folder), no_dist=mesh.world_size == 1)
-    except Exception as exc:  # DCP's own errors name tensors and offsets, not what the user should do
-        raise CheckpointError(f"checkpoint {folder} could not be loaded ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:300]}); resume from an older checkpoint") from exc
-    params = dict(model.named_parameters())
-    by_param = {p: name for name, p in params.items()}
-    with torch.no_grad():
-        for name, p in params.items():
-            _copy_back(p, state[f"model/{name}"])
-        for p, slots in optimizer.state.items():
-            for key in slots:
-                value = state[f"optim/{by_param[p]}/{key}"]
-                if torch.is_tensor(slots[key]) and slots[key].shape == p.shape:
-                    _copy_back(slots[key], value)
-                else:
-                    slots[key] = value
-        for key, (tensor, _) in (extra or {}).items():
-            _copy_back(tensor, state[key])
+        backend.load(folder, model, optimizer, list(components), mesh)
+    except StateMismatch as exc:
+        raise CheckpointError(str(exc)) from exc
     return record
-
-
-def _copy_back(target: torch.Tensor, loaded) -> None:
-    """Put a loaded view's values into ``target`` (the padded rows of a vocabulary table keep theirs)."""
-    local = loaded.to_local() if hasattr(loaded, "to_local") else loaded
-    if local.data_ptr() != target.data_ptr():
-        target.narrow(0, 0, local.shape[0]).copy_(local)

@@ -1,7 +1,7 @@
 """The training loop of one worker process: sampler, engine, optimizer, ledger, progress, summary.
 
 Each logical step: the Poisson plan for this step (identical on every rank), the micro-batches of this
-data-parallel rank through ``PrivateGradient``, one noisy gradient, the ledger entry (written before
+data-parallel rank through the DP step (``dpdist.train.engine``), one noisy gradient, the ledger entry (written before
 the update, so a crash never under-counts epsilon), the optimizer step.  The printed training loss is a
 non-private diagnostic of the sampled batch; the privacy guarantee covers the model, not the log.
 
@@ -36,7 +36,7 @@ from ..privacy.sampling import PoissonSampler, public_padding
 from ..runtime.mesh import Mesh
 from ..runtime.secret import run_secret, seed_is_fixed
 from .checkpoint import check_ledger, latest_checkpoint, load_checkpoint, save_checkpoint
-from .engine import NonPrivateGradient, PrivateGradient
+from .engine import build_gradient
 from .plan import RunPlan
 from .stop import StopSignal
 
@@ -46,28 +46,6 @@ def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimi
     if t.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-
-
-def make_gradient(cfg: RunConfig, plan: RunPlan, model, optimizer, mesh: Mesh, secret: int):
-    """The step's gradient computation, the optimizer the loop steps, and the DeepSpeed engine (or None)."""
-    privacy = cfg.privacy
-    private = None
-    if privacy.enabled:
-        budget = privacy.memory_budget_mb * 2**20 if privacy.memory_budget_mb is not None else None
-        private = dict(clip_norm=privacy.clip_norm, noise_multiplier=plan.noise_multiplier, secret=secret,
-                       clipping=privacy.clipping, automatic_gamma=privacy.automatic_gamma, mode=privacy.mode,
-                       micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
-                       memory_budget_bytes=budget, anadp=cfg.anadp, lsg=cfg.lsg)
-    if cfg.train.backend == "deepspeed":
-        from . import deepspeed_backend
-
-        run = deepspeed_backend.setup(cfg, model, optimizer, mesh, expected_batch_size=plan.expected_batch_size,
-                                      private=private)
-        return run.gradient, run.optimizer, run.engine
-    common = {"expected_batch_size": plan.expected_batch_size, "dp_group": mesh.dp_group, "tp_group": mesh.tp_group}
-    if private is not None:
-        return PrivateGradient(model, **private, **common), optimizer, None
-    return NonPrivateGradient(model, **common), optimizer, None
 
 
 def _all_sum(values: list[float], mesh: Mesh) -> list[float]:
@@ -141,12 +119,12 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
     secret = run_secret(privacy.seed, run_dir, mesh)
     sampler = PoissonSampler(plan.num_examples, plan.sample_rate, secret, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
                              micro_batch_size=cfg.train.micro_batch_size)
-    gradient, optimizer, ds_engine = make_gradient(cfg, plan, model, optimizer, mesh, secret)
+    run = build_gradient(cfg, plan, model, optimizer, mesh, secret)
+    gradient, optimizer = run.step, run.optimizer
     start, resumed_from = 0, None
     checkpoint = resume_point(resume, run_dir)
     if checkpoint is not None:
-        record = load_checkpoint(checkpoint, model, optimizer, cfg, plan, mesh, deepspeed_engine=ds_engine,
-                                 extra=gradient.checkpoint_state())
+        record = load_checkpoint(checkpoint, model, optimizer, cfg, plan, mesh, run.backend, run.components)
         start, resumed_from = record["next_step"], str(checkpoint)
         if privacy.enabled and mesh.is_main:
             check_ledger(checkpoint, run_dir / "ledger.jsonl")
@@ -163,7 +141,7 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
 
     def checkpoint_at(next_step: int) -> None:
         save_checkpoint(run_dir, next_step, model, optimizer, cfg, plan, mesh, keep=cfg.train.keep_checkpoints,
-                        deepspeed_engine=ds_engine, extra=gradient.checkpoint_state())
+                        backend=run.backend, components=run.components)
 
     for step in range(start, end):
         started = time.perf_counter()

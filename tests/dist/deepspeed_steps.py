@@ -25,7 +25,7 @@ from dpdist.privacy.noise import keyed_normal
 from dpdist.privacy.sampling import MicroBatch, PoissonSampler
 from dpdist.runtime.mesh import init_mesh, shutdown
 from dpdist.train import deepspeed_backend
-from dpdist.train.engine import PrivateGradient
+from dpdist.privacy.step import native_step
 
 SECRET, N, Q, STEPS, VOCAB, MICRO = 1234, 48, 0.25, 4, 41, 3
 MODEL = ModelConfig(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=4, max_seq_len=8, dtype="float32")
@@ -45,7 +45,7 @@ def gradient(mesh, model, optimizer, backend: str, stage: int = 1, mode: str = "
     kwargs = dict(clip_norm=clip_norm, noise_multiplier=sigma, secret=SECRET, mode=mode, clipping=clipping,
                   micro_batch_size=MICRO, seq_len=8)
     if backend == "native":
-        return PrivateGradient(model, **kwargs, expected_batch_size=Q * N, dp_group=mesh.dp_group,
+        return native_step(model, **kwargs, expected_batch_size=Q * N, dp_group=mesh.dp_group,
                                tp_group=mesh.tp_group), optimizer
     run = deepspeed_backend.setup(run_config(mesh, stage), model, optimizer, mesh, expected_batch_size=Q * N,
                                   private=kwargs)

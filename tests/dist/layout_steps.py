@@ -20,7 +20,7 @@ from dpdist.parallel.state import full_state_dict
 from dpdist.privacy.rules import linear
 from dpdist.privacy.sampling import PoissonSampler
 from dpdist.runtime.mesh import init_mesh, shutdown
-from dpdist.train.engine import PrivateGradient
+from dpdist.privacy.step import native_step
 from poisson_step import noisy_sgd_step
 
 SECRET, N, Q, STEPS, VOCAB = 1234, 40, 0.3, 6, 41  # 41 splits evenly over neither 2 nor 4 ranks
@@ -46,7 +46,7 @@ def train_tiny(mesh, clipping: str = "flat") -> torch.nn.Module:
     model = tiny_model(mesh)
     data = torch.randint(0, VOCAB, (N, 9), generator=torch.Generator().manual_seed(1))
     sampler = PoissonSampler(N, Q, SECRET, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, micro_batch_size=3)
-    engine = PrivateGradient(model, clip_norm=0.5, noise_multiplier=1.0, expected_batch_size=Q * N, secret=SECRET,
+    engine = native_step(model, clip_norm=0.5, noise_multiplier=1.0, expected_batch_size=Q * N, secret=SECRET,
                              micro_batch_size=3, seq_len=8, dp_group=mesh.dp_group, tp_group=mesh.tp_group,
                              clipping=clipping)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -75,7 +75,7 @@ def norms_and_added_collectives(mesh) -> tuple[list[float], list[tuple[int, bool
         per_example_loss(model(ids), labels, vocab_start=model.vocab_start, tp_group=mesh.tp_group).sum().backward()
         plain = list(calls)
         calls.clear()
-        engine = PrivateGradient(model, clip_norm=1.0, micro_batch_size=5, seq_len=8, tp_group=mesh.tp_group)
+        engine = native_step(model, clip_norm=1.0, micro_batch_size=5, seq_len=8, tp_group=mesh.tp_group)
         engine.microbatch(ids, labels)
         private = list(calls)
     finally:

@@ -18,7 +18,7 @@ from dpdist.model.gpt import strip_vocab_padding
 from dpdist.parallel.state import full_state_dict
 from dpdist.privacy.sampling import PoissonSampler
 from dpdist.runtime.mesh import init_mesh, shutdown
-from dpdist.train.engine import PrivateGradient
+from helpers.steps import private_step
 from poisson_step import noisy_sgd_step
 
 CFG = ModelConfig(vocab_size=37, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, dtype="float64")
@@ -32,7 +32,7 @@ METHODS = {"lsg": {"lsg": LsgConfig(enabled=True, rank=2, density=0.5, refresh_e
 
 def train_tiny(mesh, method: str) -> dict:
     model = build_model(CFG, tp_group=mesh.tp_group)
-    engine = PrivateGradient(model, clip_norm=0.5, noise_multiplier=1.0, expected_batch_size=Q * N, secret=SECRET,
+    engine = private_step(model, clip_norm=0.5, noise_multiplier=1.0, expected_batch_size=Q * N, secret=SECRET,
                              micro_batch_size=4, seq_len=8, tp_group=mesh.tp_group, **METHODS[method])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     sampler = PoissonSampler(N, Q, SECRET, micro_batch_size=4)

@@ -17,7 +17,7 @@ from dpdist import ModelConfig, build_model
 from dpdist.audit import per_example_norms
 from dpdist.config import ParallelConfig
 from dpdist.runtime.mesh import init_mesh, shutdown
-from dpdist.train.engine import PrivateGradient
+from dpdist.privacy.step import native_step
 
 VOCAB, SEQ = 41, 8  # 41 splits evenly over no tensor degree: the padded vocabulary is exercised too
 CFG = dict(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=4, max_seq_len=SEQ, dtype="float64")
@@ -57,7 +57,7 @@ if __name__ == "__main__":
         real = min(width, VOCAB - start)  # columns past the vocabulary pad it (masked to -inf)
         expected = single(ids)[..., start:start + real]
         plain = build_model(ModelConfig(**CFG))(ids)[..., start:start + real]
-    engine = PrivateGradient(sharded, clip_norm=1.0, micro_batch_size=4, seq_len=SEQ, tp_group=mesh.tp_group)
+    engine = native_step(sharded, clip_norm=1.0, micro_batch_size=4, seq_len=SEQ, tp_group=mesh.tp_group)
     engine.loss(ids, labels).sum().backward()
     norms = engine.tap.take_sq_norms().sqrt()
     engine.detach()

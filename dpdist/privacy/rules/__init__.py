@@ -76,10 +76,6 @@ def register(*layer_types: type):
 
 
 def rule_for(layer: nn.Module) -> NormRule:
-    if getattr(layer, "lsg", None) is not None:  # trained through LSG carriers (dpdist.privacy.lsg)
-        from ..lsg import LSG_RULE
-
-        return LSG_RULE
     try:
         return _RULES[type(layer)]
     except KeyError:

@@ -1,16 +1,19 @@
 """DeepSpeed ZeRO-1/2 as the data-parallel backend, with the privacy mechanism kept in dpdist's hands.
 
+``train.backend=deepspeed``; its settings are the ``deepspeed`` config section (``dpdist.deepspeed_config``).
+
 What DeepSpeed does: shard the optimizer state (ZeRO-1) and the gradients (ZeRO-2) over the data
 group, reduce gradients, keep fp32 master partitions under bf16.  What stays dpdist's, so that the
 guarantee never rests on a DeepSpeed internal:
 
 - **Clipping.** The per-example norms come from dpdist's norm rules in the backward (one tensor-group
   all-reduce of the B-vector), exactly as in the native path.  The clipped sum reaches DeepSpeed
-  through its public ``engine.backward``: either a *linear surrogate* ``sum_p <p, g_p>`` whose gradient
+  through its public ``engine.backward`` (the DP step's ``reduce`` seam): either a *linear surrogate* ``sum_p <p, g_p>`` whose gradient
   is the book-kept clipped sum g_p (modes ``bookkeeping`` and per-layer clipping), or, under
   ``mode=two_pass``, the second backward of ``sum_i c_i L_i`` itself, which ZeRO-2 reduce-scatters
   as it goes so no full gradient is ever held.  DeepSpeed never sees an unclipped gradient.
-- **Noise.** DeepSpeed calls the client optimizer once per parameter group, on this data rank's flat
+- **Noise** (the ``add_noise`` seam, which arms the hook with the release index and std).  DeepSpeed
+  calls the client optimizer once per parameter group, on this data rank's flat
   fp32 partition, whose ``.grad`` is the data-group *mean* of the clipped sums.  A step pre-hook on
   that optimizer multiplies by the group size, adds the keyed noise of exactly the coordinates the
   partition holds (keyed by parameter name and index in the full parameter, as the native path is),
@@ -23,8 +26,8 @@ guarantee never rests on a DeepSpeed internal:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -32,30 +35,42 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import RunConfig
-from ..deepspeed_config import resolve_deepspeed_config
-from ..privacy.noise import keyed_normal_slice
-from ..runtime.mesh import Mesh
-from .engine import NonPrivateGradient, PrivateGradient, shard_box
+from ...deepspeed_config import resolve_deepspeed_config
+from ...privacy.noise import keyed_normal_slice
+from ...privacy.step import Released, shard_box
+from ...runtime.mesh import Mesh
+from ..dcp_state import StateMismatch
 
 CHECKPOINT_TAG = "deepspeed"  # the sub-folder DeepSpeed writes inside a dpdist checkpoint
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory all-reduce op (inference only)
 
 
 def import_deepspeed(device: torch.device):
-    """``import deepspeed`` for this device: the CPU accelerator (gloo) on CPU, and no JIT build of the
-    shared-memory all-reduce op (inference-only, 35 s and a compiler on first use)."""
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    """``import deepspeed`` set up for this device, through DeepSpeed's own switches: its accelerator
+    (CPU and gloo for a CPU run, even where a GPU is visible) and its table of usable ops, in which
+    the shared-memory all-reduce is marked unusable.  That op serves inference only, and DeepSpeed
+    would otherwise compile it with a C++ compiler on first use (35 s, or a failure where there is none)."""
     try:
         import deepspeed
     except ImportError:
         raise ImportError("train.backend=deepspeed needs DeepSpeed: pip install 'dpdist[deepspeed]' (with your "
                           "torch already installed, so that pip keeps it)") from None
-    comm = importlib.import_module("deepspeed.comm.torch")  # not deepspeed.comm.torch as attribute: that is torch
-    if hasattr(comm, "build_shm_op"):
-        comm.build_shm_op = lambda: None
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor. is deprecated", category=FutureWarning)
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if device.type == "cpu" and get_accelerator().device_name() != "cpu":
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        set_accelerator(CPU_Accelerator())
+    importlib.import_module("deepspeed.ops").__compatible_ops__[SHM_OP] = False
     return deepspeed
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DeepSpeed's ZeRO calls a torch collective torch has deprecated, which warns on every step."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor. is deprecated", category=FutureWarning)
+        yield
 
 
 class MeshMPU:
@@ -149,10 +164,11 @@ def partition_slices(zero_optimizer, names: dict, group_index: int, partition_id
 class PartitionNoise:
     """The optimizer step pre-hook that turns a partition's mean clipped sum into the noisy update."""
 
-    def __init__(self, engine, model: nn.Module, mesh: Mesh, *, secret: int, std: float, expected_batch_size: float):
-        self.secret, self.std, self.expected_batch_size = secret, std, expected_batch_size
+    def __init__(self, engine, model: nn.Module, mesh: Mesh, *, secret: int, expected_batch_size: float):
+        self.secret, self.expected_batch_size = secret, expected_batch_size
         self.dp_size = mesh.dp_size
-        self.release: int | None = None  # the release index keying this step's noise
+        self.release: int | None = None  # the release index keying this step's noise, set by ``arm``
+        self.std = 0.0
         names = {p: name for name, p in model.named_parameters() if p.requires_grad}
         zero = engine.optimizer
         partitions = zero.single_partition_of_fp32_groups
@@ -161,6 +177,10 @@ class PartitionNoise:
         self.partitions = list(partitions)
         self._noised: set[int] = set()
         verify_partitions(self.partitions, self.slices, names, mesh)
+
+    def arm(self, release: int, std: float) -> None:
+        """The next optimizer step is release ``release`` with noise std ``std``."""
+        self.release, self.std = release, std
 
     def __call__(self, optimizer, args, kwargs) -> None:
         if self.release is None:
@@ -223,52 +243,64 @@ def _surrogate_backward(engine, sums: dict[nn.Parameter, torch.Tensor]) -> None:
     sums reach ZeRO's reduction through its public entry point (writing ``p.grad`` does not, stage >= 1)."""
     surrogate = sum((p * g.detach().to(p.dtype)).sum() for p, g in sums.items())
     engine.set_gradient_accumulation_boundary(True)
-    engine.backward(surrogate, scale_wrt_gas=False)
+    with _quiet():
+        engine.backward(surrogate, scale_wrt_gas=False)
 
 
-class DeepSpeedPrivateGradient(PrivateGradient):
-    """``PrivateGradient`` whose reduction is DeepSpeed's and whose noise is ``PartitionNoise``'s."""
+class EngineReduce:
+    """The reduce seam of the DP step: ZeRO reduces what reaches ``engine.backward``.  Under two-pass
+    clipping that is the weighted backward itself, which reduce-scatters as it goes; otherwise the
+    clipped sums reach it at the release through the linear surrogate."""
 
-    def __init__(self, model: nn.Module, *, engine, noise: PartitionNoise, **kwargs):
-        super().__init__(model, **kwargs)
-        self.engine, self.noise = engine, noise
-        self._reduced = False  # whether this step's boundary backward has run (two-pass)
+    def __init__(self, engine):
+        self.engine = engine
+        self._reduced = False  # whether this step's boundary backward has run
 
-    def _weighted_backward(self, losses: torch.Tensor, clip: torch.Tensor, last: bool) -> None:
-        self.tap.defer_weight_grad = False
-        try:
-            self.engine.set_gradient_accumulation_boundary(last)
-            self.engine.backward((losses * clip.detach()).sum(), scale_wrt_gas=False)
-        finally:
-            self.tap.defer_weight_grad = True
+    def backward(self, loss: torch.Tensor, params: list[nn.Parameter], last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last)
+        with _quiet():
+            self.engine.backward(loss, scale_wrt_gas=False)
         self._reduced = self._reduced or last
+        return None  # the gradients are DeepSpeed's now
 
-    def release(self, release: int, step: int | None = None) -> None:
-        sums = self.tap.pop_grad_sums()
+    def __call__(self, released: list[Released], grads: list[torch.Tensor]) -> list[torch.Tensor]:
         if not self._reduced:  # book-keeping, per-layer, or a step with no micro-batch on this rank
-            params = list(self.names)
-            _surrogate_backward(self.engine, {p: sums.get(p, torch.zeros_like(p)) for p in params})
+            _surrogate_backward(self.engine, {r.tensor: g for r, g in zip(released, grads)})
         self._reduced = False
-        self.noise.release = release
+        return grads
 
 
-class DeepSpeedNonPrivateGradient(NonPrivateGradient):
-    """The non-private baseline through DeepSpeed: its mean over the data group, undone by the factor."""
+class PartitionNoiseSeam:
+    """The add_noise seam of the DP step: arm ``PartitionNoise`` with the release index and std; the
+    noise is added when DeepSpeed steps each partition (None: nothing left for the step to apply)."""
 
-    def __init__(self, model: nn.Module, *, engine, dp_size: int, **kwargs):
-        super().__init__(model, **kwargs)
+    def __init__(self, noise: PartitionNoise):
+        self.noise = noise
+
+    def __call__(self, release: int, released: list[Released], grads, stds: list[float]) -> None:
+        if len(set(stds)) > 1:
+            raise RuntimeError("DeepSpeed partitions are noised at one std; per-tensor noise scales need "
+                               "train.backend=native")
+        self.noise.arm(release, stds[0] if stds else 0.0)
+        return None
+
+
+class EngineBackward:
+    """The non-private step's seam through DeepSpeed: its mean over the data group, undone by the factor."""
+
+    def __init__(self, engine, dp_size: int):
         self.engine, self.dp_size = engine, dp_size
         self._reduced = False
 
-    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.engine.set_gradient_accumulation_boundary(last)
-        self.engine.backward(loss * self.dp_size, scale_wrt_gas=False)
+        with _quiet():
+            self.engine.backward(loss * self.dp_size, scale_wrt_gas=False)
         self._reduced = self._reduced or last
 
-    def release(self, release: int, step: int | None = None) -> None:
+    def reduce(self, params: list[nn.Parameter]) -> None:
         if not self._reduced:  # no micro-batch on this rank this step: DeepSpeed still needs its boundary
-            _surrogate_backward(self.engine, {p: torch.zeros_like(p) for p in self.model.parameters()
-                                              if p.requires_grad})
+            _surrogate_backward(self.engine, {p: torch.zeros_like(p) for p in params})
         self._reduced = False
 
 
@@ -279,7 +311,8 @@ class DeepSpeedOptimizer:
         self.engine, self.noise = engine, noise
 
     def step(self) -> None:
-        self.engine.step()
+        with _quiet():
+            self.engine.step()
         if self.noise is not None:
             self.noise.finish()
 
@@ -287,29 +320,62 @@ class DeepSpeedOptimizer:
         pass  # engine.step() zeroes the gradients
 
 
-@dataclass
-class DeepSpeedRun:
-    engine: object
-    optimizer: DeepSpeedOptimizer
-    gradient: PrivateGradient | NonPrivateGradient
+class DeepSpeedBackend:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.engine = self.mesh = self.model = self.client_optimizer = None
+        self.optimizer: DeepSpeedOptimizer | None = None
 
+    @staticmethod
+    def validate(cfg) -> None:
+        resolve_deepspeed_config(cfg)  # refuses what would break the guarantee, before anything starts
 
-def setup(cfg: RunConfig, model: nn.Module, client_optimizer: torch.optim.Optimizer, mesh: Mesh, *,
-          expected_batch_size: float, private: dict | None) -> DeepSpeedRun:
-    """Wrap ``model`` and ``client_optimizer`` in a DeepSpeed engine; ``private`` holds the
-    ``PrivateGradient`` arguments (clip norm, noise multiplier, secret, ...), None for a non-private run."""
-    deepspeed = import_deepspeed(mesh.device)
-    ensure_process_group()
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_optimizer, mpu=MeshMPU(mesh),
-                                           config=resolve_deepspeed_config(cfg))
-    common = {"expected_batch_size": expected_batch_size, "dp_group": mesh.dp_group, "tp_group": mesh.tp_group}
-    if private is None:
-        gradient = DeepSpeedNonPrivateGradient(model, engine=engine, dp_size=mesh.dp_size, **common)
-        return DeepSpeedRun(engine, DeepSpeedOptimizer(engine, None), gradient)
-    kwargs = {**private, **common}
-    noise = PartitionNoise(engine, model, mesh, secret=kwargs["secret"],
-                           std=kwargs.get("noise_multiplier", 0.0) * kwargs["clip_norm"],
-                           expected_batch_size=expected_batch_size)
-    client_optimizer.register_step_pre_hook(noise)
-    gradient = DeepSpeedPrivateGradient(model, engine=engine, noise=noise, **kwargs)
-    return DeepSpeedRun(engine, DeepSpeedOptimizer(engine, noise), gradient)
+    def describe(self) -> str:
+        return f", DeepSpeed ZeRO-{self.identity()['zero_stage']}"
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh) -> DeepSpeedOptimizer:
+        deepspeed = import_deepspeed(mesh.device)
+        ensure_process_group()
+        with _quiet():
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=MeshMPU(mesh),
+                                                        config=resolve_deepspeed_config(self.cfg))
+        self.mesh, self.model, self.client_optimizer = mesh, model, optimizer
+        self.optimizer = DeepSpeedOptimizer(self.engine, None)
+        return self.optimizer
+
+    def dp_seams(self, secret: int, expected_batch_size: float) -> tuple[EngineReduce, PartitionNoiseSeam]:
+        noise = PartitionNoise(self.engine, self.model, self.mesh, secret=secret,
+                               expected_batch_size=expected_batch_size)
+        self.client_optimizer.register_step_pre_hook(noise)
+        self.optimizer.noise = noise
+        return EngineReduce(self.engine), PartitionNoiseSeam(noise)
+
+    def nonprivate_seam(self) -> EngineBackward:
+        return EngineBackward(self.engine, self.mesh.dp_size)
+
+    def identity(self) -> dict:
+        return {"name": "deepspeed", "zero_stage": resolve_deepspeed_config(self.cfg)["zero_optimization"]["stage"]}
+
+    def check_resume(self, saved: dict, folder, saved_layout: dict, layout: dict) -> None:
+        """ZeRO partitions do not reshard here: the same stage and (data, tensor) layout only."""
+        mine = self.identity()
+        if saved != mine or saved_layout != layout:
+            raise StateMismatch(f"checkpoint {folder} holds ZeRO stage {saved.get('zero_stage')} partitions for "
+                                f"(data, tensor) = ({saved_layout['data']}, {saved_layout['tensor']}); resume "
+                                f"with that stage and layout (this run: stage {mine['zero_stage']}, "
+                                f"({layout['data']}, {layout['tensor']}))")
+
+    def save(self, folder, model, optimizer, components: list, mesh: Mesh) -> None:
+        if components:
+            raise RuntimeError("DeepSpeed checkpoints hold no method state; methods with state need "
+                               "train.backend=native")
+        with _quiet():
+            self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load(self, folder, model, optimizer, components: list, mesh: Mesh) -> None:
+        with _quiet():
+            loaded, _ = self.engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
+        if loaded is None:
+            raise StateMismatch(f"checkpoint {folder} has no DeepSpeed state under {CHECKPOINT_TAG}/; resume from "
+                                "an older checkpoint")

@@ -1,0 +1,44 @@
+"""The native backend: every data-parallel rank holds the full weights, gradients and optimizer state
+of its tensor-parallel shard; the DP step sums the clipped sums over the data group with one
+all-reduce and every replica adds the same keyed noise.  Checkpoints are DCP (``dpdist.train.dcp_state``),
+so they reshard between (data, tensor) layouts.
+"""
+from __future__ import annotations
+
+from ...privacy.step import AllReduce, KeyedNoise
+from .. import dcp_state
+
+
+class NativeBackend:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.mesh = None
+
+    @staticmethod
+    def validate(cfg) -> None:
+        pass  # every setting the config accepts runs natively
+
+    def describe(self) -> str:
+        return ""
+
+    def prepare(self, model, optimizer, mesh):
+        self.mesh = mesh
+        return optimizer
+
+    def dp_seams(self, secret: int, expected_batch_size: float) -> tuple[AllReduce, KeyedNoise]:
+        return AllReduce(self.mesh.dp_group), KeyedNoise(secret)
+
+    def nonprivate_seam(self):
+        return None  # plain autograd and an all-reduce per gradient (NonPrivateStep's own)
+
+    def identity(self) -> dict:
+        return {"name": "native"}
+
+    def check_resume(self, saved: dict, folder, saved_layout: dict, layout: dict) -> None:
+        pass  # DCP reshards to any layout
+
+    def save(self, folder, model, optimizer, components: list, mesh) -> None:
+        dcp_state.save(folder, model, optimizer, components, mesh)
+
+    def load(self, folder, model, optimizer, components: list, mesh) -> None:
+        dcp_state.load(folder, model, optimizer, components, mesh, self.cfg.train.optimizer)
