@@ -25,6 +25,7 @@ from dpdist.cli import main  # noqa: E402
 from dpdist.config import dump_config, load_config  # noqa: E402
 from dpdist.runtime.mesh import Mesh  # noqa: E402
 from dpdist.train import checkpoint  # noqa: E402
+from dpdist.train.backends import backend_for  # noqa: E402
 from dpdist.train.loop import train  # noqa: E402
 from dpdist.train.plan import RunPlan  # noqa: E402
 
@@ -155,7 +156,7 @@ def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path, delay):
     step = record["next_step"]
     cfg, model = save_loop.model_at(0)
     optimizer = save_loop.make_optimizer(cfg, model)
-    checkpoint.load_checkpoint(latest, model, optimizer, cfg, save_loop.PLAN, Mesh())
+    checkpoint.load_checkpoint(latest, model, optimizer, cfg, save_loop.PLAN, Mesh(), backend_for(cfg))
     _, expected = save_loop.model_at(step)
     for (name, got), want in zip(model.named_parameters(), expected.parameters()):
         assert torch.equal(got, want), f"{name} is not the step-{step} value"

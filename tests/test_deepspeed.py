@@ -26,6 +26,7 @@ from dpdist.config import ConfigError, RunConfig, dump_config, load_config  # no
 from dpdist.deepspeed_config import resolve_deepspeed_config  # noqa: E402
 from dpdist.runtime.mesh import Mesh  # noqa: E402
 from dpdist.train import checkpoint  # noqa: E402
+from dpdist.train.backends import backend_for  # noqa: E402
 
 DS = ("train.backend=deepspeed",)
 
@@ -81,10 +82,10 @@ def test_exact_resume_under_deepspeed(tmp_path, cache):
     cfg.train.backend = "native"
     dump_config(cfg, native / "config.yaml")
     with pytest.raises(checkpoint.CheckpointError, match="deepspeed backend"):
-        checkpoint.check_backend(record, latest, cfg, Mesh(dp_size=2))
+        checkpoint.check_backend(record, latest, backend_for(cfg), Mesh(dp_size=2))
     cfg.train.backend, cfg.deepspeed.zero_stage = "deepspeed", 1
     with pytest.raises(checkpoint.CheckpointError, match="ZeRO stage 2"):
-        checkpoint.check_backend(record, latest, cfg, Mesh(dp_size=2))
+        checkpoint.check_backend(record, latest, backend_for(cfg), Mesh(dp_size=2))
 
 
 def ds_config(**changes) -> RunConfig:

@@ -24,8 +24,8 @@ from dpdist.parallel.state import full_state_dict
 from dpdist.privacy.noise import keyed_normal
 from dpdist.privacy.sampling import MicroBatch, PoissonSampler
 from dpdist.runtime.mesh import init_mesh, shutdown
-from dpdist.train import deepspeed_backend
-from dpdist.privacy.step import native_step
+from dpdist.privacy.step import DPStep, UniformNoise, native_step
+from dpdist.train.backends.deepspeed import DeepSpeedBackend
 
 SECRET, N, Q, STEPS, VOCAB, MICRO = 1234, 48, 0.25, 4, 41, 3
 MODEL = ModelConfig(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=4, max_seq_len=8, dtype="float32")
@@ -47,9 +47,12 @@ def gradient(mesh, model, optimizer, backend: str, stage: int = 1, mode: str = "
     if backend == "native":
         return native_step(model, **kwargs, expected_batch_size=Q * N, dp_group=mesh.dp_group,
                                tp_group=mesh.tp_group), optimizer
-    run = deepspeed_backend.setup(run_config(mesh, stage), model, optimizer, mesh, expected_batch_size=Q * N,
-                                  private=kwargs)
-    return run.gradient, run.optimizer
+    backend = DeepSpeedBackend(run_config(mesh, stage))
+    optimizer = backend.prepare(model, optimizer, mesh)
+    reduce, add_noise = backend.dp_seams(kwargs.pop("secret"), Q * N)
+    scales = UniformNoise(kwargs.pop("noise_multiplier") * clip_norm)
+    return DPStep(model, **kwargs, expected_batch_size=Q * N, tp_group=mesh.tp_group, reduce=reduce,
+                  add_noise=add_noise, noise_scales=scales), optimizer
 
 
 def full(model, mesh) -> dict:

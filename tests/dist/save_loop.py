@@ -11,6 +11,7 @@ import torch
 from dpdist.config import load_config
 from dpdist.model.gpt import build_model
 from dpdist.runtime.mesh import Mesh
+from dpdist.train.backends import backend_for
 from dpdist.train.checkpoint import save_checkpoint
 from dpdist.train.loop import make_optimizer
 from dpdist.train.plan import RunPlan
@@ -44,5 +45,5 @@ if __name__ == "__main__":
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1)
-        save_checkpoint(run_dir, step, model, optimizer, cfg, PLAN, Mesh(), keep=2)
+        save_checkpoint(run_dir, step, model, optimizer, cfg, PLAN, Mesh(), keep=2, backend=backend_for(cfg))
         print(f"committed {step}", flush=True)
