@@ -47,7 +47,7 @@ def resolve_deepspeed_config(cfg) -> dict:
     """The DeepSpeed config of ``cfg`` (a RunConfig with train.backend=deepspeed), or a ConfigError."""
     ds = cfg.deepspeed
     for key, on in (("anadp.enabled", cfg.anadp.enabled), ("lsg.enabled", cfg.lsg.enabled),
-                    ("model.reattention", cfg.model.reattention)):
+                    ("reattention.enabled", cfg.reattention.enabled)):
         if on:
             raise ConfigError(f"{key} is not supported with train.backend=deepspeed (the DeepSpeed step adds uniform "
                               "noise on ZeRO partitions); use train.backend=native")
