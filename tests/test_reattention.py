@@ -43,10 +43,10 @@ def _reattention(noise_std: float, expected_batch: float, p: torch.Tensor, varia
     return None if noise is None else reattention.Reattention(noise, frozenset(layers))
 
 
-def _pair(reattention_: reattention.Reattention | None, **overrides):
-    """A plain tiny float64 model and a model built with ``reattention_``, with the same weights."""
+def _pair(built_with: reattention.Reattention | None, **overrides):
+    """A plain tiny float64 model and a model built with ``built_with``, with the same weights."""
     plain = oracle.tiny_model(vocab_size=VOCAB, max_seq_len=SEQ, **overrides)
-    corrected = oracle.tiny_model(vocab_size=VOCAB, max_seq_len=SEQ, reattention=reattention_, **overrides)
+    corrected = oracle.tiny_model(vocab_size=VOCAB, max_seq_len=SEQ, reattention=built_with, **overrides)
     corrected.load_state_dict(plain.state_dict())
     return plain, corrected
 

@@ -13,6 +13,8 @@ DTYPES = ("float32", "float64", "bfloat16")
 
 @dataclass
 class ModelConfig:
+    """Shape of the GPT-style decoder; the YAML section ``model``."""
+
     vocab_size: int = 4096
     d_model: int = 128
     n_layers: int = 2
