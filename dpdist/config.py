@@ -15,7 +15,13 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from .model.config import ModelConfig
+
 SECRET_KEYS = frozenset({"privacy.seed"})  # whoever knows one can subtract the noise: no error message echoes it
+# Re-Attention's knobs were model keys before they had their own section: the config.yaml of a run
+# written then still names them so, and resuming, evaluating or exporting that run reads it.
+MOVED_MODEL_KEYS = {"reattention": "enabled", "reattention_lambda": "variance_scale", "reattention_layers": "layers",
+                    "reattention_frequencies": "frequencies", "reattention_frequency_noise": "frequency_noise"}
 
 
 class ConfigError(ValueError):
@@ -26,58 +32,6 @@ class ConfigError(ValueError):
 # itself would be rounded to bf16 before the noise, which breaks the sensitivity bound.
 TWO_PASS_LOW_PRECISION = ("privacy.mode=two_pass sums the clipped gradients in the model's own backward, which "
                           "rounds them to bf16/fp16 before the noise; use privacy.mode=bookkeeping (fp32 sums)")
-
-
-@dataclass
-class ModelConfig:
-    """Shape of the GPT-style decoder (see ``dpdist.model.gpt``)."""
-
-    vocab_size: int = 4096
-    d_model: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    max_seq_len: int = 128
-    mlp_ratio: int = 4
-    tie_embeddings: bool = True
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    bias: bool = True
-    padding_idx: int | None = None  # token id whose embedding is zero and never trained
-    dtype: str = "float32"  # float32 | float64 | bfloat16
-    init_seed: int = 0  # public: the initial weights are not private
-    # Re-Attention (algorithms.md section 4; dpdist.model.reattention): subtract the DP-noise key
-    # uncertainty from the attention logits.  The variance multiplier lambda scales every propagated
-    # variance (0: plain attention exactly).  Token frequencies: "dp" (a Gaussian release of per-sequence
-    # presence counts, charged to the ledger), "uniform", or a path to a JSON list of PUBLIC counts.
-    reattention: bool = False
-    reattention_lambda: float = 1.0
-    reattention_layers: str = "all"  # "all" or comma-separated block indices, e.g. "0,1"
-    reattention_frequencies: str = "dp"
-    reattention_frequency_noise: float = 10.0  # noise multiplier of the "dp" count release
-
-    def validate(self) -> None:
-        _positive(self, "model", "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "mlp_ratio")
-        if not 0 <= self.init_seed < 2**63:  # torch's generator takes no more
-            raise ConfigError(f"model.init_seed must be a non-negative integer below 2**63; got {self.init_seed}")
-        if not (0 <= self.reattention_lambda < math.inf and 0 < self.reattention_frequency_noise < math.inf):
-            raise ConfigError("model.reattention_lambda must be >= 0 and model.reattention_frequency_noise > 0; got "
-                              f"{self.reattention_lambda} and {self.reattention_frequency_noise}")
-        if self.reattention:
-            from .model.reattention import selected_layers  # imported only when used: it needs torch
-
-            try:
-                selected_layers(self.reattention_layers, self.n_layers)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-            source = self.reattention_frequencies
-            if source not in ("dp", "uniform") and not Path(source).is_file():
-                raise ConfigError(f"model.reattention_frequencies must be dp, uniform or the path of a JSON list of "
-                                  f"public token counts; {source!r} is none of these")
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"model.d_model ({self.d_model}) must be a multiple of model.n_heads ({self.n_heads})")
-        if self.padding_idx is not None and not 0 <= self.padding_idx < self.vocab_size:
-            raise ConfigError(f"model.padding_idx must be in [0, {self.vocab_size}); got {self.padding_idx}")
-        _choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
-        _choice("model.dtype", self.dtype, ("float32", "float64", "bfloat16"))
 
 
 @dataclass
@@ -289,6 +243,45 @@ class LsgConfig:
 
 
 @dataclass
+class ReattentionConfig:
+    """Re-Attention (algorithms.md section 4; ``dpdist.model.reattention``): the selected blocks subtract
+    the DP-noise uncertainty of their keys from their attention logits.  The uncertainty of embedding
+    row i grows as its token gets rarer, so the run needs token frequencies: ``dp`` (a Gaussian release
+    of per-sequence presence counts, charged to the ledger; ``dpdist.privacy.frequencies``),
+    ``uniform``, or the path of a JSON list of counts per token id from PUBLIC data."""
+
+    enabled: bool = False
+    # lambda of algorithms.md 4.2: multiplies every propagated noise variance (0: plain attention exactly)
+    variance_scale: float = 1.0
+    layers: str = "all"  # "all" or comma-separated block indices, e.g. "0,1"
+    frequencies: str = "dp"  # dp | uniform | path of a JSON list of public counts
+    frequency_noise: float = 10.0  # sigma_h: noise multiplier of the "dp" count release
+
+    def validate(self) -> None:
+        if not (0 <= self.variance_scale < math.inf and 0 < self.frequency_noise < math.inf):
+            raise ConfigError("reattention.variance_scale must be >= 0 and reattention.frequency_noise > 0; got "
+                              f"{self.variance_scale} and {self.frequency_noise}")
+        if self.enabled and self.frequencies not in ("dp", "uniform") and not Path(self.frequencies).is_file():
+            raise ConfigError(f"reattention.frequencies must be dp, uniform or the path of a JSON list of public token "
+                              f"counts; {self.frequencies!r} is none of these")
+
+    def block_indices(self, n_layers: int) -> frozenset[int]:
+        """The blocks ``layers`` selects in a model of ``n_layers`` blocks."""
+        if self.layers.strip() == "all":
+            return frozenset(range(n_layers))
+        try:
+            indices = [int(part) for part in self.layers.split(",")]
+        except ValueError:
+            raise ConfigError(f"reattention.layers must be 'all' or comma-separated block indices like '0,1'; got "
+                              f"{self.layers!r}") from None
+        outside = [i for i in indices if not 0 <= i < n_layers]
+        if outside:
+            raise ConfigError(f"reattention.layers {self.layers!r} names blocks {outside} outside [0, {n_layers}) "
+                              "(model.n_layers)")
+        return frozenset(indices)
+
+
+@dataclass
 class DeepSpeedConfig:
     """The DeepSpeed engine behind ``train.backend=deepspeed`` (``dpdist.train.backends.deepspeed``).
 
@@ -324,13 +317,20 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     anadp: AnadpConfig = field(default_factory=AnadpConfig)
     lsg: LsgConfig = field(default_factory=LsgConfig)
+    reattention: ReattentionConfig = field(default_factory=ReattentionConfig)
 
     def validate(self) -> "RunConfig":
         for name in (f.name for f in dataclasses.fields(self)):
             _finite(getattr(self, name), name)
-        for section in (self.model, self.data, self.privacy, self.train, self.parallel, self.launch, self.deepspeed,
-                        self.anadp, self.lsg):
+        try:
+            self.model.validate()
+        except ValueError as exc:  # the model's own checks know nothing of ConfigError
+            raise ConfigError(str(exc)) from None
+        for section in (self.data, self.privacy, self.train, self.parallel, self.launch, self.deepspeed, self.anadp,
+                        self.lsg, self.reattention):
             section.validate()
+        if self.reattention.enabled:
+            self.reattention.block_indices(self.model.n_layers)
         _check_combinations(self)
         from .train.backends import backend_class  # the backend's own refusals (imports torch)
 
@@ -369,7 +369,7 @@ def _check_combinations(cfg: RunConfig) -> None:
                           "separately: set privacy.clipping=per_layer")
     if cfg.train.backend == "deepspeed":
         for key, on in (("anadp.enabled", cfg.anadp.enabled), ("lsg.enabled", cfg.lsg.enabled),
-                        ("model.reattention", cfg.model.reattention)):
+                        ("reattention.enabled", cfg.reattention.enabled)):
             if on:
                 raise ConfigError(f"{key} is not supported with train.backend=deepspeed (the DeepSpeed step adds "
                                   "uniform noise on ZeRO partitions); use train.backend=native")
@@ -445,6 +445,8 @@ def _apply(section: Any, values: dict, prefix: str) -> None:
     hints = get_type_hints(type(section))
     for key, value in values.items():
         if key not in hints:
+            if prefix == "model." and key in MOVED_MODEL_KEYS:
+                raise ConfigError(f"model.{key} is now reattention.{MOVED_MODEL_KEYS[key]}")
             known = ", ".join(f.name for f in dataclasses.fields(section))
             raise ConfigError(f"unknown config key {prefix}{key!s}; known keys here: {known}")
         current = getattr(section, key)
@@ -454,6 +456,22 @@ def _apply(section: Any, values: dict, prefix: str) -> None:
             _apply(current, value, f"{prefix}{key}.")
         else:
             setattr(section, key, _coerce(value, hints[key], f"{prefix}{key}"))
+
+
+def _moved_model_keys(raw: dict) -> dict:
+    """``raw`` with an older run's ``model.reattention*`` keys under their names in ``reattention``."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or not MOVED_MODEL_KEYS.keys() & model.keys():
+        return raw
+    moved = {new: model[old] for old, new in MOVED_MODEL_KEYS.items() if old in model}
+    section = raw.get("reattention") or {}
+    if not isinstance(section, dict):
+        return raw  # refused by _apply
+    if moved.keys() & section.keys():
+        raise ConfigError("the config gives Re-Attention keys both under model (their old names) and under "
+                          "reattention; keep only the reattention section")
+    return {**raw, "model": {k: v for k, v in model.items() if k not in MOVED_MODEL_KEYS},
+            "reattention": {**moved, **section}}
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -486,7 +504,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}".splitlines()[0]) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-        _apply(cfg, raw, "")
+        _apply(cfg, _moved_model_keys(raw), "")
     if overrides:
         _apply(cfg, parse_overrides(overrides), "")
     return cfg.validate()

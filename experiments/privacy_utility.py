@@ -8,7 +8,7 @@ is calibrated by ``privacy.target_epsilon``).  Methods:
   dp           plain DP-SGD (flat clipping, Gaussian noise)
   lsg          DP-SGD + low-rank/sparse gradients (lsg.enabled=true)
   anadp        DP-SGD + adaptive noise allocation (anadp.enabled=true, with the per-layer clipping it needs)
-  reattention  DP-SGD + Re-Attention (model.reattention=true)
+  reattention  DP-SGD + Re-Attention (reattention.enabled=true)
 
 Tasks: ``text`` (the embedded corpus; validation perplexity, and canary exposure when ``dpdist eval``
 exists) and ``items`` (the generated long-tailed next-item task, ``data.source=zipf_items``;
@@ -54,7 +54,7 @@ METHODS = {
     "dp": [],
     "lsg": ["lsg.enabled=true"],
     "anadp": ["anadp.enabled=true", "privacy.clipping=per_layer"],  # noise is allocated per clipped layer group
-    "reattention": ["model.reattention=true"],
+    "reattention": ["reattention.enabled=true"],
 }
 TASKS = {
     "text": ["data.source=text", "data.max_corpus_mb=1", "data.vocab_size=1024"],

@@ -246,15 +246,17 @@ def dict_sub(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str
 # ------------------------------------------------------------------------- small test fixtures
 
 def tiny_model(*, vocab_size: int = 37, d_model: int = 16, n_layers: int = 2, n_heads: int = 2,
-               max_seq_len: int = 16, perturb: float = 0.1, seed: int = 0, **overrides) -> nn.Module:
-    """A float64 model with small dims (so tokens repeat).  ``perturb`` adds N(0, perturb^2) to every
+               max_seq_len: int = 16, perturb: float = 0.1, seed: int = 0, reattention=None,
+               **overrides) -> nn.Module:
+    """A float64 model with small dims (so tokens repeat), with Re-Attention when ``reattention`` (a
+    ``dpdist.model.reattention.Reattention``) is given.  ``perturb`` adds N(0, perturb^2) to every
     parameter (LN weights, biases and the padding row included), so that no term vanishes only
     because it starts at exactly 0 or 1."""
     from dpdist import ModelConfig, build_model
 
     cfg = ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                       max_seq_len=max_seq_len, dtype="float64", **overrides)
-    model = build_model(cfg)
+    model = build_model(cfg, reattention=reattention)
     if perturb:
         gen = torch.Generator().manual_seed(1000 + seed)
         with torch.no_grad():

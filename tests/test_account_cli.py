@@ -6,7 +6,8 @@ import pytest
 
 from dpdist.commands import account
 from dpdist.config import RunConfig
-from dpdist.privacy import accounting, frequencies
+from dpdist.privacy import accounting
+from dpdist.train.reattention import release_history
 
 ROW = ["--sample-rate", "0.01", "--steps", "1000", "--delta", "1e-5"]  # algorithms.md Appendix B, row 2
 
@@ -63,11 +64,11 @@ SHORT = ["--sample-rate", "0.05", "--steps", "50", "--delta", "1e-5"]  # fast to
 
 
 def test_the_reattention_release_is_counted_as_training_counts_it(capsys):
-    """The prior the run's plan composes (``frequencies.release_history``): epsilon of the steps after
+    """The prior the run's plan composes (``release_history``): epsilon of the steps after
     the release, and a sigma calibrated for the target with it."""
     cfg = RunConfig()
-    cfg.model.reattention, cfg.model.reattention_frequency_noise = True, 5.0
-    prior = frequencies.release_history(cfg)
+    cfg.reattention.enabled, cfg.reattention.frequency_noise = True, 5.0
+    prior = release_history(cfg)
     assert prior  # a run that draws the release
     code, out, _ = _run(["--noise-multiplier", "1.0", *SHORT, "--reattention-frequency-noise", "5", "--json"], capsys)
     result = json.loads(out)

@@ -1,5 +1,6 @@
 """Bad input is refused before any process starts, with one line that says what to change."""
 import pytest
+import yaml
 
 from dpdist.config import ConfigError, dump_config, load_config, parse_overrides
 
@@ -23,6 +24,9 @@ def test_round_trip_through_yaml(tmp_path):
     ("privacy.sample_rate=1.5", "privacy.sample_rate must be in (0, 1]"),
     ("privacy.delta=2", "privacy.delta must be in (0, 1)"),
     ("model.d_model=130", "must be a multiple of model.n_heads"),
+    ("model.norm=batchnorm", "model.norm must be one of layernorm, rmsnorm"),
+    ("model.reattention=true", "model.reattention is now reattention.enabled"),
+    ("reattention.frequency_noise=0", "reattention.frequency_noise > 0"),
     ("data.seq_len=512", "exceeds model.max_seq_len"),
     ("privacy.clipping=fancy", "privacy.clipping must be one of"),
     ("train.steps=abc", "train.steps expects int"),
@@ -52,3 +56,20 @@ def test_malformed_overrides():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("configs/nope.yaml")
+
+
+def test_a_run_written_with_reattention_keys_under_model_still_loads(tmp_path):
+    """Run directories from before the reattention section name its keys model.reattention*; a resume,
+    eval or export of such a run reads that config.yaml."""
+    cfg = load_config("configs/default.yaml", ["reattention.enabled=true", "reattention.variance_scale=0.5",
+                                               "reattention.layers=0", "reattention.frequency_noise=4"])
+    old = cfg.to_dict()
+    section = old.pop("reattention")
+    old["model"].update(reattention=section["enabled"], reattention_lambda=section["variance_scale"],
+                        reattention_layers=section["layers"], reattention_frequencies=section["frequencies"],
+                        reattention_frequency_noise=section["frequency_noise"])
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    assert load_config(tmp_path / "old.yaml").to_dict() == cfg.to_dict()
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump({**old, "reattention": {"enabled": False}}))
+    with pytest.raises(ConfigError, match="keep only the reattention section"):
+        load_config(tmp_path / "both.yaml")

@@ -258,7 +258,7 @@ def test_eval_refuses_with_one_line(tmp_path, capsys, finished_run, case, messag
 def test_eval_of_a_reattention_run_uses_its_saved_release(tmp_path, capsys):
     """The model computes in evaluation what it computed in training (the saved DP frequency release,
     sigma C and qN), so its held-out loss is the training summary's, and no new release is drawn."""
-    run_dir = prepared(tmp_path / "cache", tmp_path / "run", 1, 1, "float32", "model.reattention=true",
+    run_dir = prepared(tmp_path / "cache", tmp_path / "run", 1, 1, "float32", "reattention.enabled=true",
                        "train.steps=3", "train.checkpoint_every=0")
     summary = train(load_config(run_dir / "config.yaml"), RunPlan.load(run_dir / "plan.json"), run_dir, Mesh(),
                     resume="none")

@@ -9,8 +9,8 @@ import torch
 
 from dpdist import build_model
 from dpdist.config import load_config
-from dpdist.privacy import frequencies
 from dpdist.privacy.noise import _box_muller, pair_indices
+from dpdist.train.reattention import release_history
 
 ROOT = Path(__file__).resolve().parents[1]
 R_MAX = math.sqrt(212 * math.log(2))  # sqrt(-2 ln 2^-106): the radius at the smallest refined u1
@@ -58,7 +58,7 @@ def test_the_readme_states_the_tail_delta_of_the_gpt2_small_config():
     cfg.model.vocab_size = cfg.data.vocab_size  # as dpdist train sets it from the tokenizer
     sizes = [p.numel() for p in build_model(cfg.model, device="meta").parameters() if p.requires_grad]
     pairs = sum((n + 1) // 2 for n in sizes)  # a tensor of odd size draws a whole last pair
-    releases = cfg.train.steps + len(frequencies.release_history(cfg))
+    releases = cfg.train.steps + len(release_history(cfg))
     eta = pairs * releases * 2.0**-106
     readme = (ROOT / "README.md").read_text()
     for figure in (f"{sum(sizes):,} parameters", f"{pairs:,} pairs x {releases} releases", f"= {eta:.2e}",

@@ -16,13 +16,14 @@ import torch.nn.functional as F
 
 import oracle
 from dpdist import ModelConfig, audit, build_model
-from dpdist.config import ConfigError, RunConfig
+from dpdist.config import ConfigError, ReattentionConfig, RunConfig
 from dpdist.model import reattention
 from dpdist.model.gpt import CausalSelfAttention
 from dpdist.privacy import accounting, frequencies
 from dpdist.privacy.ledger import PrivacyLedger
 from dpdist.runtime.mesh import Mesh
 from dpdist.train.plan import RunPlan
+from dpdist.train.reattention import reattention_for_training, reattention_of_finished_run, release_history
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from launch import torchrun  # noqa: E402
@@ -35,10 +36,17 @@ def _frequencies(seed: int = 0, low: float = 0.05) -> torch.Tensor:
     return low + (1 - low) * torch.rand(VOCAB, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def _pair(**overrides):
-    """A plain tiny float64 model and a Re-Attention model with the same weights."""
+def _reattention(noise_std: float, expected_batch: float, p: torch.Tensor, variance_scale: float = 1.0,
+                 layers=(0, 1), padding_idx: int | None = None) -> reattention.Reattention | None:
+    """What a model is built with for sigma C, qN and p (None: nothing to correct), as a run makes it."""
+    noise = reattention.weight_noise(noise_std, expected_batch, p, variance_scale, padding_idx)
+    return None if noise is None else reattention.Reattention(noise, frozenset(layers))
+
+
+def _pair(built_with: reattention.Reattention | None, **overrides):
+    """A plain tiny float64 model and a model built with ``built_with``, with the same weights."""
     plain = oracle.tiny_model(vocab_size=VOCAB, max_seq_len=SEQ, **overrides)
-    corrected = oracle.tiny_model(vocab_size=VOCAB, max_seq_len=SEQ, reattention=True, **overrides)
+    corrected = oracle.tiny_model(vocab_size=VOCAB, max_seq_len=SEQ, reattention=built_with, **overrides)
     corrected.load_state_dict(plain.state_dict())
     return plain, corrected
 
@@ -47,24 +55,23 @@ def _pair(**overrides):
 
 def test_lambda_zero_is_plain_attention_bit_for_bit():
     ids, _ = oracle.tiny_batch(4, SEQ, VOCAB)
-    plain, off = _pair(reattention_lambda=0.0)
-    off.set_reattention(1.0, 4.0, _frequencies())
-    assert torch.equal(off(ids), plain(ids))
-    _, on = _pair(reattention_lambda=1.0)
-    on.set_reattention(1.0, 4.0, _frequencies())
-    assert not torch.allclose(on(ids), plain(ids), atol=1e-6)  # the same call with lambda = 1 does correct
-    on.set_reattention(0.0, 4.0, _frequencies())  # no DP noise: nothing to correct either
-    assert torch.equal(on(ids), plain(ids))
+    plain, on = _pair(_reattention(1.0, 4.0, _frequencies(), variance_scale=1.0))
+    assert not torch.allclose(on(ids), plain(ids), atol=1e-6)  # lambda = 1 does correct
+    off = _reattention(1.0, 4.0, _frequencies(), variance_scale=0.0)
+    noiseless = _reattention(0.0, 4.0, _frequencies())  # no DP noise: nothing to correct either
+    assert off is None and noiseless is None
+    assert torch.equal(_pair(off)[1](ids), plain(ids))
 
 
-def test_a_reattention_model_refuses_to_run_before_it_knows_the_noise():
-    _, model = _pair()
-    with pytest.raises(RuntimeError, match="set_reattention"):
-        model(torch.zeros(1, 3, dtype=torch.int64))
+def test_a_model_refuses_a_reattention_that_does_not_fit_it():
+    fitting = _reattention(1.0, 4.0, _frequencies())
+    short = reattention.WeightNoise(fitting.noise.shared, fitting.noise.tokens[:-1])
     with pytest.raises(ValueError, match="one entry per token id"):
-        model.set_reattention(1.0, 4.0, torch.ones(VOCAB - 1, dtype=torch.float64))
+        _pair(reattention.Reattention(short, fitting.layers))
+    with pytest.raises(ValueError, match=r"at least one block, all in \[0, 2\)"):
+        _pair(reattention.Reattention(fitting.noise, frozenset({0, 2})))
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
-        model.set_reattention(1.0, 4.0, torch.zeros(VOCAB, dtype=torch.float64))
+        _reattention(1.0, 4.0, torch.zeros(VOCAB, dtype=torch.float64))
 
 
 def test_uncorrected_attention_is_causal_sdpa():
@@ -153,8 +160,7 @@ def test_a_planted_rare_token_receives_less_attention(monkeypatch):
     ids[:, position] = rare
     p = torch.full((VOCAB,), 0.5, dtype=torch.float64)
     p[rare] = 1e-3  # 500x rarer: its embedding row's noise variance is 250000x that of the others
-    _, model = _pair(reattention_layers="0")
-    model.set_reattention(1.0, 8.0, p)
+    _, model = _pair(_reattention(1.0, 8.0, p, layers=[0]))
     seen = []
 
     def spy(q, k, v, correction=None):
@@ -187,9 +193,8 @@ class _Sequences:
 
 
 def _release_run(num_sequences=300, seq_len=8, noise=2.0):
-    cfg = RunConfig()
-    cfg.model = ModelConfig(vocab_size=VOCAB, d_model=16, n_layers=1, n_heads=2, max_seq_len=seq_len,
-                            dtype="float64", reattention=True, reattention_frequency_noise=noise)
+    cfg = RunConfig(reattention=ReattentionConfig(enabled=True, frequency_noise=noise))
+    cfg.model = ModelConfig(vocab_size=VOCAB, d_model=16, n_layers=1, n_heads=2, max_seq_len=seq_len, dtype="float64")
     cfg.data.seq_len = seq_len
     plan = RunPlan(num_examples=num_sequences, num_val=0, vocab_size=VOCAB, sample_rate=0.05, delta=1e-5,
                    noise_multiplier=1.0, epsilon_budget=None, max_steps=20)
@@ -202,9 +207,9 @@ def _release_run(num_sequences=300, seq_len=8, noise=2.0):
 
 def _setup(cfg, plan, data, run_dir: Path, secret: int) -> tuple[PrivacyLedger, torch.nn.Module]:
     run_dir.mkdir(exist_ok=True)
-    ledger, model = PrivacyLedger(run_dir / "ledger.jsonl"), build_model(cfg.model)
-    frequencies.setup_reattention(cfg, plan, data, model, run_dir, Mesh(), secret, ledger)
-    return ledger, model
+    ledger = PrivacyLedger(run_dir / "ledger.jsonl")
+    return ledger, build_model(cfg.model, reattention=reattention_for_training(cfg, plan, data, run_dir, Mesh(),
+                                                                               secret, ledger))
 
 
 def test_presence_counts_count_each_sequence_once():
@@ -234,7 +239,7 @@ def test_dp_release_is_charged_once_noisy_keyed_and_reused(tmp_path):
     with_release = ledger.epsilon(plan.delta, "rdp")
     assert with_release > steps_only
     assert with_release == accounting.epsilon(plan.sample_rate, plan.noise_multiplier, 20, plan.delta, "rdp",
-                                              prior=frequencies.release_history(cfg))
+                                              prior=release_history(cfg))
 
     (tmp_path / "run" / frequencies.FILE).write_text(json.dumps({**released, "noisy_counts": [5.0] * VOCAB}))
     resumed_ledger, resumed = _setup(cfg, plan, data, tmp_path / "run", secret=7)  # a resume: reuse, no charge
@@ -251,35 +256,33 @@ def test_dp_release_is_charged_once_noisy_keyed_and_reused(tmp_path):
 
 def test_no_release_without_a_correction(tmp_path):
     cfg, plan, data = _release_run()
-    cfg.model.reattention_lambda = 0.0
+    cfg.reattention.variance_scale = 0.0
     ledger, model = _setup(cfg, plan, data, tmp_path / "run", secret=7)
     assert ledger.entries() == [] and not (tmp_path / "run" / frequencies.FILE).exists()
-    assert model.weight_noise is None and frequencies.release_history(cfg) == []
+    assert model.weight_noise is None and release_history(cfg) == []
 
 
 def test_an_evaluation_reads_the_release_and_never_draws_one(tmp_path):
     cfg, plan, data = _release_run()
-    evaluated = build_model(cfg.model)
+    cpu = torch.device("cpu")
     with pytest.raises(FileNotFoundError, match="only the training run"):
-        frequencies.setup_reattention(cfg, plan, None, evaluated, tmp_path, Mesh(), None, None)
+        reattention_of_finished_run(tmp_path, cfg, plan, cpu)
     _, trained = _setup(cfg, plan, data, tmp_path, secret=7)
-    frequencies.setup_reattention(cfg, plan, None, evaluated, tmp_path, Mesh(), None, None)
+    evaluated = build_model(cfg.model, reattention=reattention_of_finished_run(tmp_path, cfg, plan, cpu))
     assert torch.equal(evaluated.weight_noise.tokens, trained.weight_noise.tokens)
     assert len(PrivacyLedger(tmp_path / "ledger.jsonl").entries()) == 1
 
 
 def test_public_and_uniform_frequencies(tmp_path):
-    model_cfg = ModelConfig(vocab_size=4, reattention=True, reattention_frequencies="uniform")
-    uniform = frequencies.token_frequencies(model_cfg, 100, 8, tmp_path)
+    uniform = frequencies.token_frequencies("uniform", 4, 100, 8, 10.0, tmp_path)
     assert torch.equal(uniform, torch.full((4,), 0.25, dtype=torch.float64))
     path = tmp_path / "counts.json"
     path.write_text(json.dumps([3, 1, 0, 4]))
-    model_cfg.reattention_frequencies = str(path)
-    public = frequencies.token_frequencies(model_cfg, 100, 8, tmp_path)
+    public = frequencies.token_frequencies(str(path), 4, 100, 8, 10.0, tmp_path)
     assert public.tolist() == [3 / 8, 1 / 8, 1 / 100, 4 / 8]  # relative frequencies, unseen clamped to 1/N
     path.write_text(json.dumps([3, 1, 0]))
     with pytest.raises(ValueError, match="list of 4 non-negative counts"):
-        frequencies.token_frequencies(model_cfg, 100, 8, tmp_path)
+        frequencies.token_frequencies(str(path), 4, 100, 8, 10.0, tmp_path)
 
 
 def test_the_release_fits_in_the_budget():
@@ -304,13 +307,21 @@ def test_a_torn_first_step_takes_the_rates_of_a_step_not_of_the_release(tmp_path
 
 
 def test_config_refuses_bad_reattention_settings(tmp_path):
+    def validated(**settings) -> RunConfig:
+        cfg = RunConfig(reattention=ReattentionConfig(**settings))
+        cfg.privacy.noise_multiplier = 1.0
+        return cfg.validate()
+
     with pytest.raises(ConfigError, match="outside"):
-        ModelConfig(n_layers=2, reattention=True, reattention_layers="0,2").validate()
+        validated(enabled=True, layers="0,2")  # model.n_layers = 2
     with pytest.raises(ConfigError, match="'all' or comma-separated"):
-        ModelConfig(reattention=True, reattention_layers="first").validate()
+        validated(enabled=True, layers="first")
     with pytest.raises(ConfigError, match="none of these"):
-        ModelConfig(reattention=True, reattention_frequencies=str(tmp_path / "missing.json")).validate()
-    ModelConfig(reattention=False, reattention_frequencies="missing.json").validate()  # off: not looked at
+        validated(enabled=True, frequencies=str(tmp_path / "missing.json"))
+    with pytest.raises(ConfigError, match="reattention.variance_scale must be >= 0"):
+        validated(variance_scale=-1.0)
+    validated(enabled=False, frequencies="missing.json", layers="first")  # off: not looked at
+    assert validated(enabled=True, layers="1").reattention.block_indices(2) == {1}
 
 
 # ---------------------------------------------------------------------------- per-example norms
@@ -319,8 +330,8 @@ def test_config_refuses_bad_reattention_settings(tmp_path):
                          ids=["tied-layernorm", "untied-padding-rmsnorm-nobias"])
 def test_per_example_norms_match_brute_force(overrides):
     ids, labels = oracle.tiny_batch(5, SEQ, VOCAB, pad_id=overrides.get("padding_idx"))
-    plain, model = _pair(**overrides)
-    model.set_reattention(1.0, 4.0, _frequencies(low=0.02))
+    plain, model = _pair(_reattention(1.0, 4.0, _frequencies(low=0.02), padding_idx=overrides.get("padding_idx")),
+                         **overrides)
     got = audit.per_example_norms(model, ids, labels)
     ref = oracle.per_example_norms(model, ids, labels)
     real = ref > 0

@@ -3,7 +3,7 @@
 Both with PLD (the headline) and RDP (alongside), for Poisson-sampled DP-SGD with add/remove-one
 adjacency, so a run can be planned before any process starts.  A Re-Attention run with ``dp`` token
 frequencies also spends one Gaussian release before its first step; ``--reattention-frequency-noise``
-composes it exactly as training does (``frequencies.release_history``), and without it the numbers are
+composes it exactly as training does (``dpdist.train.reattention.release_history``), and without it the numbers are
 those of the steps alone, which the output then says.
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--delta", type=float, required=True, help="delta, usually below 1/N")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--reattention-frequency-noise", type=float, metavar="SIGMA_H",
-                        help="also count Re-Attention's token-frequency release (model.reattention=true with "
-                             "model.reattention_frequencies=dp): one Gaussian release at this noise multiplier "
-                             "(model.reattention_frequency_noise), as training charges it; without this option it "
+                        help="also count Re-Attention's token-frequency release (reattention.enabled=true with "
+                             "reattention.frequencies=dp): one Gaussian release at this noise multiplier "
+                             "(reattention.frequency_noise), as training charges it; without this option it "
                              "is not counted")
     parser.set_defaults(func=run)
 

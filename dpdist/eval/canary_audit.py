@@ -87,9 +87,9 @@ def check_auditable(cfg: RunConfig) -> None:
         raise ConfigError("privacy.enabled=false: there is no guarantee to audit; enable privacy")
     if cfg.train.backend != "native":
         raise ConfigError("the empirical audit trains on one process with the native backend; set train.backend=native")
-    if cfg.model.reattention:
+    if cfg.reattention.enabled:
         raise ConfigError("the empirical audit trains without Re-Attention's token-frequency release; "
-                          "set model.reattention=false")
+                          "set reattention.enabled=false")
 
 
 def train(cfg: RunConfig, plan: RunPlan, model, rows: torch.Tensor, secret: int) -> None:

@@ -17,11 +17,17 @@ import torch.distributed.checkpoint as dcp
 from ..config import ConfigError, RunConfig
 from ..model.gpt import build_model
 from ..train.checkpoint import read_record
+from ..train.plan import RunPlan
+from ..train.reattention import reattention_of_finished_run
 
 
 def load_model(cfg: RunConfig, weights: Path, device: torch.device):
     """The run's model in eval mode with ``weights`` (a state-dict file or a checkpoint folder) loaded."""
-    model = build_model(cfg.model, tp_group=None, device=device)
+    reattention = None
+    if cfg.reattention.enabled:  # the correction needs the run's sigma C, qN and its saved frequency release
+        run_dir = Path(cfg.train.run_dir)
+        reattention = reattention_of_finished_run(run_dir, cfg, RunPlan.load(run_dir / "plan.json"), device)
+    model = build_model(cfg.model, tp_group=None, device=device, reattention=reattention)
     if weights.is_dir():
         _load_checkpoint(model, weights, cfg)
     else:
@@ -32,13 +38,6 @@ def load_model(cfg: RunConfig, weights: Path, device: torch.device):
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             raise ConfigError(f"{weights} does not hold this run's model ({reason}); pass the run's final/model.pt "
                               "or a checkpoint") from None
-    if cfg.model.reattention:  # the correction needs the run's sigma C, qN and its saved frequency release
-        from ..privacy.frequencies import setup_reattention
-        from ..runtime.mesh import Mesh
-        from ..train.plan import RunPlan
-
-        run_dir = Path(cfg.train.run_dir)
-        setup_reattention(cfg, RunPlan.load(run_dir / "plan.json"), None, model, run_dir, Mesh(), None, None)
     return model.eval()
 
 

@@ -5,9 +5,9 @@ a GELU MLP, learned position embeddings, and by default an output layer tied to 
 The model says what it computes; how it is sharded (``tp_group``) and how its gradients are clipped
 (a tap attached to its layers from outside) live elsewhere.
 
-With ``model.reattention`` the blocks also carry the variance of their activations and the selected
-blocks subtract the DP-noise key uncertainty from their attention logits (``dpdist.model.reattention``);
-``set_reattention`` gives the model the noise level and token frequencies that uncertainty comes from.
+Built with a :class:`~dpdist.model.reattention.Reattention`, the blocks also carry the variance of
+their activations and the selected blocks subtract the DP-noise key uncertainty from their attention
+logits (``dpdist.model.reattention``).
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
 from ..parallel.layers import ColumnParallelLinear, Norm, RowParallelLinear, VocabParallelEmbedding
 from ..parallel.mappings import group_size
 from . import reattention
-from .reattention import WeightNoise
+from .config import ModelConfig
+from .reattention import Reattention, WeightNoise
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -110,8 +110,15 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group=None):
+    def __init__(self, cfg: ModelConfig, tp_group=None, reattention: Reattention | None = None):
         super().__init__()
+        if reattention is not None:
+            if tuple(reattention.noise.tokens.shape) != (cfg.vocab_size,):
+                raise ValueError(f"the Re-Attention token variances must have one entry per token id, shape "
+                                 f"({cfg.vocab_size},); got {tuple(reattention.noise.tokens.shape)}")
+            if not reattention.layers or not reattention.layers <= set(range(cfg.n_layers)):
+                raise ValueError(f"Re-Attention must correct at least one block, all in [0, {cfg.n_layers}); got "
+                                 f"{sorted(reattention.layers)}")
         self.cfg, self.tp_group = cfg, tp_group
         generator = torch.Generator().manual_seed(cfg.init_seed)
 
@@ -140,27 +147,9 @@ class GPT(nn.Module):
         for table in (self.tok_emb, self.lm_head):
             if table is not None:  # rows from vocab_size on only pad the vocabulary for the tensor split
                 table.weight.unpadded_rows = cfg.vocab_size
-        self.reattention_layers = (reattention.selected_layers(cfg.reattention_layers, cfg.n_layers)
-                                   if cfg.reattention else frozenset())
-        self.weight_noise: WeightNoise | None = None
-        self._reattention_ready = not cfg.reattention
-
-    def set_reattention(self, noise_std: float, expected_batch: float, frequencies: torch.Tensor) -> None:
-        """What the key-uncertainty estimate of ``model.reattention`` is made from: ``noise_std`` = sigma C
-        (the std of the noise on the summed clipped gradient, 0 without DP), ``expected_batch`` = qN and
-        ``frequencies`` [vocab_size]: p_i, the fraction of training sequences that contain token i,
-        clamped to [1/N, 1] (``dpdist.privacy.frequencies`` resolves them).  With lambda = 0 or
-        sigma C = 0 there is nothing to correct and the forward is exactly the plain one."""
-        if not self.cfg.reattention:
-            raise RuntimeError("set_reattention needs a model built with model.reattention=true")
-        frequencies = torch.as_tensor(frequencies, dtype=torch.float64)
-        if tuple(frequencies.shape) != (self.cfg.vocab_size,):
-            raise ValueError(f"frequencies must have one entry per token id, shape ({self.cfg.vocab_size},); "
-                             f"got {tuple(frequencies.shape)}")
-        self.weight_noise = reattention.weight_noise(noise_std, expected_batch,
-                                                     frequencies.to(self.tok_emb.weight.device),
-                                                     self.cfg.reattention_lambda, self.cfg.padding_idx)
-        self._reattention_ready = True
+        # None: plain attention, bit for bit (no Re-Attention, or no noise to correct for)
+        self.weight_noise: WeightNoise | None = reattention.noise if reattention is not None else None
+        self.reattention_layers = reattention.layers if reattention is not None else frozenset()
 
     @property
     def vocab_start(self) -> int:
@@ -172,10 +161,6 @@ class GPT(nn.Module):
         B, T = input_ids.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len {self.cfg.max_seq_len}")
-        if not self._reattention_ready:
-            raise RuntimeError("this model was built with model.reattention=true: call set_reattention(noise_std, "
-                               "expected_batch, frequencies) before its forward (the training loop does, through "
-                               "dpdist.privacy.frequencies.setup_reattention)")
         positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.tok_emb(input_ids) + self.pos_emb(positions)  # (B, T, d)
         noise = self.weight_noise
@@ -202,7 +187,9 @@ def strip_vocab_padding(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dic
     return {name: t[: cfg.vocab_size] if name in tables else t for name, t in state.items()}
 
 
-def build_model(cfg: ModelConfig, tp_group=None, device: str | torch.device = "cpu") -> GPT:
-    """The model of ``cfg`` on this process (its tensor-parallel shard when ``tp_group`` has several ranks)."""
+def build_model(cfg: ModelConfig, tp_group=None, device: str | torch.device = "cpu",
+                reattention: Reattention | None = None) -> GPT:
+    """The model of ``cfg`` on this process (its tensor-parallel shard when ``tp_group`` has several ranks),
+    with Re-Attention when ``reattention`` is given (its token variances already on ``device``)."""
     cfg.validate()
-    return GPT(cfg, tp_group).to(device=device, dtype=DTYPES[cfg.dtype])
+    return GPT(cfg, tp_group, reattention).to(device=device, dtype=DTYPES[cfg.dtype])

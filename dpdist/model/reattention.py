@@ -15,7 +15,8 @@ around their current values with the variances of :class:`WeightNoise` (section 
 
 Privacy: the correction is a function of the current weights (already DP outputs), public
 hyperparameters, the example's own tokens (covered by its clipping) and token frequencies, which must
-be public or a DP release (``dpdist.privacy.frequencies``).
+be public or a DP release (``dpdist.privacy.frequencies``; ``dpdist.train.reattention`` resolves them
+for a run and builds the :class:`Reattention` the model is constructed with).
 """
 from __future__ import annotations
 
@@ -47,6 +48,15 @@ class WeightNoise:
     tokens: torch.Tensor  # [vocab_size]
 
 
+@dataclass(frozen=True)
+class Reattention:
+    """What a model built with Re-Attention corrects its attention for (``noise``) and where
+    (``layers``: the indices of the blocks whose logits are corrected)."""
+
+    noise: WeightNoise
+    layers: frozenset[int]
+
+
 def weight_noise(noise_std: float, expected_batch: float, frequencies: torch.Tensor, variance_scale: float,
                  padding_idx: int | None = None) -> WeightNoise | None:
     """The noise model of a run: ``noise_std`` = sigma C (the std of the noise on the summed clipped
@@ -70,21 +80,6 @@ def weight_noise(noise_std: float, expected_batch: float, frequencies: torch.Ten
     if padding_idx is not None:
         tokens[padding_idx] = 0.0  # the lookup zeroes the padding row, whatever noise the row holds
     return WeightNoise(variance_scale * shared_std ** 2, tokens)
-
-
-def selected_layers(spec: str, n_layers: int) -> frozenset[int]:
-    """Block indices of ``model.reattention_layers``: ``"all"`` or comma-separated indices like ``"0,2"``."""
-    if spec.strip() == "all":
-        return frozenset(range(n_layers))
-    try:
-        indices = [int(part) for part in spec.split(",")]
-    except ValueError:
-        raise ValueError(f"model.reattention_layers must be 'all' or comma-separated block indices like '0,1'; "
-                         f"got {spec!r}") from None
-    outside = [i for i in indices if not 0 <= i < n_layers]
-    if outside:
-        raise ValueError(f"model.reattention_layers {spec!r} names blocks {outside} outside [0, {n_layers})")
-    return frozenset(indices)
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 Re-Attention's uncertainty of embedding row i grows like 1/p_i^2, where p_i is the fraction of
 training sequences that contain token i (algorithms.md 4.2).  That is a statistic of the PRIVATE
-data, so p comes from ``model.reattention_frequencies``:
+data, so p comes from one of three sources (``reattention.frequencies``):
 
 * ``uniform``: p_i = 1/V, public by construction;
 * a path to a JSON list of counts per token id from PUBLIC data: p_i = c_i / sum(c), a relative
@@ -21,6 +21,8 @@ The release is drawn once per run.  Rank 0 appends its ledger entry first (durab
 counts with the run's keyed noise and saves them to ``<run_dir>/token_frequencies.json`` (a DP
 output, fine to keep).  A resumed run finds the entry and does not charge again; had it crashed
 between the two, its redraw is bit-identical (keyed noise), so no uncharged release ever exists.
+This file is the mechanism alone; when a run draws it, and how it reaches every rank and the model,
+is ``dpdist.train.reattention``'s.
 """
 from __future__ import annotations
 
@@ -30,7 +32,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from .noise import keyed_normal
 
@@ -46,22 +47,10 @@ def sensitivity_bound(seq_len: int, vocab_size: int) -> int:
     return min(seq_len + 1, vocab_size)
 
 
-def release_history(cfg) -> list[tuple[float, float, int]]:
-    """What the frequency release of run config ``cfg`` adds to the ledger, as accounting's ``prior``:
-    the plan must fit it into the budget along with the steps."""
-    return release_entry(cfg.model.reattention_frequency_noise) if _releases(cfg) else []
-
-
 def release_entry(noise_multiplier: float) -> list[tuple[float, float, int]]:
     """The ledger history of one release at multiplier sigma_h: a Gaussian mechanism at sensitivity one,
     which is one Poisson-sampled step at rate 1.  ``dpdist account`` plans with it too."""
     return [(1.0, noise_multiplier, 1)]
-
-
-def _releases(cfg) -> bool:
-    """Whether the run draws the DP release: a private run whose correction is on and uses ``dp``."""
-    m = cfg.model
-    return cfg.privacy.enabled and m.reattention and m.reattention_lambda > 0 and m.reattention_frequencies == "dp"
 
 
 def presence_counts(data, num_sequences: int, vocab_size: int) -> torch.Tensor:
@@ -89,29 +78,29 @@ def release_counts(counts: torch.Tensor, noise_multiplier: float, l_max: int, se
     return (counts.to(torch.float64) + noise_multiplier * math.sqrt(l_max) * noise).clamp(min=0.0)
 
 
-def token_frequencies(model_cfg, num_sequences: int, seq_len: int, run_dir, *, data=None, secret: int | None = None,
-                      ledger=None) -> torch.Tensor:
-    """p_i in [1/N, 1] for every token id (float64, [vocab_size]) from ``model.reattention_frequencies``.
+def token_frequencies(source: str, vocab_size: int, num_sequences: int, seq_len: int, noise_multiplier: float,
+                      run_dir, *, data=None, secret: int | None = None, ledger=None) -> torch.Tensor:
+    """p_i in [1/N, 1] for every token id (float64, [vocab_size]) from ``source``: ``uniform``, ``dp``
+    or the path of a JSON list of public counts; ``seq_len`` and ``noise_multiplier`` (sigma_h) are
+    those of the ``dp`` release.
 
     ``dp`` reads the run's release; with ``data``, ``secret`` and ``ledger`` (rank 0 of a training
     run) it first charges the ledger unless the run already did, and draws the release if the run has
     none.  An evaluation of a finished run passes only ``run_dir``."""
-    source, vocab = model_cfg.reattention_frequencies, model_cfg.vocab_size
     if source == "uniform":
-        p = torch.full((vocab,), 1.0 / vocab, dtype=torch.float64)
+        p = torch.full((vocab_size,), 1.0 / vocab_size, dtype=torch.float64)
     elif source == "dp":
-        p = _dp_counts(model_cfg, num_sequences, seq_len, Path(run_dir), data, secret, ledger) / num_sequences
+        identity = {"mechanism": "gaussian", "statistic": "per-sequence presence counts",
+                    "noise_multiplier": float(noise_multiplier), "l_max": sensitivity_bound(seq_len, vocab_size),
+                    "num_sequences": int(num_sequences), "vocab_size": int(vocab_size)}
+        p = _dp_counts(identity, Path(run_dir), data, secret, ledger) / num_sequences
     else:
-        counts = _public_counts(Path(source), vocab)
+        counts = _public_counts(Path(source), vocab_size)
         p = counts / counts.sum()
     return p.clamp(min=1.0 / num_sequences, max=1.0)
 
 
-def _dp_counts(model_cfg, num_sequences, seq_len, run_dir: Path, data, secret, ledger) -> torch.Tensor:
-    identity = {"mechanism": "gaussian", "statistic": "per-sequence presence counts",
-                "noise_multiplier": float(model_cfg.reattention_frequency_noise),
-                "l_max": sensitivity_bound(seq_len, model_cfg.vocab_size), "num_sequences": int(num_sequences),
-                "vocab_size": int(model_cfg.vocab_size)}
+def _dp_counts(identity: dict, run_dir: Path, data, secret, ledger) -> torch.Tensor:
     drawing = ledger is not None
     if drawing and not any(entry.get("kind") == KIND for entry in ledger.entries()):
         ledger.append(LEDGER_STEP, 1.0, identity["noise_multiplier"], kind=KIND, l_max=identity["l_max"])
@@ -128,7 +117,7 @@ def _dp_counts(model_cfg, num_sequences, seq_len, run_dir: Path, data, secret, l
                                 "frequency release (and charges it to its ledger)")
     if data is None or secret is None:
         raise ValueError("drawing the DP token-frequency release needs the training data and the run's secret")
-    counts = presence_counts(data, num_sequences, model_cfg.vocab_size)
+    counts = presence_counts(data, identity["num_sequences"], identity["vocab_size"])
     noisy = release_counts(counts, identity["noise_multiplier"], identity["l_max"], secret)
     _write_atomically(path, json.dumps({**identity, "noisy_counts": noisy.tolist()}))
     return noisy
@@ -138,7 +127,7 @@ def _public_counts(path: Path, vocab_size: int) -> torch.Tensor:
     try:
         counts = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"model.reattention_frequencies {str(path)!r} is not a readable JSON file: {exc}") from None
+        raise ValueError(f"reattention.frequencies {str(path)!r} is not a readable JSON file: {exc}") from None
     if not isinstance(counts, list) or len(counts) != vocab_size or not all(
             isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c >= 0 for c in counts):
         raise ValueError(f"{path} must hold a JSON list of {vocab_size} non-negative counts, one per token id")
@@ -155,29 +144,3 @@ def _write_atomically(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(partial, path)
-
-
-def setup_reattention(cfg, plan, data, model, run_dir, mesh, secret: int | None, ledger) -> None:
-    """The training loop's one call (no-op unless ``model.reattention``): resolve the token
-    frequencies on rank 0 (drawing and charging the ``dp`` release there), share them with every rank,
-    and give the model sigma C, qN and p (``GPT.set_reattention``).  Call it before the first step.
-
-    To evaluate a finished run, call it with ``data``, ``secret`` and ``ledger`` None and a one-process
-    ``Mesh()``: the model then computes what it computed in training, from the saved release, and no
-    release is ever drawn outside training."""
-    if not cfg.model.reattention:
-        return
-    noise_std = plan.noise_multiplier * cfg.privacy.clip_norm if cfg.privacy.enabled else 0.0
-    vocab = cfg.model.vocab_size
-    frequencies = torch.empty(vocab, dtype=torch.float64)
-    if mesh.is_main:
-        if cfg.model.reattention_frequencies == "dp" and not _releases(cfg):
-            frequencies.fill_(1.0)  # nothing to correct (no DP noise, or lambda = 0): no release is needed
-        else:
-            frequencies = token_frequencies(cfg.model, plan.num_examples, cfg.data.seq_len, run_dir, data=data,
-                                            secret=secret, ledger=ledger)
-    if mesh.world_size > 1:
-        shared = frequencies.to(mesh.device)
-        dist.broadcast(shared, src=0, group=mesh.world_group)
-        frequencies = shared.cpu()
-    model.set_reattention(noise_std, plan.expected_batch_size, frequencies)

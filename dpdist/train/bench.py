@@ -135,7 +135,7 @@ def nonprivate_step_flops(cfg: BenchConfig) -> float:
 # The models and the batch
 
 def model_config(cfg: BenchConfig, tie: bool = True):
-    from ..config import ModelConfig
+    from ..model.config import ModelConfig
     return ModelConfig(vocab_size=cfg.vocab, d_model=cfg.d_model, n_layers=cfg.layers, n_heads=cfg.heads,
                        max_seq_len=cfg.seq_len, mlp_ratio=cfg.mlp_ratio, tie_embeddings=tie, dtype="float32",
                        init_seed=cfg.seed)

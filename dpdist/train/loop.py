@@ -30,7 +30,6 @@ from ..parallel.state import full_state_dict
 from ..parallel.cross_entropy import per_example_loss
 from ..privacy import accounting
 from ..privacy.accounting import DISPLAY_PLD_GRID
-from ..privacy.frequencies import setup_reattention
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.sampling import PoissonSampler, public_padding
 from ..runtime.mesh import Mesh
@@ -38,6 +37,7 @@ from ..runtime.secret import run_secret, seed_is_fixed
 from .checkpoint import check_ledger, latest_checkpoint, load_checkpoint, save_checkpoint
 from .engine import build_gradient
 from .plan import RunPlan
+from .reattention import reattention_for_training
 from .stop import StopSignal
 
 
@@ -113,10 +113,12 @@ def train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str 
 
 def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str | None, stop: StopSignal) -> dict:
     data = prepare_data(cfg.data)
-    model = build_model(cfg.model, tp_group=mesh.tp_group, device=mesh.device)
-    optimizer = make_optimizer(cfg, model)
     privacy = cfg.privacy
     secret = run_secret(privacy.seed, run_dir, mesh)
+    ledger = PrivacyLedger(run_dir / "ledger.jsonl") if privacy.enabled and mesh.is_main else None
+    reattention = reattention_for_training(cfg, plan, data, run_dir, mesh, secret, ledger)  # None unless enabled
+    model = build_model(cfg.model, tp_group=mesh.tp_group, device=mesh.device, reattention=reattention)
+    optimizer = make_optimizer(cfg, model)
     sampler = PoissonSampler(plan.num_examples, plan.sample_rate, secret, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
                              micro_batch_size=cfg.train.micro_batch_size)
     run = build_gradient(cfg, plan, model, optimizer, mesh, secret)
@@ -128,8 +130,6 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
         start, resumed_from = record["next_step"], str(checkpoint)
         if privacy.enabled and mesh.is_main:
             check_ledger(checkpoint, run_dir / "ledger.jsonl")
-    ledger = PrivacyLedger(run_dir / "ledger.jsonl") if privacy.enabled and mesh.is_main else None
-    setup_reattention(cfg, plan, data, model, run_dir, mesh, secret, ledger)  # Re-Attention; no-op unless enabled
     first_release, allowed = release_budget(ledger, cfg, plan, plan.max_steps - start, mesh)
     end = start + allowed  # < plan.max_steps only when replayed steps spent part of the budget
     metrics = open(run_dir / "metrics.jsonl", "a") if mesh.is_main else None

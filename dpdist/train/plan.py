@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import ConfigError, RunConfig
 from ..privacy import accounting
-from ..privacy.frequencies import release_history
+from .reattention import release_history
 
 
 @dataclass
@@ -84,7 +84,7 @@ def check_reach(cfg: RunConfig, sample_rate: float, delta: float, prior: list, b
     and a given sigma over the run, or over one step when a budget (at most MAX_EPSILON) stops the run."""
     limit = accounting.MAX_EPSILON
     if prior and accounting.epsilon_for_history(prior, delta, "rdp") > limit:
-        raise ConfigError(f"model.reattention_frequency_noise {cfg.model.reattention_frequency_noise:g} spends more "
+        raise ConfigError(f"reattention.frequency_noise {cfg.reattention.frequency_noise:g} spends more "
                           f"than epsilon {limit:g} on the token-frequency release alone; raise it")
     sigma = cfg.privacy.noise_multiplier
     if not sigma:  # calibrated within the target, or 0: an infinite epsilon by design, with no accountant run

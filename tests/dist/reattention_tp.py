@@ -16,6 +16,7 @@ import torch.distributed as dist
 from dpdist import ModelConfig, build_model
 from dpdist.audit import per_example_norms
 from dpdist.config import ParallelConfig
+from dpdist.model.reattention import Reattention, weight_noise
 from dpdist.runtime.mesh import init_mesh, shutdown
 from dpdist.privacy.step import native_step
 
@@ -35,9 +36,8 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reattentive(tp_group=None):
-    model = build_model(ModelConfig(**CFG, reattention=True), tp_group=tp_group)
-    model.set_reattention(NOISE_STD, EXPECTED_BATCH, frequencies())
-    return model
+    noise = weight_noise(NOISE_STD, EXPECTED_BATCH, frequencies(), variance_scale=1.0)
+    return build_model(ModelConfig(**CFG), tp_group=tp_group, reattention=Reattention(noise, frozenset({0, 1})))
 
 
 def max_over_group(value: float) -> float:
