@@ -3,7 +3,7 @@
 For one model and one batch, on this machine, in one run: the non-private step, the dpdist DP step
 (for one or several memory budgets) and, when Opacus is installed, Opacus ghost clipping on an
 equivalent untied plain-torch model.  Every mode runs in a fresh Python process (``python -m
-dpdist.train.bench SPEC``) because peak RSS (``ru_maxrss``) is per process and only ever grows.
+dpdist.bench.runner SPEC``) because peak RSS (``ru_maxrss``) is per process and only ever grows.
 
 Reported per mode: mean and min step time over the steps after the first (warm-up) one, and the peak
 RSS minus the RSS measured after the model, the batch, the optimizer (and the DP engine or Opacus
@@ -241,7 +241,7 @@ def _setup_nonprivate(cfg: BenchConfig) -> tuple:
 def _setup_dp(cfg: BenchConfig, clipping: str, budget) -> tuple:
     from ..model.gpt import build_model
     from ..privacy.rules import rule_for
-    from .engine import PrivateGradient
+    from ..train.engine import PrivateGradient
 
     model = build_model(model_config(cfg))
     ids, labels = make_batch(cfg)
@@ -376,9 +376,9 @@ def run_worker(spec: dict) -> dict:
 
 
 def run_mode(cfg: BenchConfig, mode: str, **extra) -> dict:
-    """Run one mode in a fresh ``python -m dpdist.train.bench`` process; its measurements as a dict."""
+    """Run one mode in a fresh ``python -m dpdist.bench.runner`` process; its measurements as a dict."""
     spec = {"config": dataclasses.asdict(cfg), "mode": mode, **extra}
-    proc = subprocess.run([sys.executable, "-m", "dpdist.train.bench", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "dpdist.bench.runner", json.dumps(spec)],
                           capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
     if proc.returncode != 0 or not lines:
@@ -567,5 +567,5 @@ def format_report(out: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # worker entry point: python -m dpdist.train.bench '<json spec>'
+if __name__ == "__main__":  # worker entry point: python -m dpdist.bench.runner '<json spec>'
     print(RESULT_TAG + json.dumps(run_worker(json.loads(sys.argv[1]))), flush=True)

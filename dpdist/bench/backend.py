@@ -27,14 +27,14 @@ CASES = [("native", None), ("deepspeed", 1), ("deepspeed", 2)]
 
 def _gradient(spec: dict, cfg, mesh, model, optimizer, local_batch: int):
     from ..config import RunConfig
-    from .engine import NonPrivateGradient, PrivateGradient
+    from ..train.engine import NonPrivateGradient, PrivateGradient
 
     private = None
     if spec["private"]:
         private = dict(clip_norm=1.0, noise_multiplier=1.0, secret=1, clipping=spec["clipping"],
                        micro_batch_size=local_batch, seq_len=cfg.seq_len)
     if spec["backend"] == "deepspeed":
-        from . import deepspeed_backend
+        from ..train import deepspeed_backend
 
         run_cfg = RunConfig()
         run_cfg.train.backend, run_cfg.train.micro_batch_size = "deepspeed", local_batch
@@ -53,7 +53,7 @@ def run_worker(spec: dict) -> dict | None:
     from ..config import ParallelConfig
     from ..model.gpt import build_model
     from ..runtime.mesh import init_mesh, shutdown
-    from .bench import BenchConfig, current_rss_mb, peak_rss_mb, make_batch, model_config
+    from .runner import BenchConfig, current_rss_mb, peak_rss_mb, make_batch, model_config
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -64,7 +64,7 @@ def run_worker(spec: dict) -> dict | None:
         rows = slice(mesh.dp_rank * cfg.batch // mesh.dp_size, (mesh.dp_rank + 1) * cfg.batch // mesh.dp_size)
         ids, labels = ids[rows], labels[rows]
         if spec["backend"] == "deepspeed":  # its modules are not the model's memory: load them first
-            from .deepspeed_backend import import_deepspeed
+            from ..train.deepspeed_backend import import_deepspeed
 
             import_deepspeed(mesh.device)
         torch.manual_seed(cfg.seed)
@@ -98,7 +98,7 @@ def _launch(spec: dict) -> dict:
 
     world = spec["data"] * spec["tensor"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "-m", "dpdist.train.bench_backend", json.dumps(spec)]
+               "-m", "dpdist.bench.backend", json.dumps(spec)]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)), DS_ACCELERATOR="cpu")
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]

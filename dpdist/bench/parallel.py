@@ -1,7 +1,7 @@
 """``dpdist bench --data D --tensor T``: the DP step against the non-private step on a data x tensor
 mesh, and what the DP machinery adds to communication.
 
-Launched under ``torchrun`` by the command (``python -m dpdist.train.bench_parallel SPEC`` on every
+Launched under ``torchrun`` by the command (``python -m dpdist.bench.parallel SPEC`` on every
 rank).  Each rank builds the benchmark GPT sharded over its tensor group and runs non-private and DP
 steps *alternately in the same processes*, so both see the same machine load and the ratio is paired
 step by step.  (Peak memory is not reported here: one process holds both models; the single-process
@@ -70,8 +70,8 @@ class CollectiveCounter:
 def _setup(spec: dict, mesh):
     from ..model.gpt import build_model
     from ..parallel.cross_entropy import per_example_loss
-    from .bench import BenchConfig, make_batch, model_config
-    from .engine import PrivateGradient
+    from .runner import BenchConfig, make_batch, model_config
+    from ..train.engine import PrivateGradient
 
     cfg = BenchConfig(**spec["config"])
     ids, labels = make_batch(cfg)  # the same batch on every rank; each data replica takes its share
@@ -168,7 +168,7 @@ def launch(spec: dict, log=None) -> dict:
 
     world = spec["data"] * spec["tensor"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "-m", "dpdist.train.bench_parallel", json.dumps(spec)]
+               "-m", "dpdist.bench.parallel", json.dumps(spec)]
     if log:
         log(f"launching {world} processes (data {spec['data']} x tensor {spec['tensor']}) ...")
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)))
