@@ -22,7 +22,7 @@ from dpdist.model.gpt import build_model
 from dpdist.parallel.cross_entropy import per_example_loss
 from dpdist.privacy import rules
 from dpdist.privacy.clipping import clip_factors
-from dpdist.bench.runner import BenchConfig, make_batch, model_config
+from dpdist.bench.config import BenchConfig, make_batch, model_config
 from dpdist.train.engine import PrivateGradient
 
 STEPS, WARMUP = 8, 2

@@ -53,7 +53,8 @@ def run_worker(spec: dict) -> dict | None:
     from ..config import ParallelConfig
     from ..model.gpt import build_model
     from ..runtime.mesh import init_mesh, shutdown
-    from .runner import BenchConfig, current_rss_mb, peak_rss_mb, make_batch, model_config
+    from .config import BenchConfig, make_batch, model_config
+    from .machine import current_rss_mb, peak_rss_mb
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))

@@ -70,7 +70,7 @@ class CollectiveCounter:
 def _setup(spec: dict, mesh):
     from ..model.gpt import build_model
     from ..parallel.cross_entropy import per_example_loss
-    from .runner import BenchConfig, make_batch, model_config
+    from .config import BenchConfig, make_batch, model_config
     from ..train.engine import PrivateGradient
 
     cfg = BenchConfig(**spec["config"])

@@ -60,7 +60,9 @@ def clipping(text: str) -> str:
 
 
 def run(args) -> int:
-    from ..bench.runner import BenchConfig, format_report, parse_budget, run_benchmark
+    from ..bench.config import BenchConfig, parse_budget
+    from ..bench.report import format_report
+    from ..bench.runner import run_benchmark
 
     cfg = BenchConfig(layers=args.layers, d_model=args.d_model, heads=args.heads, vocab=args.vocab,
                       seq_len=args.seq_len, batch=args.batch, steps=args.steps)
