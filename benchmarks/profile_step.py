@@ -1,46 +1,60 @@
-"""Where a DP step's time goes: non-private and DP steps alternating in one process, phases and rules.
+"""Where a DP step's time goes: non-private and DP steps alternating in one process, phases, norm rules and ops.
 
     .venv/bin/python benchmarks/profile_step.py [flat|per_layer|automatic] [ghost|materialise|stream] [--steps N]
 
 Complements ``dpdist bench`` (fresh process per mode, peak memory): here both models live in one
 process and their steps alternate, so a slow patch of the machine hits both and the ratio is paired
-step by step.  Prints the fastest time of each phase over the steps after two warm-up steps, the
-paired median ratio, and the time spent in each norm rule method (summed over layers, fastest step).
-The model and batch are ``dpdist bench``'s defaults.
+step by step.  Prints the fastest time of each phase over the steps after two warm-up steps and the
+paired median ratio.  Then one more DP micro-batch (``DPStep.microbatch``, the real step) runs
+under torch.profiler: the time in each norm rule method (the rules' Python functions, summed over
+layers, inclusive: ``clip_layer`` includes the ``sq_norms`` / ``clipped_sums`` it calls) and the ops
+that take the most time.  The profiler's Python tracing slows that micro-batch: read its numbers as
+shares.  The model and batch are ``dpdist bench``'s defaults.
 """
 from __future__ import annotations
 
 import argparse
-import collections
+import re
 import resource
 import statistics
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+from dpdist.bench.config import BenchConfig, make_batch, model_config
 from dpdist.model.gpt import build_model
 from dpdist.parallel.cross_entropy import per_example_loss
-from dpdist.privacy import rules
-from dpdist.privacy.clipping import clip_factors
-from dpdist.train.bench import BenchConfig, make_batch, model_config
-from dpdist.train.engine import PrivateGradient
+from dpdist.privacy.step import DPStep, native_step
 
 STEPS, WARMUP = 8, 2
+TOP_OPS = 12
+# a norm rule method as the profiler's Python tracer names it: "dpdist/privacy/rules/linear.py(193): sq_norms"
+RULE_METHOD = re.compile(r"dpdist/privacy/rules/(\w+)\.py\(\d+\): (prepare|sq_norms|clipped_sums|clip_layer)$")
 
 
-def timed_rules(timers: dict) -> None:
-    """Wrap every rule method so that its time is added to ``timers`` under 'Rule.method'."""
-    for cls in {type(rule) for rule in rules._RULES.values()}:
-        for name in ("prepare", "sq_norms", "clipped_sums", "clip_layer"):
-            method = getattr(cls, name)
-
-            def wrapped(self, *args, _method=method, _key=f"{cls.__name__}.{name}"):
-                start = time.perf_counter()
-                result = _method(self, *args)
-                timers[_key] += time.perf_counter() - start
-                return result
-
-            setattr(cls, name, wrapped)
+def profile_microbatch(engine: DPStep, ids: torch.Tensor, labels: torch.Tensor) -> None:
+    """Run one DP micro-batch under torch.profiler; print its norm rule methods and its heaviest ops."""
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        start = time.perf_counter()
+        engine.microbatch(ids, labels)
+        total_ms = 1e3 * (time.perf_counter() - start)
+    rules: dict[str, float] = {}
+    ops: dict[str, float] = {}
+    for event in prof.events():
+        match = RULE_METHOD.search(event.name)
+        if match:
+            key = f"{'NormRule' if match[1] == '__init__' else match[1]}.{match[2]}"  # the base class's clip_layer
+            rules[key] = rules.get(key, 0.0) + event.cpu_time_total / 1e3
+        elif event.name.startswith("aten::"):
+            ops[event.name] = ops.get(event.name, 0.0) + event.self_cpu_time_total / 1e3
+    print(f"one DP micro-batch under torch.profiler: {total_ms:.0f} ms")
+    print("norm rule methods (rules/FILE.py's method, ms, inclusive):")
+    for key in sorted(rules):
+        print(f"  {key}: {rules[key]:.1f}")
+    print(f"ops by self CPU time (ms, share of the micro-batch), top {TOP_OPS}:")
+    for name, ms in sorted(ops.items(), key=lambda item: -item[1])[:TOP_OPS]:
+        print(f"  {name:56s} {ms:8.1f}  {ms / total_ms:5.1%}")
 
 
 def main(clipping: str = "flat", strategy: str | None = None, steps: int = STEPS) -> None:
@@ -50,10 +64,8 @@ def main(clipping: str = "flat", strategy: str | None = None, steps: int = STEPS
     plain_opt = torch.optim.SGD(plain.parameters(), lr=1e-3)
     model = build_model(model_config(cfg))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    engine = PrivateGradient(model, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=cfg.batch, secret=1,
-                             clipping=clipping, micro_batch_size=cfg.batch, seq_len=cfg.seq_len, strategy=strategy)
-    timers: dict = collections.defaultdict(float)
-    timed_rules(timers)
+    engine = native_step(model, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=cfg.batch, secret=1,
+                         clipping=clipping, micro_batch_size=cfg.batch, seq_len=cfg.seq_len, strategy=strategy)
 
     def minor_faults() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -73,28 +85,20 @@ def main(clipping: str = "flat", strategy: str | None = None, steps: int = STEPS
     def dp_step(step: int) -> dict:
         faults = minor_faults()
         t0 = time.perf_counter()
-        losses = engine.loss(ids, labels)
+        engine.microbatch(ids, labels)  # forward, backward, norms, clipped sums
         t1 = time.perf_counter()
-        losses.sum().backward()  # per-layer clipping clips here
-        t2 = time.perf_counter()
-        norms = engine.tap.take_sq_norms().sqrt()
-        if clipping != "per_layer":
-            engine.tap.accumulate_clipped(clip_factors(norms, engine.clip_norm, clipping))
-        t3 = time.perf_counter()
         engine.release(step)
-        t4 = time.perf_counter()
+        t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return {"forward": t1 - t0, "backward": t2 - t1, "clipped sums": t3 - t2, "noise": t4 - t3,
-                "total": time.perf_counter() - t0, "faults": minor_faults() - faults}
+        return {"micro-batch": t1 - t0, "noise": t2 - t1, "total": time.perf_counter() - t0,
+                "faults": minor_faults() - faults}
 
-    plain_rows, dp_rows, rule_rows = [], [], []
+    plain_rows, dp_rows = [], []
     for step in range(steps):
         plain_rows.append(nonprivate_step())
-        timers.clear()
         dp_rows.append(dp_step(step))
-        rule_rows.append(dict(timers))
-    plain_rows, dp_rows, rule_rows = plain_rows[WARMUP:], dp_rows[WARMUP:], rule_rows[WARMUP:]
+    plain_rows, dp_rows = plain_rows[WARMUP:], dp_rows[WARMUP:]
 
     def fastest(rows):
         return {key: min(row[key] for row in rows) for key in rows[0] if key != "faults"}
@@ -109,8 +113,7 @@ def main(clipping: str = "flat", strategy: str | None = None, steps: int = STEPS
     print("minor page faults per step (median): " + "  ".join(
         f"{name} {statistics.median(row['faults'] for row in rows):.0f}" for name, rows in
         (("non-private", plain_rows), ("DP", dp_rows))))
-    for key in sorted(rule_rows[0]):
-        print(f"  {key}: {min(row[key] for row in rule_rows):.4f}")
+    profile_microbatch(engine, ids, labels)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 import json
 
 from dpdist.commands import bench
-from dpdist.train.bench import BenchConfig, nonprivate_step_flops, parse_budget
+from dpdist.bench.config import BenchConfig, nonprivate_step_flops, parse_budget
 
 TINY = ["--layers", "1", "--d-model", "32", "--heads", "2", "--vocab", "64", "--seq-len", "8", "--batch", "4",
         "--steps", "2", "--no-opacus", "--json"]

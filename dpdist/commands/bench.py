@@ -1,11 +1,11 @@
 """``dpdist bench``: non-private vs DP step time and peak memory on this machine, with the FLOP floor.
 
-Each mode runs in a fresh process (peak RSS is per process); see ``dpdist.train.bench``.  Prints a
+Each mode runs in a fresh process (peak RSS is per process); see ``dpdist.bench.runner``.  Prints a
 table, or one JSON object with ``--json``.  ``--budgets 0,256,1024,none,unlimited`` adds a frontier
 (time and memory at several memory budgets) in the same run.  ``--data D --tensor T`` (D x T > 1)
 runs the step on a data x tensor mesh under torchrun instead, with the communication that DP adds; see
-``dpdist.train.bench_parallel``.  ``--backend deepspeed --data D`` compares DeepSpeed ZeRO-1/2 with the
-native backend, DP and non-private, time and memory per rank (``dpdist.train.bench_backend``).
+``dpdist.bench.parallel``.  ``--backend deepspeed --data D`` compares DeepSpeed ZeRO-1/2 with the
+native backend, DP and non-private, time and memory per rank (``dpdist.bench.backend``).
 """
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ def clipping(text: str) -> str:
 
 
 def run(args) -> int:
-    from ..train.bench import BenchConfig, format_report, parse_budget, run_benchmark
+    from ..bench.config import BenchConfig, parse_budget
+    from ..bench.report import format_report
+    from ..bench.runner import run_benchmark
 
     cfg = BenchConfig(layers=args.layers, d_model=args.d_model, heads=args.heads, vocab=args.vocab,
                       seq_len=args.seq_len, batch=args.batch, steps=args.steps)
@@ -103,7 +105,7 @@ def _mesh_problems(args) -> list[str]:
 def _run_backends(args, cfg, log) -> int:
     import dataclasses
 
-    from ..train import bench_backend
+    from ..bench import backend as bench_backend
 
     problems = _mesh_problems(args)
     if args.data < 2:
@@ -128,7 +130,7 @@ def _run_backends(args, cfg, log) -> int:
 
 
 def _run_parallel(args, cfg, log) -> int:
-    from ..train import bench_parallel
+    from ..bench import parallel as bench_parallel
 
     problems = _mesh_problems(args)
     if problems:

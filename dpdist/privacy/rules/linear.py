@@ -104,18 +104,19 @@ def example_sq_norms(per_example: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(flat, flat)
 
 
-def example_chunks(batch: int, bytes_per_example: int):
-    """Row slices of a batch whose per-example gradients fit ``STREAM_CHUNK_BYTES`` (at least one row)."""
-    size = max(1, STREAM_CHUNK_BYTES // max(bytes_per_example, 1))
+def example_chunks(batch: int, bytes_per_example: int, chunk_bytes: int | None = None):
+    """Row slices of a batch whose per-example gradients fit ``chunk_bytes`` (default
+    ``STREAM_CHUNK_BYTES``; at least one row)."""
+    size = max(1, (STREAM_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // max(bytes_per_example, 1))
     return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
 
 
-def streamed(like: torch.Tensor, shape: tuple[int, ...], form):
+def streamed(like: torch.Tensor, shape: tuple[int, ...], form, chunk_bytes: int | None = None):
     """Yield (rows, per-example gradients of those rows) chunk by chunk for the batch of ``like`` (its
     first dimension, whose dtype and device the buffer takes); ``form(rows, out)`` writes them into
     ``out``, a view of one buffer that every chunk reuses (so the chunk is cache-warm and no fresh
     memory is faulted in per chunk).  A yielded chunk is overwritten by the next one."""
-    chunks = example_chunks(like.shape[0], math.prod(shape) * like.element_size())
+    chunks = example_chunks(like.shape[0], math.prod(shape) * like.element_size(), chunk_bytes)
     buffer = like.new_empty((chunks[0].stop - chunks[0].start, *shape))
     for rows in chunks:
         out = buffer[: rows.stop - rows.start]
@@ -128,21 +129,22 @@ def _outer_products(grad_outputs: torch.Tensor, inputs: torch.Tensor):
     return lambda rows, out: torch.bmm(grad_outputs[rows].transpose(1, 2), inputs[rows], out=out)
 
 
-def streamed_sq_norms(grad_outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+def streamed_sq_norms(grad_outputs: torch.Tensor, inputs: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
     """||G_i^T A_i||_F^2 per example, a cache-sized chunk of per-example gradients at a time."""
     shape = (grad_outputs.shape[-1], inputs.shape[-1])
-    chunks = streamed(inputs, shape, _outer_products(grad_outputs, inputs))
+    chunks = streamed(inputs, shape, _outer_products(grad_outputs, inputs), chunk_bytes)
     return torch.cat([example_sq_norms(per_example) for _, per_example in chunks])
 
 
-def stream_cost(batch: int, seq_len: int, p: int, d: int, elem_bytes: int, per_layer: bool, ghost: Cost) -> Cost:
+def stream_cost(batch: int, seq_len: int, p: int, d: int, elem_bytes: int, per_layer: bool, ghost: Cost,
+                chunk_bytes: int | None = None) -> Cost:
     """Per-layer clipping: the chunks are clipped and summed where they are made, so they replace the
     weight gradient and keep nothing but the chunk buffer.  Flat clipping: norms from the chunks, then
     the clipped sum as one more matmul, as for ghost.  Either way every per-example gradient is written
     once into the cache-sized buffer and read once or twice there (norm, weighted sum)."""
     size = batch * p * d * elem_bytes
     if per_layer:
-        chunks = example_chunks(batch, p * d * elem_bytes)
+        chunks = example_chunks(batch, p * d * elem_bytes, chunk_bytes)
         buffer = (chunks[0].stop - chunks[0].start) * p * d * elem_bytes  # what ``streamed`` allocates
         return Cost(flops=4.0 * batch * p * d, kept_bytes=float(buffer), cached_bytes=3.0 * size,
                     reductions=float(len(chunks) - 1))
@@ -150,23 +152,29 @@ def stream_cost(batch: int, seq_len: int, p: int, d: int, elem_bytes: int, per_l
                 cached_bytes=2.0 * size)
 
 
-def linear_choices(batch: int, seq_len: int, p: int, d: int, elem_bytes: int, per_layer: bool = False) -> dict[str, Cost]:
+def linear_choices(batch: int, seq_len: int, p: int, d: int, elem_bytes: int, per_layer: bool = False,
+                   chunk_bytes: int | None = None) -> dict[str, Cost]:
     # Ghost keeps the output gradients (the inputs are activations the step holds at its peak anyway).
     ghost = Cost(flops=2.0 * batch * gram_entries(seq_len) * (p + d + 1),
                  kept_bytes=float(batch * seq_len * p * elem_bytes))
     materialise = Cost(flops=4.0 * batch * p * d, kept_bytes=float(batch * p * d * elem_bytes),
                        touched_bytes=3.0 * batch * p * d * elem_bytes)
     return {"ghost": ghost, "materialise": materialise,
-            "stream": stream_cost(batch, seq_len, p, d, elem_bytes, per_layer, ghost)}
+            "stream": stream_cost(batch, seq_len, p, d, elem_bytes, per_layer, ghost, chunk_bytes)}
 
 
 @register(ColumnParallelLinear, RowParallelLinear)
 class LinearRule(NormRule):
     completing_site = "linear"
 
+    def __init__(self, chunk_bytes: int | None = None, accumulate=accumulate_examples):
+        """``chunk_bytes``: the size of a streamed chunk (default ``STREAM_CHUNK_BYTES``); ``accumulate``:
+        how a streamed chunk is added into the clipped sum.  benchmarks/stream_chunks.py varies both."""
+        self.chunk_bytes, self.accumulate = chunk_bytes, accumulate
+
     def choices(self, layer, batch, seq_len, elem_bytes, per_layer=False):
         p, d = layer.weight.shape
-        return linear_choices(batch, seq_len, p, d, elem_bytes, per_layer)
+        return linear_choices(batch, seq_len, p, d, elem_bytes, per_layer, self.chunk_bytes)
 
     def default_choice(self, layer, seq_len):
         p, d = layer.weight.shape
@@ -186,7 +194,7 @@ class LinearRule(NormRule):
         if state["strategy"] == "materialise":
             norms = {layer.weight: example_sq_norms(state["weight"])}
         elif state["strategy"] == "stream":
-            norms = {layer.weight: streamed_sq_norms(state["grad_outputs"], state["inputs"])}
+            norms = {layer.weight: streamed_sq_norms(state["grad_outputs"], state["inputs"], self.chunk_bytes)}
         else:
             norms = {layer.weight: ghost_sq_norm(state["inputs"], state["grad_outputs"])}
         if state["bias"] is not None:
@@ -208,13 +216,13 @@ class LinearRule(NormRule):
         grad_outputs, inputs, bias = state["grad_outputs"], state["inputs"], state["bias"]
         weight_sum = grad_outputs.new_zeros(layer.weight.shape)
         bias_sum = None if bias is None else bias.new_zeros(layer.bias.shape)
-        chunks = streamed(inputs, tuple(layer.weight.shape), _outer_products(grad_outputs, inputs))
+        chunks = streamed(inputs, tuple(layer.weight.shape), _outer_products(grad_outputs, inputs), self.chunk_bytes)
         for rows, per_example in chunks:
             contributions = {layer.weight: example_sq_norms(per_example)}
             if bias is not None:
                 contributions[layer.bias] = example_sq_norms(bias[rows])
             factors = clip(contributions)
-            accumulate_examples(weight_sum, per_example, factors)
+            self.accumulate(weight_sum, per_example, factors)
             if bias is not None:
                 bias_sum += weighted_example_sum(bias[rows], factors)
         return {layer.weight: weight_sum} if bias is None else {layer.weight: weight_sum, layer.bias: bias_sum}

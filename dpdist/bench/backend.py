@@ -3,8 +3,8 @@
 Every (backend, private) case runs in its own ``torchrun`` launch of data x tensor processes, because
 peak RSS (``ru_maxrss``) is per process and only grows.  Each rank builds the benchmark GPT sharded over
 its tensor group, takes its share of one fixed batch, and runs AdamW steps through the same seams as
-``dpdist train``: ``PrivateGradient``/``NonPrivateGradient`` natively, ``deepspeed_backend.setup``
-under DeepSpeed (ZeRO shards AdamW's two state tensors over the data group, and ZeRO-2 the gradients).
+``dpdist train``: the backend object (``dpdist.train.backends``) and its seams in the DP step or the
+non-private step; under DeepSpeed (ZeRO shards AdamW's two state tensors over the data group, and ZeRO-2 the gradients).
 
 Reported per case: step time (the slowest rank's, mean and min over the steps after the first) and per
 rank memory: the peak RSS, and the peak minus the RSS once the model is built and DeepSpeed imported
@@ -27,25 +27,22 @@ CASES = [("native", None), ("deepspeed", 1), ("deepspeed", 2)]
 
 def _gradient(spec: dict, cfg, mesh, model, optimizer, local_batch: int):
     from ..config import RunConfig
-    from .engine import NonPrivateGradient, PrivateGradient
+    from ..privacy.step import DPStep, NonPrivateStep, UniformNoise
+    from ..train.backends import backend_for
 
-    private = None
-    if spec["private"]:
-        private = dict(clip_norm=1.0, noise_multiplier=1.0, secret=1, clipping=spec["clipping"],
-                       micro_batch_size=local_batch, seq_len=cfg.seq_len)
-    if spec["backend"] == "deepspeed":
-        from . import deepspeed_backend
-
-        run_cfg = RunConfig()
-        run_cfg.train.backend, run_cfg.train.micro_batch_size = "deepspeed", local_batch
-        run_cfg.deepspeed.zero_stage = spec["zero_stage"]
-        run_cfg.parallel.data, run_cfg.parallel.tensor = mesh.dp_size, mesh.tp_size
-        run = deepspeed_backend.setup(run_cfg, model, optimizer, mesh, expected_batch_size=cfg.batch, private=private)
-        return run.gradient, run.optimizer
-    common = {"expected_batch_size": cfg.batch, "dp_group": mesh.dp_group, "tp_group": mesh.tp_group}
-    if private is not None:
-        return PrivateGradient(model, **private, **common), optimizer
-    return NonPrivateGradient(model, **common), optimizer
+    run_cfg = RunConfig()
+    run_cfg.train.backend, run_cfg.train.micro_batch_size = spec["backend"], local_batch
+    run_cfg.deepspeed.zero_stage = spec["zero_stage"]
+    run_cfg.parallel.data, run_cfg.parallel.tensor = mesh.dp_size, mesh.tp_size
+    backend = backend_for(run_cfg)
+    optimizer = backend.prepare(model, optimizer, mesh)
+    if not spec["private"]:
+        return NonPrivateStep(model, expected_batch_size=cfg.batch, dp_group=mesh.dp_group, tp_group=mesh.tp_group,
+                              backend=backend.nonprivate_seam()), optimizer
+    reduce, add_noise = backend.dp_seams(1, cfg.batch)
+    return DPStep(model, clip_norm=1.0, expected_batch_size=cfg.batch, clipping=spec["clipping"],
+                  micro_batch_size=local_batch, seq_len=cfg.seq_len, tp_group=mesh.tp_group, reduce=reduce,
+                  add_noise=add_noise, noise_scales=UniformNoise(1.0)), optimizer
 
 
 def run_worker(spec: dict) -> dict | None:
@@ -53,7 +50,8 @@ def run_worker(spec: dict) -> dict | None:
     from ..config import ParallelConfig
     from ..model.gpt import build_model
     from ..runtime.mesh import init_mesh, shutdown
-    from .bench import BenchConfig, current_rss_mb, peak_rss_mb, make_batch, model_config
+    from .config import BenchConfig, make_batch, model_config
+    from .machine import current_rss_mb, peak_rss_mb
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -64,7 +62,7 @@ def run_worker(spec: dict) -> dict | None:
         rows = slice(mesh.dp_rank * cfg.batch // mesh.dp_size, (mesh.dp_rank + 1) * cfg.batch // mesh.dp_size)
         ids, labels = ids[rows], labels[rows]
         if spec["backend"] == "deepspeed":  # its modules are not the model's memory: load them first
-            from .deepspeed_backend import import_deepspeed
+            from ..train.backends.deepspeed import import_deepspeed
 
             import_deepspeed(mesh.device)
         torch.manual_seed(cfg.seed)
@@ -98,7 +96,7 @@ def _launch(spec: dict) -> dict:
 
     world = spec["data"] * spec["tensor"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "-m", "dpdist.train.bench_backend", json.dumps(spec)]
+               "-m", "dpdist.bench.backend", json.dumps(spec)]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)), DS_ACCELERATOR="cpu")
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]

@@ -1,7 +1,7 @@
 """``dpdist bench --data D --tensor T``: the DP step against the non-private step on a data x tensor
 mesh, and what the DP machinery adds to communication.
 
-Launched under ``torchrun`` by the command (``python -m dpdist.train.bench_parallel SPEC`` on every
+Launched under ``torchrun`` by the command (``python -m dpdist.bench.parallel SPEC`` on every
 rank).  Each rank builds the benchmark GPT sharded over its tensor group and runs non-private and DP
 steps *alternately in the same processes*, so both see the same machine load and the ratio is paired
 step by step.  (Peak memory is not reported here: one process holds both models; the single-process
@@ -9,11 +9,11 @@ step by step.  (Peak memory is not reported here: one process holds both models;
 
 - Non-private step: forward, ``per_example_loss(...).mean().backward()``, the gradient all-reduce over
   the data group (what DDP does), SGD.
-- DP step: ``PrivateGradient.microbatch`` (norm contributions all-reduced over the tensor group) and
+- DP step: ``DPStep.microbatch`` (norm contributions all-reduced over the tensor group) and
   ``release`` (the clipped sums all-reduced over the data group, keyed noise), SGD.
 
-While a step runs, torch.distributed's collectives are wrapped to count calls and bytes per group
-(tensor, data, other).  The DP machinery's addition is the difference between the two steps' counts;
+The warm-up step of each kind (not timed) counts its collectives' calls and bytes per group (tensor,
+data, other; ``collectives.CollectiveCounter``).  The DP machinery's addition is the difference;
 it is compared with the bytes of one gradient all-reduce of this rank's parameters, what a
 data-parallel step moves whether or not it is private.
 """
@@ -24,54 +24,18 @@ import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
 RESULT_TAG = "DPDIST_BENCH_PARALLEL_RESULT "
-COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "reduce_scatter_tensor", "all_gather_into_tensor")
-
-
-class CollectiveCounter:
-    """Counts calls and payload bytes of torch.distributed collectives by group while ``counting()``."""
-
-    def __init__(self, groups: dict[str, object]):
-        self.groups = {name: group for name, group in groups.items() if group is not None}
-        self.calls: dict[str, int] = {}
-        self.bytes: dict[str, int] = {}
-
-    def _kind(self, group) -> str:
-        return next((name for name, g in self.groups.items() if g is group), "other")
-
-    @contextmanager
-    def counting(self):
-        self.calls, self.bytes = {}, {}
-        originals = {name: getattr(dist, name) for name in COLLECTIVES}
-
-        def wrap(name, real):
-            def counted(tensor_or_list, *args, group=None, **kwargs):
-                tensor = args[0] if name == "all_gather" else tensor_or_list  # all_gather(outputs, input)
-                kind = self._kind(group)
-                self.calls[kind] = self.calls.get(kind, 0) + 1
-                self.bytes[kind] = self.bytes.get(kind, 0) + tensor.numel() * tensor.element_size()
-                return real(tensor_or_list, *args, group=group, **kwargs)
-            return counted
-
-        for name, real in originals.items():
-            setattr(dist, name, wrap(name, real))
-        try:
-            yield self
-        finally:
-            for name, real in originals.items():
-                setattr(dist, name, real)
 
 
 def _setup(spec: dict, mesh):
     from ..model.gpt import build_model
     from ..parallel.cross_entropy import per_example_loss
-    from .bench import BenchConfig, make_batch, model_config
-    from .engine import PrivateGradient
+    from .config import BenchConfig, make_batch, model_config
+    from ..privacy.step import native_step
 
     cfg = BenchConfig(**spec["config"])
     ids, labels = make_batch(cfg)  # the same batch on every rank; each data replica takes its share
@@ -96,9 +60,9 @@ def _setup(spec: dict, mesh):
 
     model = build_model(model_config(cfg), tp_group=mesh.tp_group)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    engine = PrivateGradient(model, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=cfg.batch, secret=1,
-                             clipping=spec["clipping"], micro_batch_size=local_batch, seq_len=cfg.seq_len,
-                             dp_group=mesh.dp_group, tp_group=mesh.tp_group)
+    engine = native_step(model, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=cfg.batch, secret=1,
+                         clipping=spec["clipping"], micro_batch_size=local_batch, seq_len=cfg.seq_len,
+                         dp_group=mesh.dp_group, tp_group=mesh.tp_group)
 
     def dp_step(index: int) -> None:
         engine.microbatch(ids, labels)
@@ -114,24 +78,27 @@ def run_worker(spec: dict) -> dict | None:
     """Every rank: alternate non-private and DP steps; rank 0 returns the measurements."""
     from ..config import ParallelConfig
     from ..runtime.mesh import init_mesh, shutdown
+    from .collectives import CollectiveCounter
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     mesh = init_mesh(ParallelConfig(data=spec["data"], tensor=spec["tensor"]))
     try:
         cfg, local_batch, nonprivate_step, dp_step, param_bytes = _setup(spec, mesh)
-        counter = CollectiveCounter({"tensor": mesh.tp_group, "data": mesh.dp_group})
-        times = {"nonprivate": [], "dp": []}
+        steps = (("nonprivate", nonprivate_step), ("dp", dp_step))
         comm = {}
-        for index in range(cfg.steps):
-            for mode, step in (("nonprivate", nonprivate_step), ("dp", dp_step)):
+        for mode, step in steps:  # the warm-up step: counted, not timed
+            dist.barrier()
+            with CollectiveCounter({"tensor": mesh.tp_group, "data": mesh.dp_group}) as counter:
+                step(0)
+            comm[mode] = {"calls": counter.calls, "bytes": counter.bytes}
+        times = {"nonprivate": [], "dp": []}
+        for index in range(1, cfg.steps):
+            for mode, step in steps:
                 dist.barrier()
-                with counter.counting():
-                    start = time.perf_counter()
-                    step(index)
-                    elapsed = time.perf_counter() - start
-                times[mode].append(elapsed)
-                comm[mode] = {"calls": dict(counter.calls), "bytes": dict(counter.bytes)}
+                start = time.perf_counter()
+                step(index)
+                times[mode].append(time.perf_counter() - start)
         slowest = torch.tensor([times["nonprivate"], times["dp"]], dtype=torch.float64)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
         result = None
@@ -143,7 +110,7 @@ def run_worker(spec: dict) -> dict | None:
 
 
 def _summarise(spec, cfg, mesh, local_batch, slowest, comm, param_bytes) -> dict:
-    nonprivate, dp = (values[1:] for values in slowest)  # the first step of each is warm-up
+    nonprivate, dp = slowest
     added_calls = {kind: dp_calls - comm["nonprivate"]["calls"].get(kind, 0)
                    for kind, dp_calls in comm["dp"]["calls"].items()}
     added_bytes = {kind: dp_bytes - comm["nonprivate"]["bytes"].get(kind, 0)
@@ -168,7 +135,7 @@ def launch(spec: dict, log=None) -> dict:
 
     world = spec["data"] * spec["tensor"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "-m", "dpdist.train.bench_parallel", json.dumps(spec)]
+               "-m", "dpdist.bench.parallel", json.dumps(spec)]
     if log:
         log(f"launching {world} processes (data {spec['data']} x tensor {spec['tensor']}) ...")
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)))

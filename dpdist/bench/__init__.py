@@ -1,0 +1,1 @@
+"""Benchmarks of the DP step against the non-private step: time, memory, FLOP floor and communication."""
