@@ -1,12 +1,12 @@
 """The audit command on a small model, and every shipped config loads and validates."""
-from pathlib import Path
-
 import pytest
 
 from dpdist.cli import main
 from dpdist.config import load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+from helpers import ROOT
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -12,20 +12,16 @@
 """
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from launch import torchrun  # noqa: E402
-from runs import K, STEPS, final_model, ledger, prepared  # noqa: E402
+from dpdist.config import ConfigError, RunConfig, dump_config, load_config
+from dpdist.deepspeed_config import resolve_deepspeed_config
+from dpdist.runtime.mesh import Mesh
+from dpdist.train import checkpoint
 
-from dpdist.config import ConfigError, RunConfig, dump_config, load_config  # noqa: E402
-from dpdist.deepspeed_config import resolve_deepspeed_config  # noqa: E402
-from dpdist.runtime.mesh import Mesh  # noqa: E402
-from dpdist.train import checkpoint  # noqa: E402
+from helpers.launch import torchrun
+from helpers.runs import assert_launched_resume_is_exact
 
 DS = ("train.backend=deepspeed",)
 
@@ -63,14 +59,7 @@ def test_clipped_gradient_reaches_the_optimizer(verdict):
 
 @pytest.mark.slow
 def test_exact_resume_under_deepspeed(tmp_path, cache):
-    whole = prepared(cache, tmp_path / "whole", 2, 1, "float32", *DS, "deepspeed.zero_stage=2")
-    split = prepared(cache, tmp_path / "split", 2, 1, "float32", *DS, "deepspeed.zero_stage=2")
-    torchrun("resume_steps.py", 2, "exact", whole, split, K)
-    a, b = final_model(whole), final_model(split)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs after a DeepSpeed resume"
-    assert ledger(whole) == ledger(split) and [e[0] for e in ledger(split)] == list(range(STEPS))
+    split = assert_launched_resume_is_exact(tmp_path, cache, 2, 1, *DS, "deepspeed.zero_stage=2")
     latest = checkpoint.latest_checkpoint(split)
     record = checkpoint.read_record(latest)
     assert record["backend"] == {"name": "deepspeed", "zero_stage": 2}

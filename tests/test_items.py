@@ -9,29 +9,24 @@
 """
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).parent))
-from runs import ROOT, overrides  # noqa: E402
+from dpdist.cli import main
+from dpdist.commands.export import ITEMS_KEY, TOKENIZER_KEY
+from dpdist.commands.export import export as export_run
+from dpdist.commands.train import prepare_run
+from dpdist.config import ConfigError, DataConfig, load_config
+from dpdist.data import items
+from dpdist.data.dataset import prepare_data, token_dtype
+from dpdist.eval.ranking import model_ranking, ndcg_and_hit, popularity_ranking, target_ranks
+from dpdist.model.gpt import build_model
 
-from dpdist.cli import main  # noqa: E402
-from dpdist.commands.export import ITEMS_KEY, TOKENIZER_KEY  # noqa: E402
-from dpdist.commands.export import export as export_run  # noqa: E402
-from dpdist.commands.train import prepare_run  # noqa: E402
-from dpdist.config import ConfigError, DataConfig, load_config  # noqa: E402
-from dpdist.data import items  # noqa: E402
-from dpdist.data.dataset import prepare_data, token_dtype  # noqa: E402
-from dpdist.eval.ranking import model_ranking, ndcg_and_hit, popularity_ranking, target_ranks  # noqa: E402
-from dpdist.model.gpt import build_model  # noqa: E402
-from dpdist.runtime.mesh import Mesh  # noqa: E402
-from dpdist.train.loop import train  # noqa: E402
-from dpdist.train.plan import RunPlan  # noqa: E402
+from helpers import ROOT
+from helpers.runs import overrides, train_in_process
 
 SMALL = {"source": "zipf_items", "num_items": 500, "num_sequences": 3000, "seq_len": 16, "val_fraction": 0.1}
 
@@ -114,8 +109,7 @@ def test_a_tiny_zipf_items_run_trains_and_ranks(tmp_path, capsys):
         "data.num_sequences=600", "data.val_fraction=0.1", "data.seq_len=16", "train.checkpoint_every=0"))
     run_dir, plan, _ = prepare_run(cfg)
     assert plan.vocab_size == 60 and plan.num_examples == 540 and plan.num_val == 60
-    summary = train(load_config(run_dir / "config.yaml"), RunPlan.load(run_dir / "plan.json"), run_dir, Mesh(),
-                    resume="none")
+    summary = train_in_process(run_dir)
     assert math.isfinite(summary["val_loss"]) and summary["epsilon"] > 0
     model = build_model(load_config(run_dir / "config.yaml").model)
     model.load_state_dict(torch.load(run_dir / "final" / "model.pt"))

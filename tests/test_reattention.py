@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import oracle
 from dpdist import ModelConfig, audit, build_model
 from dpdist.config import ConfigError, RunConfig
 from dpdist.model import reattention
@@ -24,8 +22,8 @@ from dpdist.privacy.ledger import PrivacyLedger
 from dpdist.runtime.mesh import Mesh
 from dpdist.train.plan import RunPlan
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from launch import torchrun  # noqa: E402
+from helpers import oracle
+from helpers.launch import torchrun
 
 VOCAB, SEQ = 37, 10
 

@@ -1,25 +1,24 @@
-"""Noisy LSG or ANADP steps of a tiny float64 GPT on a tensor-parallel layout; rank 0 writes the full
-parameters.
+"""Noisy LSG or ANADP steps of a tiny float64 GPT, on any tensor-parallel layout.
 
-Usage (under torchrun): method_steps.py OUT.json lsg|anadp.  The tensor degree is the number of
-processes; the tests run ``train_tiny`` unsharded in their own process and compare: LSG carriers are
-sharded consistently and their noise keyed by full-carrier coordinates, ANADP's group importance is
-summed over the shards, so the layout changes nothing.
+tests/dist/method_steps.py runs ``train_tiny`` at tensor degree 2 and the tests run it unsharded in
+their own process and compare: LSG carriers are sharded consistently and their noise keyed by
+full-carrier coordinates, ANADP's group importance is summed over the shards, so the layout changes
+nothing.
 """
 import json
-import os
-import sys
 
 import torch
 
 from dpdist import ModelConfig, build_model
-from dpdist.config import AnadpConfig, LsgConfig, ParallelConfig
+from dpdist.config import AnadpConfig, LsgConfig
 from dpdist.model.gpt import strip_vocab_padding
 from dpdist.parallel.state import full_state_dict
 from dpdist.privacy.sampling import PoissonSampler
-from dpdist.runtime.mesh import init_mesh, shutdown
+from dpdist.runtime.mesh import Mesh
 from dpdist.train.engine import PrivateGradient
-from poisson_step import noisy_sgd_step
+from helpers.compare import assert_close_at_scale
+from helpers.launch import torchrun
+from helpers.poisson_step import noisy_sgd_run
 
 CFG = ModelConfig(vocab_size=37, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, dtype="float64")
 N, Q, SECRET, STEPS = 30, 0.3, 8, 3
@@ -34,33 +33,13 @@ def train_tiny(mesh, method: str) -> dict:
     model = build_model(CFG, tp_group=mesh.tp_group)
     engine = PrivateGradient(model, clip_norm=0.5, noise_multiplier=1.0, expected_batch_size=Q * N, secret=SECRET,
                              micro_batch_size=4, seq_len=8, tp_group=mesh.tp_group, **METHODS[method])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    sampler = PoissonSampler(N, Q, SECRET, micro_batch_size=4)
-    for step in range(STEPS):
-        noisy_sgd_step(engine, optimizer, sampler, DATA, step)
-    engine.detach()
+    noisy_sgd_run(engine, model, PoissonSampler(N, Q, SECRET, micro_batch_size=4), DATA, STEPS, lr=0.5)
     return strip_vocab_padding(full_state_dict(model, mesh.tp_group), CFG)
 
 
 def assert_tensor_degree_two_is_one_process(tmp_path, method: str) -> None:
-    """For the tests: this script at tensor degree 2 against ``train_tiny`` here, float64, 1e-10."""
-    from launch import torchrun
-    from dpdist.runtime.mesh import Mesh
-
+    """tests/dist/method_steps.py at tensor degree 2 against ``train_tiny`` here, float64, 1e-10."""
     out = tmp_path / f"{method}.json"
     torchrun("method_steps.py", 2, out, method)
     got = {k: torch.tensor(v, dtype=torch.float64) for k, v in json.loads(out.read_text()).items()}
-    for name, value in train_tiny(Mesh(), method).items():
-        scale = float(value.abs().max().clamp(min=1e-12))
-        assert torch.allclose(got[name], value, rtol=0, atol=1e-10 * scale), name
-
-
-if __name__ == "__main__":
-    mesh = init_mesh(ParallelConfig(data=1, tensor=int(os.environ["WORLD_SIZE"])))
-    try:
-        params = train_tiny(mesh, sys.argv[2])
-        if mesh.rank == 0:
-            with open(sys.argv[1], "w") as handle:
-                json.dump({k: v.tolist() for k, v in params.items()}, handle)
-    finally:
-        shutdown(mesh)
+    assert_close_at_scale(got, train_tiny(Mesh(), method))

@@ -1,6 +1,6 @@
 """Tiny end-to-end runs for the checkpoint and backend tests: config overrides, a prepared run
-directory (data, tokenizer, plan), what a finished run leaves (final weights, ledger), and an
-in-process exact-resume check."""
+directory (data, tokenizer, plan), training it in this process, what a finished run leaves (final
+weights, ledger), and the exact-resume checks, in process and under torchrun."""
 import dataclasses
 from pathlib import Path
 
@@ -9,8 +9,13 @@ import torch
 from dpdist.commands.train import prepare_run
 from dpdist.config import load_config
 from dpdist.privacy.ledger import PrivacyLedger
+from dpdist.runtime.mesh import Mesh
+from dpdist.train.loop import train
+from dpdist.train.plan import RunPlan
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+from helpers.launch import torchrun
+
 STEPS, K = 6, 3
 
 
@@ -29,6 +34,15 @@ def prepared(cache, run_dir, *args, **kwargs) -> Path:
     return run_dir
 
 
+def train_in_process(run_dir: Path, resume: str = "none", max_steps: int | None = None) -> dict:
+    """Train a prepared run directory in this process, as its config and plan say (to step ``max_steps``
+    if given); the run's summary."""
+    plan = RunPlan.load(run_dir / "plan.json")
+    if max_steps is not None:
+        plan = dataclasses.replace(plan, max_steps=max_steps)
+    return train(load_config(run_dir / "config.yaml"), plan, run_dir, Mesh(), resume=resume)
+
+
 def final_model(run_dir: Path) -> dict:
     return torch.load(run_dir / "final" / "model.pt")
 
@@ -37,20 +51,31 @@ def ledger(run_dir: Path) -> list:
     return [(e["step"], e["sample_rate"], e["noise_multiplier"]) for e in PrivacyLedger(run_dir / "ledger.jsonl").entries()]
 
 
-def assert_resume_is_exact(tmp_path: Path, cache, *extra) -> None:
-    """One process, float64: K steps, a checkpoint, a resumed ``train`` to the end, against the run in
-    one go: bit-identical weights and the same ledger."""
-    from dpdist.runtime.mesh import Mesh
-    from dpdist.train.loop import train
-    from dpdist.train.plan import RunPlan
-
-    whole = prepared(cache, tmp_path / "whole", 1, 1, "float64", *extra)
-    split = prepared(cache, tmp_path / "split", 1, 1, "float64", *extra)
-    train(load_config(whole / "config.yaml"), RunPlan.load(whole / "plan.json"), whole, Mesh(), resume="none")
-    cfg, plan = load_config(split / "config.yaml"), RunPlan.load(split / "plan.json")
-    train(cfg, dataclasses.replace(plan, max_steps=K), split, Mesh(), resume="none")
-    train(cfg, plan, split, Mesh(), resume="auto")
-    a, b = final_model(whole), final_model(split)
+def assert_same_run(whole: Path, resumed: Path) -> None:
+    """A resumed run ended where the run in one go ended: bit-identical final weights and the same
+    ledger, with every step released once."""
+    a, b = final_model(whole), final_model(resumed)
+    assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after a resume"
-    assert ledger(whole) == ledger(split) and len(ledger(split)) == STEPS
+    assert ledger(whole) == ledger(resumed) and [e[0] for e in ledger(resumed)] == list(range(STEPS))
+
+
+def assert_resume_is_exact(tmp_path: Path, cache, *extra) -> None:
+    """One process, float64: K steps, a checkpoint, a resumed ``train`` to the end, against the run in
+    one go."""
+    whole = prepared(cache, tmp_path / "whole", 1, 1, "float64", *extra)
+    split = prepared(cache, tmp_path / "split", 1, 1, "float64", *extra)
+    train_in_process(whole)
+    train_in_process(split, max_steps=K)
+    train_in_process(split, resume="auto")
+    assert_same_run(whole, split)
+
+
+def assert_launched_resume_is_exact(tmp_path: Path, cache, data: int, tensor: int, *extra) -> Path:
+    """The same under torchrun at (data, tensor), float32 (tests/dist/resume_steps.py); the resumed run."""
+    whole = prepared(cache, tmp_path / "whole", data, tensor, "float32", *extra)
+    split = prepared(cache, tmp_path / "split", data, tensor, "float32", *extra)
+    torchrun("resume_steps.py", data * tensor, "exact", whole, split, K)
+    assert_same_run(whole, split)
+    return split
