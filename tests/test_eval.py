@@ -192,7 +192,7 @@ def test_eval_reports_loss_perplexity_and_exposure(capsys, finished_run):
         assert canary["exposure"] == pytest.approx(math.log2(R + 1) - math.log2(canary["rank"]))
         assert math.isfinite(canary["log_perplexity_bits"]) and canary["log_perplexity_bits"] > 0
     assert set(result["mean_exposure_by_insertions"]) == {"1", "2", "4", "8"}
-    assert result["privacy"]["steps"] == 6 and result["privacy"]["epsilon"] > 0
+    assert result["privacy"]["steps"] == 6 and result["privacy"]["epsilon"] == summary["epsilon"]  # the run's ledger
 
 
 def test_eval_prints_a_readable_report_and_reads_a_checkpoint(capsys, finished_run):
