@@ -12,40 +12,32 @@ sensitivity of an adversarial example, importance from released gradients only, 
   step t changes nothing about the weights step t uses.
 - A run resumed from a checkpoint equals the uninterrupted run (the importance state is checkpointed).
 """
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from method_steps import assert_tensor_degree_two_is_one_process  # noqa: E402
-from poisson_step import noisy_sgd_step  # noqa: E402
-from runs import assert_resume_is_exact  # noqa: E402
+from dpdist import build_model
+from dpdist.config import AnadpConfig, ConfigError, load_config
+from dpdist.privacy.sampling import PoissonSampler
+from helpers.steps import private_step
 
-from dpdist import ModelConfig, build_model  # noqa: E402
-from dpdist.config import AnadpConfig, ConfigError, load_config  # noqa: E402
-from dpdist.privacy.sampling import PoissonSampler  # noqa: E402
-from helpers.steps import private_step  # noqa: E402
+from helpers.method_steps import CFG, N, Q, assert_tensor_degree_two_is_one_process
+from helpers.poisson_step import noisy_sgd_run, noisy_sgd_step
+from helpers.runs import assert_resume_is_exact
 
-SIGMA, CLIP, N, Q, SECRET, VOCAB = 1.5, 0.5, 30, 0.3, 5, 37
-CFG = ModelConfig(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, dtype="float64")
+SIGMA, CLIP, SECRET, VOCAB = 1.5, 0.5, 5, CFG.vocab_size
 DATA = torch.randint(0, VOCAB, (N, 9), generator=torch.Generator().manual_seed(3))
 
 
 def engine_for(model, anadp: AnadpConfig | None, clip=CLIP, sigma=SIGMA):
     return private_step(model, clip_norm=clip, noise_multiplier=sigma, expected_batch_size=Q * N, secret=SECRET,
-                           clipping="per_layer", micro_batch_size=4, seq_len=8, anadp=anadp)
+                        clipping="per_layer", micro_batch_size=4, seq_len=8, anadp=anadp)
 
 
 def run(anadp: AnadpConfig | None, steps: int = 8, record=None):
     model = build_model(CFG)
     engine = engine_for(model, anadp)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
-    sampler = PoissonSampler(N, Q, SECRET, micro_batch_size=4)
-    for step in range(steps):
-        noisy_sgd_step(engine, optimizer, sampler, DATA, step, before_release=record)
-    engine.detach()
+    noisy_sgd_run(engine, model, PoissonSampler(N, Q, SECRET, micro_batch_size=4), DATA, steps, lr=0.3,
+                  before_release=record)
     return model, engine
 
 
@@ -115,19 +107,14 @@ def test_weights_depend_only_on_earlier_releases():
     run(cfg, steps=4, record=record)
     first = dict(seen)
     seen.clear()
-    global DATA
-    original = DATA.clone()
-    try:
-        DATA[:] = torch.randint(0, VOCAB, DATA.shape, generator=torch.Generator().manual_seed(99))
-        model = build_model(CFG)
-        engine = engine_for(model, cfg)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
-        sampler = PoissonSampler(N, Q, SECRET, micro_batch_size=4)
-        for step in range(4):
-            data = original if step < 3 else DATA  # only the batch of the last step differs
-            noisy_sgd_step(engine, optimizer, sampler, data, step, before_release=record)
-    finally:
-        DATA = original
+    other = torch.randint(0, VOCAB, DATA.shape, generator=torch.Generator().manual_seed(99))
+    model = build_model(CFG)
+    engine = engine_for(model, cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    sampler = PoissonSampler(N, Q, SECRET, micro_batch_size=4)
+    for step in range(4):
+        data = DATA if step < 3 else other  # only the batch of the last step differs
+        noisy_sgd_step(engine, optimizer, sampler, data, step, before_release=record)
     assert torch.equal(seen[3], first[3]), "step 3's allocation looked at step 3's batch"
 
 

@@ -15,8 +15,8 @@ import pytest
 from dpdist.cli import main
 from dpdist.privacy import accounting
 
-sys.path.insert(0, str(Path(__file__).parent))
-from runs import ROOT, overrides  # noqa: E402
+from helpers import ROOT
+from helpers.runs import overrides
 
 ACCOUNT = ["account", "--sample-rate", "0.01", "--steps", "100", "--delta", "1e-5"]
 

@@ -1,8 +1,13 @@
-"""``dpdist bench`` smoke test: a tiny model, 2 steps, JSON out, every number present and sane."""
+"""``dpdist bench`` on a tiny model, 2 steps: the JSON's ratios are those of the times it reports, its
+FLOP floor is the hand-computed one, and the table has the rows asked for."""
 import json
+import re
+
+import pytest
 
 from dpdist.commands import bench
 from dpdist.bench.config import BenchConfig, nonprivate_step_flops, parse_budget
+from dpdist.bench.report import format_report
 
 TINY = ["--layers", "1", "--d-model", "32", "--heads", "2", "--vocab", "64", "--seq-len", "8", "--batch", "4",
         "--steps", "2", "--no-opacus", "--json"]
@@ -18,22 +23,43 @@ def _run(argv, capsys):
     return json.loads(capsys.readouterr().out)
 
 
-def test_bench_json_has_positive_measurements(capsys):
+def test_bench_json_reports_what_it_measured(capsys):
     out = _run(TINY + ["--budgets", "0,none"], capsys)
-    for key in ("nonprivate_step_s", "dp_step_s", "ratio", "nonprivate_peak_mb", "dp_peak_mb", "flop_floor_ratio"):
-        assert isinstance(out[key], (int, float)) and out[key] > 0, (key, out[key])
+    assert out["config"] == {"layers": 1, "d_model": 32, "heads": 2, "vocab": 64, "seq_len": 8, "batch": 4, "steps": 2,
+                             "mlp_ratio": 4, "seed": 0}
+    # two steps per mode, the first one warm-up: mean and min are the second step's time
+    for mode in ("nonprivate", "dp"):
+        times = out[f"{mode}_step_times_s"]
+        assert len(times) == 2 and out[f"{mode}_step_s"] == out[f"{mode}_step_min_s"] == times[1]
     assert out["ratio"] == out["dp_step_s"] / out["nonprivate_step_s"]
-    assert out["flop_floor_ratio"] >= 1.0
+    assert out["ratio_min"] == out["dp_step_min_s"] / out["nonprivate_step_min_s"]
+    assert out["memory_ratio"] == out["dp_peak_mb"] / out["nonprivate_peak_mb"]
+    # the floor by hand: the analytic step (see test_flop_count_and_budget_parsing) plus the cost model's
+    # extra work of the all-ghost plan (2T^2 = 128 <= pd for every linear layer and the 64 x 32 table):
+    # linear ghost norms 2B * 64 Gram entries * (p + d + 1) = 512 * (129 + 65 + 161 + 161) = 264192;
+    # tied table: lookup 4BTd = 4096, output ghost 512 * 97 = 49664, cross term 2BT^2d = 16384;
+    # position table 4096; three norm layers 3 * 4BTd = 12288; 350720 in all
+    nonprivate = 3 * 4 * (2 * 8 * 12 * 32 * 32 + 4 * 8 * 8 * 32 + 2 * 8 * 32 * 64)
+    assert out["nonprivate_flops"] == nonprivate == 2_850_816
+    assert out["strategies"] == {"ghost": 5}  # qkv, attention out, fc, mlp out, the tied table
+    assert out["flop_floor_ratio"] == pytest.approx((nonprivate + 350_720) / nonprivate, rel=1e-12)
+    assert out["ratio_over_floor"] == pytest.approx(out["ratio"] / out["flop_floor_ratio"], rel=1e-12)
     assert [row["budget"] for row in out["frontier"]] == ["0 MB", "none (FLOP rule)"]
-    assert all(row["flop_floor_ratio"] >= 1.0 and row["step_s"] > 0 for row in out["frontier"])
-    # the paired timing: one ratio per step after the warm-up one, for every budget
-    for row in [out] + out["frontier"]:
-        assert len(row["paired_ratios"]) == 1 and row["paired_ratio"] == row["paired_ratios"][0] > 0
+    assert out["frontier"][1]["step_s"] == out["dp_step_s"]  # the main budget is the frontier's "none" row
+    for row in out["frontier"]:
+        assert row["ratio"] == row["step_s"] / out["nonprivate_step_s"]
+        # the paired timing: one ratio per step after the warm-up one, for every budget
+        assert len(row["paired_ratios"]) == 1 and row["paired_ratio"] == row["paired_ratios"][0]
+    rows = [re.split(" {2,}", line)[:2] for line in format_report(out).splitlines()
+            if re.match("(non-private|dpdist flat) {2,}", line)]
+    assert rows == [["non-private", "-"], ["dpdist flat", "0 MB"], ["dpdist flat", "none (FLOP rule)"]]
 
 
 def test_bench_without_paired_timing_reports_none(capsys):
     out = _run(TINY + ["--no-paired"], capsys)
-    assert out["paired_ratio"] is None and out["paired_ratios"] is None and out["ratio"] > 0
+    assert out["paired_ratio"] is None and out["paired_ratios"] is None
+    assert out["ratio"] == out["dp_step_s"] / out["nonprivate_step_s"]
+    assert "frontier" not in out
 
 
 def test_flop_count_and_budget_parsing():
@@ -52,7 +78,8 @@ def test_parallel_bench_counts_what_dp_adds(capsys):
     assert (out["data"], out["tensor"], out["local_batch"]) == (2, 2, 2)
     assert out["dp_added_calls"] == {"tensor": 1} and out["dp_added_bytes"] == {"tensor": 2 * 4}
     assert out["nonprivate_comm"]["bytes"]["data"] == out["dp_comm"]["bytes"]["data"] == out["gradient_allreduce_bytes"]
-    assert out["nonprivate_step_s"] > 0 and out["dp_step_s"] > 0 and out["ratio"] > 0
+    assert out["ratio"] == out["dp_step_s"] / out["nonprivate_step_s"]
+    assert out["ratio_paired_median"] == out["ratio"]  # one timed step: its pair is the whole measurement
 
 
 def test_backend_bench_compares_zero_with_native(capsys):
@@ -60,12 +87,14 @@ def test_backend_bench_compares_zero_with_native(capsys):
     non-private twin and the native backend (here ZeRO-2 only, to keep the launches few)."""
     out = _run(["--layers", "1", "--d-model", "32", "--heads", "2", "--vocab", "64", "--seq-len", "8", "--batch", "4",
                 "--steps", "2", "--data", "2", "--backend", "deepspeed", "--zero-stages", "2", "--json"], capsys)
-    cases = [(r["backend"], r["zero_stage"], r["private"]) for r in out["rows"]]
-    assert cases == [("native", None, False), ("native", None, True), ("deepspeed", 2, False), ("deepspeed", 2, True)]
-    for row in out["rows"]:
-        assert row["step_s"] > 0 and row["peak_rss_mb"] > 0 and row["dp_over_nonprivate"] > 0
-    native_dp = out["rows"][1]
-    assert native_dp["time_over_native"] == 1.0 and native_dp["memory_over_native"] == 1.0
+    rows = {(r["backend"], r["zero_stage"], r["private"]): r for r in out["rows"]}
+    assert list(rows) == [("native", None, False), ("native", None, True), ("deepspeed", 2, False),
+                          ("deepspeed", 2, True)]
+    for (backend, stage, private), row in rows.items():
+        twin, native = rows[(backend, stage, False)], rows[("native", None, private)]
+        assert row["dp_over_nonprivate"] == row["step_s"] / twin["step_s"]
+        assert row["time_over_native"] == row["step_s"] / native["step_s"]
+        assert row["memory_over_native"] == row["peak_mb"] / native["peak_mb"]
 
 
 def test_backend_bench_refuses_a_single_replica(capsys):

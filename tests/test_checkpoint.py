@@ -12,36 +12,29 @@
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from launch import torchrun  # noqa: E402
-from runs import K, ROOT, STEPS, final_model, ledger, overrides, prepared  # noqa: E402
+from dpdist.cli import main
+from dpdist.config import dump_config, load_config
+from dpdist.runtime.mesh import Mesh
+from dpdist.train import checkpoint
+from dpdist.train.backends import backend_for
+from dpdist.train.loop import make_optimizer
 
-from dpdist.cli import main  # noqa: E402
-from dpdist.config import dump_config, load_config  # noqa: E402
-from dpdist.runtime.mesh import Mesh  # noqa: E402
-from dpdist.train import checkpoint  # noqa: E402
-from dpdist.train.backends import backend_for  # noqa: E402
-from dpdist.train.loop import train  # noqa: E402
-from dpdist.train.plan import RunPlan  # noqa: E402
+from helpers import DIST, ROOT
+from helpers.compare import assert_close_at_scale
+from helpers.launch import child_env, torchrun
+from helpers.runs import K, assert_launched_resume_is_exact, final_model, ledger, overrides, prepared, train_in_process
+from helpers.save_loop import PLAN, model_at
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("data, tensor", [(2, 1), (1, 2)], ids=lambda v: str(v))
 def test_exact_resume(tmp_path, cache, data, tensor):
-    whole = prepared(cache, tmp_path / "whole", data, tensor)
-    split = prepared(cache, tmp_path / "split", data, tensor)
-    torchrun("resume_steps.py", data * tensor, "exact", whole, split, K)
+    split = assert_launched_resume_is_exact(tmp_path, cache, data, tensor)
     summary = json.loads((split / "summary.json").read_text()) if (split / "summary.json").exists() else None
-    a, b = final_model(whole), final_model(split)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
-    assert ledger(whole) == ledger(split) and [e[0] for e in ledger(split)] == list(range(STEPS))
     assert [p.name for p in checkpoint.complete_checkpoints(split)] == ["step-00000003", "step-00000006"]
     assert summary is None or summary.get("resumed_from", "").endswith("step-00000003")
 
@@ -52,8 +45,7 @@ def test_reshard_resume(tmp_path, cache):
     torchrun("resume_steps.py", 4, "save", saved, K)
     assert checkpoint.latest_checkpoint(saved).name == "step-00000003"
     reference_dir = prepared(cache, tmp_path / "reference", 1, 1, "float64")
-    cfg = load_config(reference_dir / "config.yaml")
-    train(cfg, RunPlan.load(reference_dir / "plan.json"), reference_dir, Mesh(), resume="none")
+    train_in_process(reference_dir)
     reference = final_model(reference_dir)
     for data, tensor in [(1, 4), (4, 1)]:
         moved = tmp_path / f"moved-{data}x{tensor}"
@@ -62,10 +54,7 @@ def test_reshard_resume(tmp_path, cache):
         cfg.parallel.data, cfg.parallel.tensor, cfg.train.run_dir = data, tensor, str(moved)
         dump_config(cfg, moved / "config.yaml")
         torchrun("resume_steps.py", data * tensor, "continue", moved)
-        got = final_model(moved)
-        for name, value in reference.items():
-            scale = float(value.abs().max().clamp(min=1e-12))
-            assert torch.allclose(got[name], value, rtol=0, atol=1e-10 * scale), f"({data},{tensor}) {name}"
+        assert_close_at_scale(final_model(moved), reference, what=f"({data},{tensor}) ")
         assert ledger(moved) == ledger(reference_dir)
 
 
@@ -73,8 +62,7 @@ def test_reshard_resume(tmp_path, cache):
 def one_checkpoint(tmp_path_factory, cache):
     """A single-process run with checkpoints at steps 3 and 6."""
     run_dir = prepared(cache, tmp_path_factory.mktemp("one") / "run")
-    cfg = load_config(run_dir / "config.yaml")
-    train(cfg, RunPlan.load(run_dir / "plan.json"), run_dir, Mesh(), resume="none")
+    train_in_process(run_dir)
     return run_dir
 
 
@@ -137,12 +125,9 @@ def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path, delay):
     import subprocess
     import time
 
-    sys.path.insert(0, str(Path(__file__).parent / "dist"))
-    import save_loop
-
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "dist" / "save_loop.py"), str(run_dir)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(DIST / "save_loop.py"), str(run_dir)], stdout=subprocess.PIPE,
+                            text=True, env=child_env())
     try:
         for _ in range(3):
             line = proc.stdout.readline()
@@ -154,10 +139,10 @@ def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path, delay):
     latest = checkpoint.latest_checkpoint(run_dir)
     record = checkpoint.read_record(latest)  # every file present and matching its checksum
     step = record["next_step"]
-    cfg, model = save_loop.model_at(0)
-    optimizer = save_loop.make_optimizer(cfg, model)
-    checkpoint.load_checkpoint(latest, model, optimizer, cfg, save_loop.PLAN, Mesh(), backend_for(cfg))
-    _, expected = save_loop.model_at(step)
+    cfg, model = model_at(0)
+    optimizer = make_optimizer(cfg, model)
+    checkpoint.load_checkpoint(latest, model, optimizer, cfg, PLAN, Mesh(), backend_for(cfg))
+    _, expected = model_at(step)
     for (name, got), want in zip(model.named_parameters(), expected.parameters()):
         assert torch.equal(got, want), f"{name} is not the step-{step} value"
 
@@ -173,6 +158,5 @@ def test_resume_refuses_a_ledger_that_lost_or_changed_releases(tmp_path, one_che
         entry = json.loads(lines[0])
         lines[0] = json.dumps({**entry, "noise_multiplier": entry["noise_multiplier"] * 2})
     (run / "ledger.jsonl").write_text("\n".join(lines) + "\n")
-    cfg = load_config(run / "config.yaml")
     with pytest.raises(checkpoint.CheckpointError, match="under-counted"):
-        train(cfg, RunPlan.load(run / "plan.json"), run, Mesh(), resume="auto")
+        train_in_process(run, resume="auto")

@@ -23,9 +23,9 @@ import math
 import pytest
 import torch
 
-import oracle
-
 from dpdist import audit  # (no importorskip: a broken engine must fail loudly, not skip)
+
+from helpers import oracle
 
 TOL = 1e-9
 BATCH, SEQ = 5, 10
@@ -41,9 +41,7 @@ STRATEGIES = ["ghost", "materialise", "stream", None]
 
 @functools.lru_cache(maxsize=None)
 def _case(name):
-    overrides = MODELS[name]
-    model = oracle.tiny_model(max_seq_len=SEQ, **overrides)
-    ids, labels = oracle.tiny_batch(BATCH, SEQ, pad_id=overrides.get("padding_idx"))
+    model, ids, labels = oracle.tiny_case(BATCH, SEQ, **MODELS[name])
     grads = oracle.per_example_grads(model, ids, labels)
     naive = oracle.naive_per_example_grads(model, ids, labels)
     norms = oracle.norms_from_grads(grads)

@@ -1,17 +1,22 @@
-"""The audit command on a small model, and every shipped config loads and validates."""
-from pathlib import Path
-
+"""The audit command on a small model, and every shipped config loads, validates and keeps what it sets."""
 import pytest
+import yaml
 
 from dpdist.cli import main
 from dpdist.config import load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+from helpers import ROOT
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_validate(path):
-    load_config(path)
+def test_shipped_configs_validate_and_keep_every_setting(path):
+    loaded = load_config(path).to_dict()
+    for section, values in yaml.safe_load(path.read_text()).items():
+        for key, value in values.items():
+            got = loaded[section][key]
+            assert got == value, f"{path.name}: {section}.{key} = {value!r} became {got!r}"
 
 
 def test_audit_passes_and_prints_a_table(capsys):

@@ -12,21 +12,17 @@
 """
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from launch import torchrun  # noqa: E402
-from runs import K, STEPS, final_model, ledger, prepared  # noqa: E402
+from dpdist.config import ConfigError, RunConfig, dump_config, load_config
+from dpdist.deepspeed_config import resolve_deepspeed_config
+from dpdist.runtime.mesh import Mesh
+from dpdist.train import checkpoint
+from dpdist.train.backends import backend_for
 
-from dpdist.config import ConfigError, RunConfig, dump_config, load_config  # noqa: E402
-from dpdist.deepspeed_config import resolve_deepspeed_config  # noqa: E402
-from dpdist.runtime.mesh import Mesh  # noqa: E402
-from dpdist.train import checkpoint  # noqa: E402
-from dpdist.train.backends import backend_for  # noqa: E402
+from helpers.launch import torchrun
+from helpers.runs import assert_launched_resume_is_exact
 
 DS = ("train.backend=deepspeed",)
 
@@ -64,14 +60,7 @@ def test_clipped_gradient_reaches_the_optimizer(verdict):
 
 @pytest.mark.slow
 def test_exact_resume_under_deepspeed(tmp_path, cache):
-    whole = prepared(cache, tmp_path / "whole", 2, 1, "float32", *DS, "deepspeed.zero_stage=2")
-    split = prepared(cache, tmp_path / "split", 2, 1, "float32", *DS, "deepspeed.zero_stage=2")
-    torchrun("resume_steps.py", 2, "exact", whole, split, K)
-    a, b = final_model(whole), final_model(split)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs after a DeepSpeed resume"
-    assert ledger(whole) == ledger(split) and [e[0] for e in ledger(split)] == list(range(STEPS))
+    split = assert_launched_resume_is_exact(tmp_path, cache, 2, 1, *DS, "deepspeed.zero_stage=2")
     latest = checkpoint.latest_checkpoint(split)
     record = checkpoint.read_record(latest)
     assert record["backend"] == {"name": "deepspeed", "zero_stage": 2}
@@ -145,7 +134,7 @@ def test_deepspeed_settings_are_checked_when_the_config_loads(tmp_path):
     assert load_config(None, [*base, "deepspeed.zero_stage=2"]).deepspeed.zero_stage == 2
 
 
-@pytest.mark.parametrize("option", ["lsg.enabled=true", "reattention.enabled=true",
+@pytest.mark.parametrize("option", ["lsg.enabled=true", "model.reattention=true",
                                     "anadp.enabled=true privacy.clipping=per_layer"])
 def test_noise_reshaping_options_are_refused_under_deepspeed(option):
     with pytest.raises(ConfigError, match="not supported with train.backend=deepspeed"):

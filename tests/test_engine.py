@@ -20,7 +20,7 @@ def model(**overrides):
 
 def released_noise(m, step=0):
     engine = native_step(m, clip_norm=CLIP, noise_multiplier=SIGMA, expected_batch_size=EXPECTED_BATCH,
-                             secret=SECRET)
+                         secret=SECRET)
     engine.release(step)  # an empty Poisson batch still releases noise, normalised by qN
     return {name: p.grad * EXPECTED_BATCH for name, p in m.named_parameters()}
 
@@ -48,7 +48,7 @@ def test_noise_is_keyed_by_step_and_parameter_name():
 def test_clipped_sum_is_divided_by_the_expected_batch_size():
     m = model()
     engine = native_step(m, clip_norm=CLIP, noise_multiplier=0.0, expected_batch_size=EXPECTED_BATCH,
-                             micro_batch_size=3, seq_len=8)
+                         micro_batch_size=3, seq_len=8)
     ids = torch.randint(0, 211, (3, 8))
     engine.microbatch(ids, ids.roll(-1, 1))
     engine.microbatch(ids, ids.roll(-1, 1), mask=torch.tensor([1, 0, 1]))

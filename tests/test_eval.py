@@ -16,26 +16,21 @@ import json
 import math
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from runs import prepared  # noqa: E402
-
-from dpdist.cli import main  # noqa: E402
-from dpdist.config import ConfigError, dump_config, load_config  # noqa: E402
-from dpdist.data.corpus import CANARY_COUNTS  # noqa: E402
-from dpdist.data.tokenizer import EOS_ID, TRAINER_OPTIONS, load_tokenizer  # noqa: E402
-from dpdist.eval.exposure import (PlantedCanary, SecretFormat, draw_candidates, exposure, load_canaries,  # noqa: E402
+from dpdist.cli import main
+from dpdist.config import ConfigError, dump_config, load_config
+from dpdist.data.corpus import CANARY_COUNTS
+from dpdist.data.tokenizer import EOS_ID, TRAINER_OPTIONS, load_tokenizer
+from dpdist.eval.exposure import (PlantedCanary, SecretFormat, draw_candidates, exposure, load_canaries,
                                   mean_by_insertions, measure_exposure, rank_among)
-from dpdist.eval.scoring import SecretScorer, secret_window  # noqa: E402
-from dpdist.runtime.mesh import Mesh  # noqa: E402
-from dpdist.train.loop import train  # noqa: E402
-from dpdist.train.plan import RunPlan  # noqa: E402
+from dpdist.eval.scoring import SecretScorer, secret_window
+
+from helpers.runs import prepared, train_in_process
 
 FORMAT = SecretFormat('API_KEY = "dpd-live-{secret}"', "0123456789abcdef", 24)
 R = 30
@@ -86,9 +81,7 @@ def finished_run(tmp_path_factory):
     """A 6-step single-process run on the embedded corpus (canaries planted), checkpoints at 3 and 6."""
     base = tmp_path_factory.mktemp("eval")
     run_dir = prepared(base / "cache", base / "run")
-    cfg = load_config(run_dir / "config.yaml")
-    summary = train(cfg, RunPlan.load(run_dir / "plan.json"), run_dir, Mesh(), resume="none")
-    return run_dir, summary
+    return run_dir, train_in_process(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +192,7 @@ def test_eval_reports_loss_perplexity_and_exposure(capsys, finished_run):
         assert canary["exposure"] == pytest.approx(math.log2(R + 1) - math.log2(canary["rank"]))
         assert math.isfinite(canary["log_perplexity_bits"]) and canary["log_perplexity_bits"] > 0
     assert set(result["mean_exposure_by_insertions"]) == {"1", "2", "4", "8"}
-    assert result["privacy"]["steps"] == 6 and result["privacy"]["epsilon"] > 0
+    assert result["privacy"]["steps"] == 6 and result["privacy"]["epsilon"] == summary["epsilon"]  # the run's ledger
 
 
 def test_eval_prints_a_readable_report_and_reads_a_checkpoint(capsys, finished_run):
@@ -260,8 +253,7 @@ def test_eval_of_a_reattention_run_uses_its_saved_release(tmp_path, capsys):
     sigma C and qN), so its held-out loss is the training summary's, and no new release is drawn."""
     run_dir = prepared(tmp_path / "cache", tmp_path / "run", 1, 1, "float32", "reattention.enabled=true",
                        "train.steps=3", "train.checkpoint_every=0")
-    summary = train(load_config(run_dir / "config.yaml"), RunPlan.load(run_dir / "plan.json"), run_dir, Mesh(),
-                    resume="none")
+    summary = train_in_process(run_dir)
     ledger_before = (run_dir / "ledger.jsonl").read_text()
     code, out, err = evaluate(capsys, run_dir, "--no-exposure", "--json")
     assert code == 0, err

@@ -13,7 +13,7 @@ from dpdist.commands.export import MODEL_KEY, PRIVACY_KEY, TOKENIZER_KEY, privac
 from dpdist.config import load_config
 from dpdist.privacy.ledger import PrivacyLedger
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 @pytest.fixture(scope="module")

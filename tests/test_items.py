@@ -5,33 +5,30 @@
   beyond popularity to learn).
 - NDCG@10 / HIT@10 on hand-made scores (rank 1, 3, 11; ties count against the target) and the
   popularity baseline on a toy case whose HIT@10 is known.
-- A tiny ``data.source=zipf_items`` run trains end to end and its ranking metrics are in [0, 1].
+- ``model_ranking`` on a model whose ranks are known (1, 3, 11, 20), padding columns included.
+- A tiny ``data.source=zipf_items`` run trains end to end and ``dpdist eval`` reports its ranking.
 """
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).parent))
-from runs import ROOT, overrides  # noqa: E402
+from dpdist.cli import main
+from dpdist.commands.export import ITEMS_KEY, TOKENIZER_KEY
+from dpdist.commands.export import export as export_run
+from dpdist.commands.train import prepare_run
+from dpdist.config import ConfigError, DataConfig, load_config
+from dpdist.data import items
+from dpdist.data.dataset import prepare_data, token_dtype
+from dpdist.eval.ranking import model_ranking, ndcg_and_hit, popularity_ranking, target_ranks
+from dpdist.model.gpt import build_model
+from dpdist.privacy import accounting
 
-from dpdist.cli import main  # noqa: E402
-from dpdist.commands.export import ITEMS_KEY, TOKENIZER_KEY  # noqa: E402
-from dpdist.commands.export import export as export_run  # noqa: E402
-from dpdist.commands.train import prepare_run  # noqa: E402
-from dpdist.config import ConfigError, DataConfig, load_config  # noqa: E402
-from dpdist.data import items  # noqa: E402
-from dpdist.data.dataset import prepare_data, token_dtype  # noqa: E402
-from dpdist.eval.ranking import model_ranking, ndcg_and_hit, popularity_ranking, target_ranks  # noqa: E402
-from dpdist.model.gpt import build_model  # noqa: E402
-from dpdist.runtime.mesh import Mesh  # noqa: E402
-from dpdist.train.loop import train  # noqa: E402
-from dpdist.train.plan import RunPlan  # noqa: E402
+from helpers import ROOT
+from helpers.runs import STEPS, overrides, train_in_process
 
 SMALL = {"source": "zipf_items", "num_items": 500, "num_sequences": 3000, "seq_len": 16, "val_fraction": 0.1}
 
@@ -103,6 +100,48 @@ def test_popularity_baseline_on_a_toy_case():
     assert metrics["ndcg@10"] == pytest.approx((1.0 + 0.5) / 4)
 
 
+class SuccessorModel(torch.nn.Module):
+    """Ranks the item after the last one seen first, the one after that second, and so on around the
+    catalogue; two padding columns after the items score above them all (tensor parallelism pads the
+    vocabulary so)."""
+
+    vocab_start = 0
+
+    def __init__(self, num_items: int):
+        super().__init__()
+        self.num_items = num_items
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # model_ranking reads its device off a parameter
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        steps_ahead = (torch.arange(self.num_items) - ids.unsqueeze(-1) - 1) % self.num_items  # 0: the successor
+        return torch.cat([-steps_ahead.float(), torch.full((*ids.shape, 2), 1e9)], dim=-1)
+
+
+class SuccessorData:
+    """Four validation sequences of 20 items whose targets are 1, 3, 11 and 20 steps after their last
+    history item; an earlier history item would rank them elsewhere."""
+
+    vocab_size, seq_len = 20, 3
+
+    def __init__(self):
+        self.val = torch.tensor([[6, 9, 5, 6], [1, 4, 18, 1], [2, 11, 0, 11], [8, 3, 7, 7]])
+        self.num_val = len(self.val)
+
+    def val_batch(self, indices):
+        return self.val[indices, :-1], self.val[indices, 1:]
+
+
+def test_model_ranking_on_a_model_whose_ranks_are_known():
+    model, data = SuccessorModel(20), SuccessorData()
+    metrics = model_ranking(model, data, progress=False)  # ranks 1, 3, 11, 20
+    assert metrics["num_sequences"] == 4
+    assert metrics["hit@10"] == 0.5
+    assert metrics["ndcg@10"] == pytest.approx((1.0 + 1 / math.log2(4)) / 4, rel=1e-15)
+    first_three = model_ranking(model, data, max_examples=3, progress=False)  # ranks 1, 3, 11
+    assert first_three["num_sequences"] == 3 and first_three["hit@10"] == pytest.approx(2 / 3, rel=1e-15)
+    assert first_three["ndcg@10"] == pytest.approx((1.0 + 0.5) / 3, rel=1e-15)
+
+
 def test_zipf_items_refuses_text_settings():
     with pytest.raises(ConfigError, match="data.source=text"):
         DataConfig(source="zipf_items", tokenizer_path=__file__).validate()
@@ -114,18 +153,17 @@ def test_a_tiny_zipf_items_run_trains_and_ranks(tmp_path, capsys):
         "data.num_sequences=600", "data.val_fraction=0.1", "data.seq_len=16", "train.checkpoint_every=0"))
     run_dir, plan, _ = prepare_run(cfg)
     assert plan.vocab_size == 60 and plan.num_examples == 540 and plan.num_val == 60
-    summary = train(load_config(run_dir / "config.yaml"), RunPlan.load(run_dir / "plan.json"), run_dir, Mesh(),
-                    resume="none")
-    assert math.isfinite(summary["val_loss"]) and summary["epsilon"] > 0
+    summary = train_in_process(run_dir)
+    assert math.isfinite(summary["val_loss"])
+    assert summary["epsilon"] == pytest.approx(accounting.epsilon(plan.sample_rate, plan.noise_multiplier, STEPS,
+                                                                  plan.delta), rel=1e-12)
     model = build_model(load_config(run_dir / "config.yaml").model)
     model.load_state_dict(torch.load(run_dir / "final" / "model.pt"))
     data = prepare_data(load_config(run_dir / "config.yaml").data)
-    metrics = model_ranking(model, data, max_examples=50, progress=False)
-    assert metrics["num_sequences"] == 50
-    assert 0.0 <= metrics["ndcg@10"] <= metrics["hit@10"] <= 1.0
+    metrics = model_ranking(model, data, progress=False)
+    assert metrics["num_sequences"] == 60
     assert main(["eval", str(run_dir), "--json"]) == 0  # dpdist eval scores an item run by its ranking
-    ranked = json.loads(capsys.readouterr().out)["ranking"]
-    assert 0.0 <= ranked["ndcg@10"] <= ranked["hit@10"] <= 1.0 and ranked["num_sequences"] == 60
+    assert json.loads(capsys.readouterr().out)["ranking"] == metrics
     exported = tmp_path / "model.safetensors"
     export_run(run_dir, exported)
     with safe_open(str(exported), "pt") as handle:

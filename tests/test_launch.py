@@ -18,7 +18,7 @@ from dpdist.privacy.ledger import PrivacyLedger
 from dpdist.runtime.launch import torchrun_command
 from dpdist.train import checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def config(*overrides):

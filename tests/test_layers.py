@@ -10,16 +10,12 @@ Single process (``tp_group=None``), float64.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.autograd import gradcheck
 from torch.func import functional_call
 
 from dpdist.parallel.layers import ColumnParallelLinear, Norm, RowParallelLinear, VocabParallelEmbedding
-
-import oracle
 
 B, T, D_IN, D_OUT, V = 3, 5, 6, 4, 11
 DT = torch.float64

@@ -10,29 +10,21 @@
 - Tensor parallelism: 2 steps at tensor degree 2 equal the single-process run (float64, 1e-10).
 - A resumed run equals the uninterrupted one (carriers, supports and W_0 are checkpointed).
 """
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from method_steps import assert_tensor_degree_two_is_one_process  # noqa: E402
-from runs import assert_resume_is_exact  # noqa: E402
+from dpdist import build_model
+from dpdist.config import ConfigError, LsgConfig, load_config
+from dpdist.privacy.sampling import PoissonSampler
+from helpers.steps import private_step
 
-from dpdist import ModelConfig, build_model  # noqa: E402
-from dpdist.config import ConfigError, LsgConfig, load_config  # noqa: E402
-from dpdist.privacy.sampling import PoissonSampler  # noqa: E402
-from helpers.steps import private_step  # noqa: E402
-
-CFG = ModelConfig(vocab_size=37, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, dtype="float64")
-N, Q, SECRET = 30, 0.3, 8
-DATA = torch.randint(0, 37, (N, 9), generator=torch.Generator().manual_seed(4))
+from helpers.method_steps import CFG, DATA, N, Q, SECRET, assert_tensor_degree_two_is_one_process
+from helpers.runs import assert_resume_is_exact
 
 
 def engine_for(model, lsg: LsgConfig | None, clip=0.5, sigma=1.0):
     return private_step(model, clip_norm=clip, noise_multiplier=sigma, expected_batch_size=Q * N, secret=SECRET,
-                           micro_batch_size=4, seq_len=8, lsg=lsg)
+                        micro_batch_size=4, seq_len=8, lsg=lsg)
 
 
 def one_batch(engine, rows: torch.Tensor) -> None:

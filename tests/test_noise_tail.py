@@ -1,7 +1,6 @@
 """The keyed Gaussian's truncated tail: the largest |z| the sampler can produce, and the delta term the
 README states for it, recomputed from the code and the config it names."""
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,8 @@ from dpdist.config import load_config
 from dpdist.privacy.noise import _box_muller, pair_indices
 from dpdist.train.reattention import release_history
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 R_MAX = math.sqrt(212 * math.log(2))  # sqrt(-2 ln 2^-106): the radius at the smallest refined u1
 R_COARSE = math.sqrt(106 * math.log(2))  # sqrt(-2 ln 2^-53): the largest radius without the refinement
 TOP = 2**64 - 1

@@ -21,10 +21,10 @@ import functools
 import pytest
 import torch
 
-import oracle
-
 from dpdist import audit  # (no importorskip: a broken engine must fail loudly, not skip)
 from dpdist.privacy.rules import linear
+
+from helpers import oracle
 
 TOL = 1e-9
 BATCH, SEQ = 5, 12
@@ -42,9 +42,7 @@ MODELS = {
 
 @functools.lru_cache(maxsize=None)
 def _case(name):
-    overrides = MODELS[name]
-    model = oracle.tiny_model(max_seq_len=SEQ, **overrides)
-    ids, labels = oracle.tiny_batch(BATCH, SEQ, pad_id=overrides.get("padding_idx"))
+    model, ids, labels = oracle.tiny_case(BATCH, SEQ, **MODELS[name])
     ref = oracle.per_example_norms(model, ids, labels)
     return model, ids, labels, ref
 

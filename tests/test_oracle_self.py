@@ -9,13 +9,12 @@ permutes the gradients), and the oracle's loss is ``dpdist.parallel.cross_entrop
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-import oracle
+from dpdist.parallel.cross_entropy import per_example_loss
 
-from dpdist.parallel.cross_entropy import per_example_loss  # noqa: E402
+from helpers import oracle
 
 TOL = 1e-12
 

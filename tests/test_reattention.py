@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import oracle
 from dpdist import ModelConfig, audit, build_model
 from dpdist.config import ConfigError, ReattentionConfig, RunConfig
 from dpdist.model import reattention
@@ -25,8 +23,8 @@ from dpdist.runtime.mesh import Mesh
 from dpdist.train.plan import RunPlan
 from dpdist.train.reattention import reattention_for_training, reattention_of_finished_run, release_history
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from launch import torchrun  # noqa: E402
+from helpers import oracle
+from helpers.launch import torchrun
 
 VOCAB, SEQ = 37, 10
 

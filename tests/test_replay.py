@@ -13,30 +13,26 @@
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from runs import assert_resume_is_exact, prepared  # noqa: E402
+from dpdist.cli import main
+from dpdist.config import load_config
+from dpdist.eval.weights import load_model
+from dpdist.privacy import accounting
+from dpdist.privacy.ledger import PrivacyLedger
+from dpdist.train import checkpoint
+from dpdist.train.plan import RunPlan
 
-from dpdist.cli import main  # noqa: E402
-from dpdist.config import load_config  # noqa: E402
-from dpdist.eval.weights import load_model  # noqa: E402
-from dpdist.privacy import accounting  # noqa: E402
-from dpdist.privacy.ledger import PrivacyLedger  # noqa: E402
-from dpdist.runtime.mesh import Mesh  # noqa: E402
-from dpdist.train import checkpoint  # noqa: E402
-from dpdist.train.loop import train  # noqa: E402
-from dpdist.train.plan import RunPlan  # noqa: E402
+from helpers.runs import assert_resume_is_exact, prepared, train_in_process
 
 SGD = ("train.optimizer=sgd", "train.checkpoint_every=1", "train.keep_checkpoints=20")
 
 
 def _run(cache, run_dir, steps, *extra) -> Path:
     run_dir = prepared(cache, run_dir, 1, 1, "float64", *SGD, f"train.steps={steps}", *extra)
-    train(load_config(run_dir / "config.yaml"), RunPlan.load(run_dir / "plan.json"), run_dir, Mesh(), resume="none")
+    train_in_process(run_dir)
     return run_dir
 
 

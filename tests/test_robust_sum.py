@@ -96,7 +96,7 @@ def test_the_release_of_a_poisoned_batch_is_the_clean_sum_plus_the_keyed_noise()
     clean, _ = _sums(model, input_ids[1:], labels[1:])
     sigma, secret, release, expected = 2.0, 5, 7, 4.0
     engine = native_step(model, clip_norm=0.1, noise_multiplier=sigma, expected_batch_size=expected,
-                             secret=secret, micro_batch_size=6, seq_len=SEQ)
+                         secret=secret, micro_batch_size=6, seq_len=SEQ)
     engine.microbatch(input_ids, labels)
     engine.release(release)
     engine.detach()

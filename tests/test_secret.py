@@ -16,17 +16,16 @@ import stat
 from pathlib import Path
 
 import pytest
-from runs import ROOT, overrides
 from safetensors import safe_open
 
 from dpdist.cli import main
 from dpdist.commands.export import PRIVACY_KEY
 from dpdist.config import ConfigError, load_config
 from dpdist.privacy.noise import derive_key
-from dpdist.runtime.mesh import Mesh
 from dpdist.runtime.secret import FIXED_SEED_WARNING, UNKNOWN_ORIGIN_WARNING, load_secret, save_secret, seed_is_fixed
-from dpdist.train.loop import train
-from dpdist.train.plan import RunPlan
+
+from helpers import ROOT
+from helpers.runs import overrides, train_in_process
 
 SEED = 987654321987  # distinctive digits: no output may contain them
 
@@ -92,8 +91,8 @@ def test_a_run_without_the_origin_record_is_unknown(tmp_path, seeded, capsys):
         report = json.loads(f.metadata()[PRIVACY_KEY])
     assert report["fixed_seed"] == "unknown" and report["warning"] == UNKNOWN_ORIGIN_WARNING
     assert seed_is_fixed(run_dir, SEED) is True  # a config that names the seed: a resume checked it is the secret
-    cfg = load_config(run_dir / "config.yaml")  # no seed in it: the resume above dropped it
-    summary = train(cfg, RunPlan.load(run_dir / "plan.json"), run_dir, Mesh(), resume="auto")  # at the end already
+    # no seed in its config (the resume above dropped it), at the end already
+    summary = train_in_process(run_dir, resume="auto")
     assert summary["fixed_seed"] == "unknown"
     assert f"WARNING: {UNKNOWN_ORIGIN_WARNING}" in capsys.readouterr().err
     assert not (run_dir / "private" / "secret_origin.json").exists()  # an unknown origin is never guessed into a record

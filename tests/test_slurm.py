@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
 
-STEP = Path(__file__).parent / "dist" / "preempt_step.py"
+from helpers import DIST, ROOT
+from helpers.slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
+
+STEP = DIST / "preempt_step.py"
 
 # slurmctld checks time limits every 30 s and sends --signal=SIG@T at the first check with at most T + 30 s
 # left (measured on 22.05), i.e. 10-40 s into a 1-minute job at T=20: late enough that the step has started
@@ -89,7 +91,6 @@ def test_signal_checkpoint_requeue_resume(slurm_cluster, tmp_path):
           f"total {time.monotonic() - start:.1f} s")
 
 
-ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "slurm" / "dpdist.sbatch"
 DPDIST = Path(sys.executable).parent / "dpdist"
 

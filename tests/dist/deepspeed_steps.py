@@ -46,7 +46,7 @@ def gradient(mesh, model, optimizer, backend: str, stage: int = 1, mode: str = "
                   micro_batch_size=MICRO, seq_len=8)
     if backend == "native":
         return native_step(model, **kwargs, expected_batch_size=Q * N, dp_group=mesh.dp_group,
-                               tp_group=mesh.tp_group), optimizer
+                           tp_group=mesh.tp_group), optimizer
     backend = DeepSpeedBackend(run_config(mesh, stage))
     optimizer = backend.prepare(model, optimizer, mesh)
     reduce, add_noise = backend.dp_seams(kwargs.pop("secret"), Q * N)

@@ -1,59 +1,16 @@
-"""Noisy LSG or ANADP steps of a tiny float64 GPT on a tensor-parallel layout; rank 0 writes the full
+"""Noisy LSG or ANADP steps of a tiny float64 GPT at tensor degree WORLD_SIZE; rank 0 writes the full
 parameters.
 
-Usage (under torchrun): method_steps.py OUT.json lsg|anadp.  The tensor degree is the number of
-processes; the tests run ``train_tiny`` unsharded in their own process and compare: LSG carriers are
-sharded consistently and their noise keyed by full-carrier coordinates, ANADP's group importance is
-summed over the shards, so the layout changes nothing.
+Usage (under torchrun): method_steps.py OUT.json lsg|anadp.  The tests compare OUT with
+``helpers.method_steps.train_tiny`` run in one process.
 """
 import json
 import os
 import sys
 
-import torch
-
-from dpdist import ModelConfig, build_model
-from dpdist.config import AnadpConfig, LsgConfig, ParallelConfig
-from dpdist.model.gpt import strip_vocab_padding
-from dpdist.parallel.state import full_state_dict
-from dpdist.privacy.sampling import PoissonSampler
+from dpdist.config import ParallelConfig
 from dpdist.runtime.mesh import init_mesh, shutdown
-from helpers.steps import private_step
-from poisson_step import noisy_sgd_step
-
-CFG = ModelConfig(vocab_size=37, d_model=16, n_layers=2, n_heads=2, max_seq_len=8, dtype="float64")
-N, Q, SECRET, STEPS = 30, 0.3, 8, 3
-DATA = torch.randint(0, 37, (N, 9), generator=torch.Generator().manual_seed(4))
-
-
-METHODS = {"lsg": {"lsg": LsgConfig(enabled=True, rank=2, density=0.5, refresh_every=2)},
-           "anadp": {"anadp": AnadpConfig(enabled=True, warmup_steps=1), "clipping": "per_layer"}}
-
-
-def train_tiny(mesh, method: str) -> dict:
-    model = build_model(CFG, tp_group=mesh.tp_group)
-    engine = private_step(model, clip_norm=0.5, noise_multiplier=1.0, expected_batch_size=Q * N, secret=SECRET,
-                             micro_batch_size=4, seq_len=8, tp_group=mesh.tp_group, **METHODS[method])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    sampler = PoissonSampler(N, Q, SECRET, micro_batch_size=4)
-    for step in range(STEPS):
-        noisy_sgd_step(engine, optimizer, sampler, DATA, step)
-    engine.detach()
-    return strip_vocab_padding(full_state_dict(model, mesh.tp_group), CFG)
-
-
-def assert_tensor_degree_two_is_one_process(tmp_path, method: str) -> None:
-    """For the tests: this script at tensor degree 2 against ``train_tiny`` here, float64, 1e-10."""
-    from launch import torchrun
-    from dpdist.runtime.mesh import Mesh
-
-    out = tmp_path / f"{method}.json"
-    torchrun("method_steps.py", 2, out, method)
-    got = {k: torch.tensor(v, dtype=torch.float64) for k, v in json.loads(out.read_text()).items()}
-    for name, value in train_tiny(Mesh(), method).items():
-        scale = float(value.abs().max().clamp(min=1e-12))
-        assert torch.allclose(got[name], value, rtol=0, atol=1e-10 * scale), name
-
+from helpers.method_steps import train_tiny
 
 if __name__ == "__main__":
     mesh = init_mesh(ParallelConfig(data=1, tensor=int(os.environ["WORLD_SIZE"])))

@@ -1,5 +1,5 @@
-"""One step of the tests' tiny noisy training, shared by the in-process tests and the torchrun scripts
-(both put tests/dist on ``sys.path``)."""
+"""The tests' tiny noisy training, shared by the in-process tests and the torchrun scripts."""
+import torch
 
 
 def noisy_sgd_step(engine, optimizer, sampler, data, step: int, before_release=None) -> None:
@@ -13,3 +13,11 @@ def noisy_sgd_step(engine, optimizer, sampler, data, step: int, before_release=N
     engine.release(step)
     optimizer.step()
     optimizer.zero_grad()
+
+
+def noisy_sgd_run(engine, model, sampler, data, steps: int, lr: float, before_release=None) -> None:
+    """Steps 0 to ``steps - 1`` of ``model`` under plain SGD at ``lr``, then the engine detached."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for step in range(steps):
+        noisy_sgd_step(engine, optimizer, sampler, data, step, before_release)
+    engine.detach()

@@ -289,3 +289,11 @@ def tiny_batch(batch: int = 5, seq_len: int = 9, vocab_size: int = 37, seed: int
     if empty_example is not None:
         labels[empty_example] = IGNORE_INDEX
     return ids, labels
+
+
+def tiny_case(batch: int, seq_len: int, **overrides) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A ``tiny_model`` with ``overrides`` and a ``tiny_batch`` for it, whose inputs hold pad tokens
+    when the model has a ``padding_idx``."""
+    model = tiny_model(max_seq_len=seq_len, **overrides)
+    ids, labels = tiny_batch(batch, seq_len, pad_id=overrides.get("padding_idx"))
+    return model, ids, labels
