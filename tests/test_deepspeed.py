@@ -134,7 +134,7 @@ def test_deepspeed_settings_are_checked_when_the_config_loads(tmp_path):
     assert load_config(None, [*base, "deepspeed.zero_stage=2"]).deepspeed.zero_stage == 2
 
 
-@pytest.mark.parametrize("option", ["lsg.enabled=true", "model.reattention=true",
+@pytest.mark.parametrize("option", ["lsg.enabled=true", "reattention.enabled=true",
                                     "anadp.enabled=true privacy.clipping=per_layer"])
 def test_noise_reshaping_options_are_refused_under_deepspeed(option):
     with pytest.raises(ConfigError, match="not supported with train.backend=deepspeed"):
