@@ -20,8 +20,8 @@ from pathlib import Path
 
 from ..config import ConfigError, RunConfig, dump_config, load_config
 from ..runtime.mesh import launched_world_size
+from ..train.stop import SIGNALS as STOP_SIGNALS
 
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)  # SIGINT (Ctrl-C) reaches torchrun from the terminal itself
 
 
 def add_parser(subparsers) -> None:
@@ -137,6 +137,7 @@ def run_forwarding_signals(command: list[str], env: dict) -> int:
     """Run torchrun and pass it the stop signals this process gets (a scheduler signals the process
     it started; torchrun forwards them to the workers, which checkpoint and stop)."""
     child = subprocess.Popen(command, env=env)
+    # the workers' own stop signals; SIGINT (Ctrl-C) reaches torchrun from the terminal itself
     previous = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum)) for sig in STOP_SIGNALS}
     try:
         return child.wait()

@@ -32,20 +32,6 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
-def _gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
-    if group_size(group) == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(group_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
-
-
-def _split_last_dim(x: torch.Tensor, group) -> torch.Tensor:
-    if group_size(group) == 1:
-        return x
-    return x.chunk(group_size(group), dim=-1)[group_rank(group)].contiguous()
-
-
 class _CopyToRegion(torch.autograd.Function):
     """Forward identity, backward all-reduce: the input of a column-parallel layer."""
 
@@ -71,19 +57,6 @@ class _ReduceFromRegion(torch.autograd.Function):
         return grad, None
 
 
-class _GatherFromRegion(torch.autograd.Function):
-    """Forward all-gather on the last dim, backward split."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_last_dim(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split_last_dim(grad, ctx.group), None
-
-
 def copy_to_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     return x if group_size(group) == 1 else _CopyToRegion.apply(x, group)
 
@@ -91,6 +64,3 @@ def copy_to_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
 def reduce_from_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     return x if group_size(group) == 1 else _ReduceFromRegion.apply(x, group)
 
-
-def gather_from_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _GatherFromRegion.apply(x, group)
