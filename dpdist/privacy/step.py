@@ -32,7 +32,7 @@ from ..parallel.cross_entropy import per_example_loss
 from ..parallel.mappings import group_size
 from .clipping import clip_factors, per_layer_threshold
 from .noise import keyed_normal
-from .rules import has_rule, rule_for
+from .rules import has_rule
 from .strategy import Plan, plan_strategies
 from .precision import accumulation_dtype
 from .tap import PerExampleTap
@@ -191,7 +191,7 @@ class DPStep:
         self.noise_scales = noise_scales if noise_scales is not None else UniformNoise(0.0)
         self.names = {p: name for name, p in model.named_parameters() if p.requires_grad}
         layers = dp_layers(model)
-        rules = {layer: self.parametrization.rules.get(layer) or rule_for(layer) for layer in layers}
+        rules = self.parametrization.rules  # the layers whose registry rule it replaces
         elem_bytes = next(model.parameters()).element_size()
         self.plan: Plan = plan_strategies(layers, micro_batch_size, seq_len, elem_bytes, budget_bytes=memory_budget_bytes,
                                           per_layer=clipping == "per_layer", force=strategy,
@@ -315,8 +315,11 @@ class NonPrivateStep:
 
 
 def native_step(model: nn.Module, *, noise_multiplier: float = 0.0, secret: int = 0, dp_group=None,
-                **options) -> DPStep:
-    """A ``DPStep`` with the native seams and plain DP-SGD: the data group's all-reduce, keyed noise of
-    std sigma C on every coordinate; ``options`` are ``DPStep``'s (clip_norm, clipping, ...)."""
-    return DPStep(model, reduce=AllReduce(dp_group), add_noise=KeyedNoise(secret),
-                  noise_scales=UniformNoise(noise_multiplier * options["clip_norm"]), **options)
+                noise_scales=None, **options) -> DPStep:
+    """A ``DPStep`` with the native seams: the data group's all-reduce and keyed noise, of std sigma C on
+    every coordinate unless ``noise_scales`` says otherwise; ``options`` are ``DPStep``'s (clip_norm,
+    clipping, parametrization, ...)."""
+    if noise_scales is None:
+        noise_scales = UniformNoise(noise_multiplier * options["clip_norm"])
+    return DPStep(model, reduce=AllReduce(dp_group), add_noise=KeyedNoise(secret), noise_scales=noise_scales,
+                  **options)
