@@ -332,9 +332,9 @@ class RunConfig:
         if self.reattention.enabled:
             self.reattention.block_indices(self.model.n_layers)
         _check_combinations(self)
-        from .train.backends import backend_class  # the backend's own refusals (imports torch)
+        from .train.backends import check_backend_config
 
-        backend_class(self.train.backend).validate(self)
+        check_backend_config(self)  # the backend's own refusals, before anything starts
         if self.parallel.world_size % self.launch.nnodes:
             raise ConfigError(f"parallel.data x parallel.tensor = {self.parallel.world_size} processes do not split "
                               f"evenly over launch.nnodes = {self.launch.nnodes} nodes")

@@ -4,7 +4,6 @@ A backend is one class in its own file, registered below by the ``train.backend`
 Everything backend-specific is a method of it, so the loop, the engine and the checkpoint never ask
 which backend they run:
 
-- ``validate(cfg)`` (static): refuse settings it cannot honour, when the config is read;
 - ``describe()``: its part of the run's one-line layout summary;
 - ``prepare(model, optimizer, mesh)``: wrap them, return the optimizer the loop steps;
 - ``dp_seams(secret, expected_batch_size)``: the DP step's ``reduce`` and ``add_noise`` seams
@@ -14,23 +13,41 @@ which backend they run:
 - ``save(folder, state)`` / ``load(folder, state)``: write and read model, optimizer and component
   state (``dpdist.train.checkpoint`` owns the commit protocol around them).
 
+Settings a backend cannot honour are refused when the config is read, by its registered checker: a
+function of the run config in a module that imports no torch, so reading a config stays cheap.
+
 Adding one (FSDP is next) is a new file with such a class plus one line in ``BACKENDS``.
 """
 from __future__ import annotations
 
 import importlib
+from typing import NamedTuple
 
-BACKENDS = {  # train.backend -> "module:class"
-    "native": "dpdist.train.backends.native:NativeBackend",
-    "deepspeed": "dpdist.train.backends.deepspeed:DeepSpeedBackend",
+
+class Registered(NamedTuple):
+    backend: str  # "module:class"
+    check: str | None = None  # "module:function" refusing a run config this backend cannot run
+
+
+BACKENDS = {  # train.backend -> its class and config check
+    "native": Registered("dpdist.train.backends.native:NativeBackend"),
+    "deepspeed": Registered("dpdist.train.backends.deepspeed:DeepSpeedBackend",
+                            "dpdist.deepspeed_config:resolve_deepspeed_config"),
 }
 
 
-def backend_class(name: str):
-    module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+def _load(path: str):
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def check_backend_config(cfg) -> None:
+    """Raise ``ConfigError`` for settings ``cfg``'s backend refuses (before any process starts)."""
+    check = BACKENDS[cfg.train.backend].check
+    if check is not None:
+        _load(check)(cfg)
 
 
 def backend_for(cfg):
-    """The backend of run config ``cfg`` (its constructor imports nothing heavy)."""
-    return backend_class(cfg.train.backend)(cfg)
+    """The backend object of run config ``cfg`` (its constructor starts nothing)."""
+    return _load(BACKENDS[cfg.train.backend].backend)(cfg)

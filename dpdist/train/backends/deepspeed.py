@@ -247,26 +247,40 @@ def _surrogate_backward(engine, sums: dict[nn.Parameter, torch.Tensor]) -> None:
         engine.backward(surrogate, scale_wrt_gas=False)
 
 
-class EngineReduce:
-    """The reduce seam of the DP step: ZeRO reduces what reaches ``engine.backward``.  Under two-pass
-    clipping that is the weighted backward itself, which reduce-scatters as it goes; otherwise the
-    clipped sums reach it at the release through the linear surrogate."""
+class _BoundaryBackward:
+    """Backwards through ``engine.backward`` (ZeRO reduces what reaches it), remembering whether this
+    step's accumulation-boundary backward has run: a step whose backwards never reached the boundary
+    (no micro-batch on this rank, or sums formed outside the engine) must still give ZeRO one."""
 
     def __init__(self, engine):
         self.engine = engine
-        self._reduced = False  # whether this step's boundary backward has run
+        self._reduced = False
 
-    def backward(self, loss: torch.Tensor, params: list[nn.Parameter], last: bool) -> None:
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
         self.engine.set_gradient_accumulation_boundary(last)
         with _quiet():
             self.engine.backward(loss, scale_wrt_gas=False)
         self._reduced = self._reduced or last
+
+    def _finish(self, sums) -> None:
+        """End the step: hand ``sums()`` (parameter -> gradient) to ZeRO unless the boundary backward
+        already reduced."""
+        if not self._reduced:
+            _surrogate_backward(self.engine, sums())
+        self._reduced = False
+
+
+class EngineReduce(_BoundaryBackward):
+    """The reduce seam of the DP step.  Under two-pass clipping the weighted backward itself goes
+    through the engine and reduce-scatters as it goes; otherwise the clipped sums reach it at the
+    release through the linear surrogate."""
+
+    def backward(self, loss: torch.Tensor, params: list[nn.Parameter], last: bool) -> None:
+        self._backward(loss, last)
         return None  # the gradients are DeepSpeed's now
 
     def __call__(self, released: list[Released], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        if not self._reduced:  # book-keeping, per-layer, or a step with no micro-batch on this rank
-            _surrogate_backward(self.engine, {r.tensor: g for r, g in zip(released, grads)})
-        self._reduced = False
+        self._finish(lambda: {r.tensor: g for r, g in zip(released, grads)})
         return grads
 
 
@@ -285,23 +299,18 @@ class PartitionNoiseSeam:
         return None
 
 
-class EngineBackward:
+class EngineBackward(_BoundaryBackward):
     """The non-private step's seam through DeepSpeed: its mean over the data group, undone by the factor."""
 
     def __init__(self, engine, dp_size: int):
-        self.engine, self.dp_size = engine, dp_size
-        self._reduced = False
+        super().__init__(engine)
+        self.dp_size = dp_size
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
-        self.engine.set_gradient_accumulation_boundary(last)
-        with _quiet():
-            self.engine.backward(loss * self.dp_size, scale_wrt_gas=False)
-        self._reduced = self._reduced or last
+        self._backward(loss * self.dp_size, last)
 
     def reduce(self, params: list[nn.Parameter]) -> None:
-        if not self._reduced:  # no micro-batch on this rank this step: DeepSpeed still needs its boundary
-            _surrogate_backward(self.engine, {p: torch.zeros_like(p) for p in params})
-        self._reduced = False
+        self._finish(lambda: {p: torch.zeros_like(p) for p in params})
 
 
 class DeepSpeedOptimizer:
@@ -325,10 +334,6 @@ class DeepSpeedBackend:
         self.cfg = cfg
         self.engine = self.mesh = self.model = self.client_optimizer = None
         self.optimizer: DeepSpeedOptimizer | None = None
-
-    @staticmethod
-    def validate(cfg) -> None:
-        resolve_deepspeed_config(cfg)  # refuses what would break the guarantee, before anything starts
 
     def describe(self) -> str:
         return f", DeepSpeed ZeRO-{self.identity()['zero_stage']}"

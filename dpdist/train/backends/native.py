@@ -14,10 +14,6 @@ class NativeBackend:
         self.cfg = cfg
         self.mesh = None
 
-    @staticmethod
-    def validate(cfg) -> None:
-        pass  # every setting the config accepts runs natively
-
     def describe(self) -> str:
         return ""
 
