@@ -151,7 +151,8 @@ def test_a_tiny_zipf_items_run_trains_and_ranks(tmp_path, capsys):
     cfg = load_config(ROOT / "configs/default.yaml", overrides(
         tmp_path / "cache", tmp_path / "run", 1, 1, "float32", "data.source=zipf_items", "data.num_items=60",
         "data.num_sequences=600", "data.val_fraction=0.1", "data.seq_len=16", "train.checkpoint_every=0"))
-    run_dir, plan, _ = prepare_run(cfg)
+    prepared = prepare_run(cfg)
+    run_dir, plan = prepared.run_dir, prepared.plan
     assert plan.vocab_size == 60 and plan.num_examples == 540 and plan.num_val == 60
     summary = train_in_process(run_dir)
     assert math.isfinite(summary["val_loss"])

@@ -8,6 +8,7 @@ starts there when it has none yet), a ``step-*`` folder names the checkpoint its
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -86,7 +87,21 @@ def rewound(checkpoint: Path | None, rewind: bool) -> list[Path]:
     return newer
 
 
-def prepare_run(cfg: RunConfig, resume: str | None = None, rewind: bool = False) -> tuple[Path, "RunPlan", Path | None]:
+@dataclasses.dataclass(frozen=True)
+class PreparedRun:
+    cfg: RunConfig  # what the workers read: the vocabulary size and run directory resolved
+    run_dir: Path
+    plan: "RunPlan"
+    checkpoint: Path | None  # where the workers resume, None for a fresh start
+
+
+def resolved_config(cfg: RunConfig, vocab_size: int, run_dir: Path) -> RunConfig:
+    """A new, validated config with what preparing the run decides; the caller's is left as it was read."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size),
+                               train=dataclasses.replace(cfg.train, run_dir=str(run_dir))).validate()
+
+
+def prepare_run(cfg: RunConfig, resume: str | None = None, rewind: bool = False) -> PreparedRun:
     from ..data.dataset import prepare_data
     from ..runtime.mesh import Mesh
     from ..runtime.secret import check_resumed_secret
@@ -99,8 +114,7 @@ def prepare_run(cfg: RunConfig, resume: str | None = None, rewind: bool = False)
     abandoned = rewound(checkpoint, rewind)
     check_resumed_secret(cfg.privacy.seed, run_dir, checkpoint)  # before config.yaml is rewritten without the seed
     data = prepare_data(cfg.data)
-    cfg.model.vocab_size = data.vocab_size
-    cfg.validate()
+    cfg = resolved_config(cfg, data.vocab_size, run_dir)
     plan = resolve_plan(cfg, data.num_train, data.num_val, data.vocab_size)
     if record is not None:
         check_compatible(record, checkpoint, cfg, plan)
@@ -110,10 +124,9 @@ def prepare_run(cfg: RunConfig, resume: str | None = None, rewind: bool = False)
               flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(data.tokenizer_path, run_dir / vocabulary_file(cfg))  # the run's own, for export
-    cfg.train.run_dir = str(run_dir)
     dump_config(cfg, run_dir / "config.yaml")
     plan.save(run_dir / "plan.json")
-    return run_dir, plan, checkpoint
+    return PreparedRun(cfg, run_dir, plan, checkpoint)
 
 
 def describe(cfg: RunConfig, plan) -> str:
@@ -157,7 +170,8 @@ def run(args) -> int:
         if nnodes > 1 and not args.dry_run:
             raise ConfigError(f"a {nnodes}-node job: prepare it once with --dry-run, which prints the torchrun command, "
                               "then run that command on every node (slurm/dpdist.sbatch does both)")
-        run_dir, plan, checkpoint = prepare_run(cfg, args.resume, args.rewind)
+        prepared = prepare_run(cfg, args.resume, args.rewind)
+        cfg, run_dir, plan, checkpoint = prepared.cfg, prepared.run_dir, prepared.plan, prepared.checkpoint
         resume = str(checkpoint) if checkpoint is not None else "auto"
         command = torchrun_command(cfg, run_dir, resume, dict(os.environ))
     except ConfigError as exc:

@@ -8,7 +8,6 @@ this single process; only its ``model/`` entries are loaded, the optimizer state
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 from ..config import ConfigError, RunConfig
 from ..model.gpt import build_model
-from ..train.checkpoint import read_record
+from ..train.checkpoint import model_differences, read_record
 from ..train.plan import RunPlan
 from ..train.reattention import reattention_of_finished_run
 
@@ -46,11 +45,10 @@ def _load_checkpoint(model, folder: Path, cfg: RunConfig) -> None:
     if record.get("backend", {}).get("name", "native") != "native":
         raise ConfigError(f"checkpoint {folder} holds DeepSpeed ZeRO partitions, which only DeepSpeed reads; "
                           "evaluate the run's final/model.pt instead")
-    changed = sorted(key for key, value in asdict(cfg.model).items()
-                     if key != "dtype" and record["model"].get(key) != value)
+    changed = model_differences(record, cfg)
     if changed:
         raise ConfigError(f"checkpoint {folder} holds a different model than {cfg.train.run_dir} "
-                          f"({', '.join(changed)} differ); pass a checkpoint of this run")
+                          f"({'; '.join(changed)}); pass a checkpoint of this run")
     state = {f"model/{name}": p.detach() for name, p in model.named_parameters()}
     with warnings.catch_warnings():  # DCP warns that it 'assumes' a single process even when told so
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

@@ -138,7 +138,7 @@ def save_checkpoint(run_dir: Path, next_step: int, model, optimizer, cfg: RunCon
             shutil.copyfile(run_ledger, partial / LEDGER)
         entries = len(PrivacyLedger(partial / LEDGER).entries())
         record = {"format": FORMAT, "next_step": next_step, "ledger_entries": entries,
-                  "privacy": privacy_identity(cfg, plan), "model": asdict(cfg.model),
+                  "privacy": privacy_identity(cfg, plan), **model_identity(cfg),
                   "layout": {"data": mesh.dp_size, "tensor": mesh.tp_size}, "backend": backend.identity(),
                   "files": _manifest(partial)}
         with open(partial / PRIVACY_FILE, "w") as handle:
@@ -211,6 +211,26 @@ def check_backend(record: dict, folder: Path, backend, mesh: Mesh) -> None:
         raise CheckpointError(str(exc)) from None
 
 
+def model_identity(cfg: RunConfig) -> dict:
+    """What the saved weights are the weights of: the model's shape and the methods that change what
+    it computes.  A resume must match it (the compute dtype may change)."""
+    reattention = asdict(cfg.reattention) if cfg.reattention.enabled else {"enabled": False}  # knobs of an unused method
+    return {"model": asdict(cfg.model), "reattention": reattention}
+
+
+def model_differences(record: dict, cfg: RunConfig) -> list[str]:
+    """Where the checkpoint's ``model_identity`` differs from the run's, one "key: checkpoint x, run y" each."""
+    changed = []
+    for section, values in model_identity(cfg).items():
+        saved = record.get(section)
+        if saved is None:
+            continue  # written before the record held this section
+        defaults = asdict(type(getattr(cfg, section))())  # keys added since the checkpoint was written
+        changed += [f"{section}.{key}: checkpoint {saved.get(key, defaults[key])!r}, run {value!r}"
+                    for key, value in values.items() if key != "dtype" and saved.get(key, defaults[key]) != value]
+    return changed
+
+
 def check_compatible(record: dict, folder: Path, cfg: RunConfig, plan: RunPlan) -> None:
     mine = privacy_identity(cfg, plan)
     changed = [f"{key}: checkpoint {record['privacy'].get(key)!r}, run {value!r}"
@@ -219,9 +239,7 @@ def check_compatible(record: dict, folder: Path, cfg: RunConfig, plan: RunPlan) 
         raise CheckpointError(f"checkpoint {folder} was made with other privacy-relevant values ({'; '.join(changed)}); "
                               "its epsilon would not hold for this run. Resume with the original config, or start a "
                               "new run directory")
-    model = asdict(cfg.model)
-    shape = [f"{key}: checkpoint {record['model'].get(key)!r}, run {value!r}"
-             for key, value in model.items() if key != "dtype" and record["model"].get(key) != value]
+    shape = model_differences(record, cfg)
     if shape:
         raise CheckpointError(f"checkpoint {folder} holds a different model ({'; '.join(shape)}); resume with the "
                               "model config it was saved with")

@@ -30,8 +30,7 @@ def overrides(cache, run_dir, data=1, tensor=1, dtype="float32", *extra):
 
 def prepared(cache, run_dir, *args, **kwargs) -> Path:
     cfg = load_config(ROOT / "configs/default.yaml", overrides(cache, run_dir, *args, **kwargs))
-    run_dir, _, _ = prepare_run(cfg)
-    return run_dir
+    return prepare_run(cfg).run_dir
 
 
 def train_in_process(run_dir: Path, resume: str = "none", max_steps: int | None = None) -> dict:
