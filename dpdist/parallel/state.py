@@ -50,11 +50,12 @@ def full_state_dict(model: nn.Module, tp_group) -> dict[str, torch.Tensor]:
 
 def load_into(own: dict, loaded: dict) -> None:
     """Copy a checkpoint's ``loaded`` values into a component's own state tensors ``own`` (its
-    ``state_dict()``: tensors, or ``Sharded`` ones) in place, so the component keeps its tensors."""
+    ``state_dict()``: tensors, or ``Sharded`` ones) in place, so the component keeps its tensors.  A
+    loaded value may lack the rows that pad a vocabulary table for the tensor split."""
     with torch.no_grad():
         for key, target in own.items():
             target = target.tensor if isinstance(target, Sharded) else target
             value = loaded[key]
             value = value.tensor if isinstance(value, Sharded) else value
-            if value.data_ptr() != target.data_ptr():
-                target.copy_(value)
+            if value.data_ptr() != target.data_ptr():  # the padding rows of a vocabulary-sharded one keep theirs
+                target.narrow(0, 0, value.shape[0]).copy_(value)

@@ -139,15 +139,17 @@ def load(folder, model, optimizer, components: list, mesh: Mesh, optimizer_name:
                     _copy_back(slots[key], value)
                 else:
                     slots[key] = value
-    for component in components:
-        own = component.state_dict()
-        for key, value in own.items():
-            _copy_back(value.tensor if isinstance(value, Sharded) else value, state[key])
-        component.load_state_dict(own)  # already in place: a component may still derive state from it
+    for component in components:  # each puts the loaded values into its own tensors
+        component.load_state_dict({key: _local(state[key]) for key in component.state_dict()})
+
+
+def _local(loaded):
+    """This rank's part of a loaded view (a DTensor's local shard, else the value itself)."""
+    return loaded.to_local() if hasattr(loaded, "to_local") else loaded
 
 
 def _copy_back(target: torch.Tensor, loaded) -> None:
     """Put a loaded view's values into ``target`` (the padded rows of a vocabulary table keep theirs)."""
-    local = loaded.to_local() if hasattr(loaded, "to_local") else loaded
+    local = _local(loaded)
     if local.data_ptr() != target.data_ptr():
         target.narrow(0, 0, local.shape[0]).copy_(local)
