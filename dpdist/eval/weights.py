@@ -15,7 +15,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from ..config import ConfigError, RunConfig
-from ..model.gpt import build_model
+from ..model import build_model
+from ..model.config import with_defaults
 from ..train.checkpoint import read_record
 from ..train.plan import RunPlan
 from ..train.reattention import reattention_of_finished_run
@@ -46,8 +47,8 @@ def _load_checkpoint(model, folder: Path, cfg: RunConfig) -> None:
     if record.get("backend", {}).get("name", "native") != "native":
         raise ConfigError(f"checkpoint {folder} holds DeepSpeed ZeRO partitions, which only DeepSpeed reads; "
                           "evaluate the run's final/model.pt instead")
-    changed = sorted(key for key, value in asdict(cfg.model).items()
-                     if key != "dtype" and record["model"].get(key) != value)
+    saved = with_defaults(record["model"])
+    changed = sorted(key for key, value in asdict(cfg.model).items() if key != "dtype" and saved.get(key) != value)
     if changed:
         raise ConfigError(f"checkpoint {folder} holds a different model than {cfg.train.run_dir} "
                           f"({', '.join(changed)} differ); pass a checkpoint of this run")

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ..config import ConfigError, RunConfig
+from ..model.config import with_defaults
 from ..privacy.ledger import PrivacyLedger
 from ..runtime.mesh import Mesh
 from .dcp_state import StateMismatch
@@ -219,9 +220,9 @@ def check_compatible(record: dict, folder: Path, cfg: RunConfig, plan: RunPlan) 
         raise CheckpointError(f"checkpoint {folder} was made with other privacy-relevant values ({'; '.join(changed)}); "
                               "its epsilon would not hold for this run. Resume with the original config, or start a "
                               "new run directory")
-    model = asdict(cfg.model)
-    shape = [f"{key}: checkpoint {record['model'].get(key)!r}, run {value!r}"
-             for key, value in model.items() if key != "dtype" and record["model"].get(key) != value]
+    model, saved = asdict(cfg.model), with_defaults(record["model"])
+    shape = [f"{key}: checkpoint {saved.get(key)!r}, run {value!r}"
+             for key, value in model.items() if key != "dtype" and saved.get(key) != value]
     if shape:
         raise CheckpointError(f"checkpoint {folder} holds a different model ({'; '.join(shape)}); resume with the "
                               "model config it was saved with")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..config import RunConfig
 from ..data.dataset import prepare_data
-from ..model.gpt import build_model, strip_vocab_padding
+from ..model import build_model, strip_vocab_padding
 from ..parallel.state import full_state_dict
 from ..parallel.cross_entropy import per_example_loss
 from ..privacy import accounting
@@ -216,7 +216,7 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
 def save_model(model, cfg: RunConfig, run_dir: Path, mesh: Mesh) -> Path:
     """The trained weights at full shape, written by rank 0; no secret is in this file."""
     path = run_dir / "final" / "model.pt"
-    state = strip_vocab_padding(full_state_dict(model, mesh.tp_group), cfg.model) if mesh.dp_rank == 0 else None
+    state = strip_vocab_padding(full_state_dict(model, mesh.tp_group), model) if mesh.dp_rank == 0 else None
     if mesh.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.cpu() for k, v in state.items()}, path)
