@@ -154,8 +154,10 @@ def _gpt2_qkv_order(n_heads: int, head_dim: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- weights
 
 class _Checkpoint:
-    """The tensors of a folder's ``model.safetensors`` or its sharded set (``model.safetensors.index.json``),
-    opened lazily, one file at a time."""
+    """The tensors of a folder's ``model.safetensors`` or its sharded set (``model.safetensors.index.json``).
+
+    Each read opens its file anew and closes it: a file's pages a process has touched count in its
+    resident memory for as long as the file stays mapped, which would add the checkpoint to every rank."""
 
     def __init__(self, folder: Path):
         index = folder / "model.safetensors.index.json"
@@ -170,16 +172,23 @@ class _Checkpoint:
         if missing:
             raise ValueError(f"{folder} lacks the shard file(s) {', '.join(missing)} listed in "
                              "model.safetensors.index.json; download the complete model")
-        self.folder, self.weight_map, self._open = folder, weight_map, {}
+        self.folder, self.weight_map = folder, weight_map
 
     def find(self, *names: str) -> str | None:
         return next((n for n in names if n in self.weight_map), None)
 
-    def slice(self, name: str):
-        file = self.weight_map[name]
-        if file not in self._open:
-            self._open[file] = safe_open(self.folder / file, framework="pt")
-        return self._open[file].get_slice(name)
+    def read(self, name: str, expected: tuple[int, ...], dim: int | None, start: int, stop: int) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) ``start:stop`` of ``name`` (all of it for dim None), checked
+        against its ``expected`` full shape."""
+        with safe_open(self.folder / self.weight_map[name], framework="pt") as f:
+            view = f.get_slice(name)
+            shape = tuple(view.get_shape())
+            if shape != tuple(expected):
+                raise ValueError(f"tensor {name} has shape {list(shape)} in {self.folder}, but config.json implies "
+                                 f"{list(expected)}")
+            if dim is None:
+                return view[:]
+            return view[start:stop] if dim == 0 else view[:, start:stop]
 
 
 def _local_box(param: nn.Parameter) -> tuple[int | None, int, int]:
@@ -192,26 +201,13 @@ def _local_box(param: nn.Parameter) -> tuple[int | None, int, int]:
     return dim, start, start + param.shape[dim]
 
 
-def _read_slice(checkpoint: _Checkpoint, key: str, expected: tuple[int, ...], dim: int | None, start: int,
-                stop: int) -> torch.Tensor:
-    """Rows (dim 0) or columns (dim 1) ``start:stop`` of ``key``, checked against its ``expected`` full shape."""
-    view = checkpoint.slice(key)
-    shape = tuple(view.get_shape())
-    if shape != tuple(expected):
-        raise ValueError(f"tensor {key} has shape {list(shape)} in {checkpoint.folder}, but config.json implies "
-                         f"{list(expected)}")
-    if dim is None:
-        return view[:]
-    return view[start:stop] if dim == 0 else view[:, start:stop]
-
-
 def _gpt2_qkv(checkpoint: _Checkpoint, key: str, cfg: ModelConfig, start: int, stop: int, ndim: int) -> torch.Tensor:
     """Our ``qkv`` rows ``start:stop`` (whole heads) from GPT-2's ``c_attn``: this rank's columns of
     the q, k and v blocks, interleaved per head."""
     d, head_dim = cfg.d_model, cfg.d_model // cfg.n_heads
     first, last = start // (3 * head_dim), stop // (3 * head_dim)
     expected = (d, 3 * d) if ndim == 2 else (3 * d,)
-    parts = [_read_slice(checkpoint, key, expected, ndim - 1, part * d + first * head_dim, part * d + last * head_dim)
+    parts = [checkpoint.read(key, expected, ndim - 1, part * d + first * head_dim, part * d + last * head_dim)
              for part in range(3)]  # each [d, heads * head_dim] (weight) or [heads * head_dim] (bias)
     parts = [p.t().reshape(last - first, head_dim, -1) for p in parts] if ndim == 2 else \
         [p.reshape(last - first, head_dim) for p in parts]
@@ -235,9 +231,9 @@ def _source(model: nn.Module, name: str, param: nn.Parameter, checkpoint: _Check
     if cfg.arch == "gpt" and ".attn.c_attn." in found:
         return _gpt2_qkv(checkpoint, found, cfg, start, stop, param.dim())
     if cfg.arch == "gpt" and CONV1D.search(found):
-        tensor = _read_slice(checkpoint, found, tuple(reversed(full)), None if dim is None else 1 - dim, start, stop)
+        tensor = checkpoint.read(found, tuple(reversed(full)), None if dim is None else 1 - dim, start, stop)
         return tensor.t()
-    tensor = _read_slice(checkpoint, found, tuple(full), dim, start, stop)
+    tensor = checkpoint.read(found, tuple(full), dim, start, stop)
     if rows is not None and tensor.shape[0] < param.shape[0]:
         tensor = torch.cat([tensor, tensor.new_zeros(param.shape[0] - tensor.shape[0], *tensor.shape[1:])])
     return tensor
@@ -255,7 +251,7 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
         if model.lm_head is None and head is not None:  # tied: a stored head must be the embedding itself
             dim, start, stop = _local_box(table.weight)
             rows = min(stop, model.cfg.vocab_size)
-            stored = _read_slice(checkpoint, head, (model.cfg.vocab_size, model.cfg.d_model), dim, min(start, rows), rows)
+            stored = checkpoint.read(head, (model.cfg.vocab_size, model.cfg.d_model), dim, min(start, rows), rows)
             if not torch.equal(stored.to(table.weight.dtype), table.weight[: stored.shape[0]]):
                 raise ValueError(f"{folder}/config.json ties the embeddings, but lm_head.weight differs from the "
                                  "embedding; set tie_word_embeddings to false in config.json")
@@ -272,12 +268,13 @@ def _materialize(model: nn.Module, device, dtype: torch.dtype) -> None:
                 module._parameters[key] = real
 
 
-def build_pretrained(cfg: ModelConfig, tp_group=None, device: str | torch.device = "cpu") -> nn.Module:
-    """The model of ``cfg`` (with ``pretrained`` set) on this process, its weights read from the folder
-    without a random initialisation first."""
+def build_pretrained(cfg: ModelConfig, tp_group=None, device: str | torch.device = "cpu",
+                     reattention=None) -> nn.Module:
+    """``build_model`` for a ``cfg`` with ``pretrained`` set: the weights are read from the folder, each
+    rank its own slices, into a model built on the meta device (no random initialisation first)."""
     cfg.validate()
     with torch.device("meta"):
-        model = ARCHITECTURES[cfg.arch](cfg, tp_group)
+        model = ARCHITECTURES[cfg.arch](cfg, tp_group, reattention)
     _materialize(model, device, DTYPES[cfg.dtype])
     load_weights(model, cfg.pretrained)
     return model
