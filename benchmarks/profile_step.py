@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dpdist.bench.config import BenchConfig, make_batch, model_config
-from dpdist.model.gpt import build_model
+from dpdist.model import build_model
 from dpdist.parallel.cross_entropy import per_example_loss
 from dpdist.privacy.step import DPStep, native_step
 

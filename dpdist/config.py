@@ -16,6 +16,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from .model.config import ModelConfig
+from .model.hf import resolve_pretrained
 
 SECRET_KEYS = frozenset({"privacy.seed"})  # whoever knows one can subtract the noise: no error message echoes it
 # Re-Attention's knobs were model keys before they had their own section: the config.yaml of a run
@@ -347,6 +348,9 @@ class RunConfig:
         if self.model.n_heads % self.parallel.tensor:
             raise ConfigError(f"model.n_heads ({self.model.n_heads}) must be divisible by parallel.tensor "
                               f"({self.parallel.tensor})")
+        if self.model.kv_heads % self.parallel.tensor:
+            raise ConfigError(f"model.n_kv_heads ({self.model.kv_heads}) must be divisible by parallel.tensor "
+                              f"({self.parallel.tensor})")
         return self
 
     def to_dict(self) -> dict:
@@ -364,6 +368,8 @@ def _check_combinations(cfg: RunConfig) -> None:
                           "backward: use privacy.clipping=flat or automatic, privacy.mode=bookkeeping, and no anadp")
     if p.enabled and p.mode == "two_pass" and cfg.model.dtype == "bfloat16":
         raise ConfigError(TWO_PASS_LOW_PRECISION)
+    if cfg.reattention.enabled and (cfg.model.arch != "gpt" or cfg.model.activation != "gelu"):
+        raise ConfigError("reattention.enabled is implemented for model.arch=gpt with model.activation=gelu only")
     if cfg.anadp.enabled and p.clipping != "per_layer":
         raise ConfigError("anadp.enabled allocates noise per layer group, which needs the groups clipped "
                           "separately: set privacy.clipping=per_layer")
@@ -418,6 +424,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if isinstance(value, str) and value.lower() in ("null", "none") and "None" in text:
         return None
     try:
+        if text.startswith("dict"):
+            items = yaml.safe_load(value) if isinstance(value, str) else value
+            if not isinstance(items, dict):
+                raise ValueError(value)
+            return dict(items)
         if text.startswith("tuple"):
             items = yaml.safe_load(value) if isinstance(value, str) else value
             return tuple(float(v) for v in items)
@@ -507,6 +518,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply(cfg, _moved_model_keys(raw), "")
     if overrides:
         _apply(cfg, parse_overrides(overrides), "")
+    try:  # model.pretrained=DIR: the folder's config.json gives the architecture and shape
+        cfg.model = resolve_pretrained(cfg.model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return cfg.validate()
 
 

@@ -24,7 +24,7 @@ from dpdist.config import ConfigError, DataConfig, load_config
 from dpdist.data import items
 from dpdist.data.dataset import prepare_data, token_dtype
 from dpdist.eval.ranking import model_ranking, ndcg_and_hit, popularity_ranking, target_ranks
-from dpdist.model.gpt import build_model
+from dpdist.model import build_model
 from dpdist.privacy import accounting
 
 from helpers import ROOT

@@ -48,7 +48,7 @@ def _gradient(spec: dict, cfg, mesh, model, optimizer, local_batch: int):
 def run_worker(spec: dict) -> dict | None:
     """Every rank: the steps of one case; rank 0 returns the slowest rank's times and the largest memory."""
     from ..config import ParallelConfig
-    from ..model.gpt import build_model
+    from ..model import build_model
     from ..runtime.mesh import init_mesh, shutdown
     from .config import BenchConfig, make_batch, model_config
     from .machine import current_rss_mb, peak_rss_mb

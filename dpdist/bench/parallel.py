@@ -32,7 +32,7 @@ RESULT_TAG = "DPDIST_BENCH_PARALLEL_RESULT "
 
 
 def _setup(spec: dict, mesh):
-    from ..model.gpt import build_model
+    from ..model import build_model
     from ..parallel.cross_entropy import per_example_loss
     from .config import BenchConfig, make_batch, model_config
     from ..privacy.step import native_step

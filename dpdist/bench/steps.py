@@ -13,7 +13,7 @@ from .opacus_model import PlainGPT
 
 
 def setup_nonprivate(cfg: BenchConfig) -> tuple:
-    from ..model.gpt import build_model
+    from ..model import build_model
     from ..parallel.cross_entropy import per_example_loss
 
     model = build_model(model_config(cfg))
@@ -29,7 +29,7 @@ def setup_nonprivate(cfg: BenchConfig) -> tuple:
 
 
 def setup_dp(cfg: BenchConfig, clipping: str, budget) -> tuple:
-    from ..model.gpt import build_model
+    from ..model import build_model
     from ..privacy.rules import rule_for
     from ..privacy.step import native_step
 

@@ -17,7 +17,7 @@ import torch
 from .. import audit
 from . import audit_empirical
 from ..config import ConfigError, load_config
-from ..model.gpt import build_model
+from ..model import build_model
 
 NORM_TOLERANCE = 1e-9
 # The sensitivity bound in a training precision: fp32 sums of bf16 per-example gradients are exact to

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import ConfigError, RunConfig
-from ..model.gpt import build_model
+from ..model import build_model
 from ..privacy import accounting
 from ..privacy.empirical_audit import count_correct, epsilon_lower_bound, guesses
 from ..privacy.sampling import PoissonSampler, public_padding

@@ -14,7 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from ..config import ConfigError, RunConfig
-from ..model.gpt import build_model
+from ..model import build_model
 from ..train.checkpoint import model_differences, read_record
 from ..train.plan import RunPlan
 from ..train.reattention import reattention_of_finished_run

@@ -1,7 +1,7 @@
 """A GPT-style decoder built from the layers in ``dpdist.parallel`` (read it like nanoGPT's model.py).
 
 Pre-norm blocks (LayerNorm or RMSNorm), causal self-attention with heads split over the tensor group,
-a GELU MLP, learned position embeddings, and by default an output layer tied to the token embedding.
+a GELU MLP (exact, or GPT-2's tanh approximation), learned position embeddings, and by default an output layer tied to the token embedding.
 The model says what it computes; how it is sharded (``tp_group``) and how its gradients are clipped
 (a tap attached to its layers from outside) live elsewhere.
 
@@ -22,9 +22,6 @@ from ..parallel.mappings import group_size
 from . import reattention
 from .config import ModelConfig
 from .reattention import Reattention, WeightNoise
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-
 
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
     """The vocabulary rounded up so it splits evenly over the tensor group; padded logits are masked."""
@@ -67,15 +64,24 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y), reattention.linear_variance(self.proj, y, y_var, noise)
 
 
+def mask_vocab_padding(logits: torch.Tensor, vocab_size: int, vocab_start: int) -> torch.Tensor:
+    """Logits of this rank's vocabulary slice with the rows that only pad the vocabulary at -inf."""
+    real = vocab_size - vocab_start
+    if real < logits.shape[-1]:
+        logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= real, float("-inf"))
+    return logits
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group, init, out_init):
         super().__init__()
-        hidden = cfg.mlp_ratio * cfg.d_model
+        hidden = cfg.hidden
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
         self.fc = ColumnParallelLinear(cfg.d_model, hidden, bias=cfg.bias, tp_group=tp_group, init=init)
         self.proj = RowParallelLinear(hidden, cfg.d_model, bias=cfg.bias, tp_group=tp_group, init=out_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
 
     def forward_with_variance(self, x: torch.Tensor, var: torch.Tensor,
                               noise: WeightNoise) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,9 +95,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group, init, out_init):
         super().__init__()
         rms = cfg.norm == "rmsnorm"
-        self.ln_1 = Norm(cfg.d_model, rms=rms)
+        self.ln_1 = Norm(cfg.d_model, rms=rms, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg, tp_group, init, out_init)
-        self.ln_2 = Norm(cfg.d_model, rms=rms)
+        self.ln_2 = Norm(cfg.d_model, rms=rms, eps=cfg.norm_eps)
         self.mlp = MLP(cfg, tp_group, init, out_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,9 +116,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    linear_names = ("qkv", "proj", "fc")  # leaf names of the block linears (what LoRA may target)
+
     def __init__(self, cfg: ModelConfig, tp_group=None, reattention: Reattention | None = None):
         super().__init__()
         if reattention is not None:
+            if cfg.activation != "gelu":
+                raise ValueError("Re-Attention propagates variances through the exact GELU; use model.activation=gelu")
             if tuple(reattention.noise.tokens.shape) != (cfg.vocab_size,):
                 raise ValueError(f"the Re-Attention token variances must have one entry per token id, shape "
                                  f"({cfg.vocab_size},); got {tuple(reattention.noise.tokens.shape)}")
@@ -139,7 +149,7 @@ class GPT(nn.Module):
                                               tied_output=cfg.tie_embeddings, init=token_init)
         self.pos_emb = VocabParallelEmbedding(cfg.max_seq_len, cfg.d_model, init=init)  # replicated
         self.blocks = nn.ModuleList(Block(cfg, tp_group, init, out_init) for _ in range(cfg.n_layers))
-        self.ln_f = Norm(cfg.d_model, rms=cfg.norm == "rmsnorm")
+        self.ln_f = Norm(cfg.d_model, rms=cfg.norm == "rmsnorm", eps=cfg.norm_eps)
         # Tied by default: the same table embeds tokens and scores them, which under DP beats untying
         # (fewer noised coordinates); Phantom Clipping makes its per-example norm exact.
         self.lm_head = None if cfg.tie_embeddings else ColumnParallelLinear(
@@ -174,22 +184,5 @@ class GPT(nn.Module):
                 x = block(x)
         h = self.ln_f(x)
         logits = self.tok_emb.project(h) if self.lm_head is None else self.lm_head(h)  # (B, T, V_local)
-        real = self.cfg.vocab_size - self.vocab_start
-        if real < logits.shape[-1]:  # mask the padding of the vocabulary
-            logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= real, float("-inf"))
-        return logits
+        return mask_vocab_padding(logits, self.cfg.vocab_size, self.vocab_start)
 
-
-def strip_vocab_padding(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """A full state dict without the rows that pad the vocabulary to a multiple of the tensor degree, so
-    that it is the same for every tensor degree."""
-    tables = ("tok_emb.weight", "lm_head.weight")
-    return {name: t[: cfg.vocab_size] if name in tables else t for name, t in state.items()}
-
-
-def build_model(cfg: ModelConfig, tp_group=None, device: str | torch.device = "cpu",
-                reattention: Reattention | None = None) -> GPT:
-    """The model of ``cfg`` on this process (its tensor-parallel shard when ``tp_group`` has several ranks),
-    with Re-Attention when ``reattention`` is given (its token variances already on ``device``)."""
-    cfg.validate()
-    return GPT(cfg, tp_group, reattention).to(device=device, dtype=DTYPES[cfg.dtype])

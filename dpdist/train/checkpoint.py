@@ -218,6 +218,9 @@ def model_identity(cfg: RunConfig) -> dict:
     return {"model": asdict(cfg.model), "reattention": reattention}
 
 
+LOCAL_KEYS = ("dtype", "pretrained")  # the compute dtype may change, and the folder the start weights came from may move
+
+
 def model_differences(record: dict, cfg: RunConfig) -> list[str]:
     """Where the checkpoint's ``model_identity`` differs from the run's, one "key: checkpoint x, run y" each."""
     changed = []
@@ -227,7 +230,8 @@ def model_differences(record: dict, cfg: RunConfig) -> list[str]:
             continue  # written before the record held this section
         defaults = asdict(type(getattr(cfg, section))())  # keys added since the checkpoint was written
         changed += [f"{section}.{key}: checkpoint {saved.get(key, defaults[key])!r}, run {value!r}"
-                    for key, value in values.items() if key != "dtype" and saved.get(key, defaults[key]) != value]
+                    for key, value in values.items()
+                    if key not in LOCAL_KEYS and saved.get(key, defaults[key]) != value]
     return changed
 
 

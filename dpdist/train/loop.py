@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from ..config import RunConfig
 from ..data.dataset import prepare_data
-from ..model.gpt import build_model, strip_vocab_padding
+from ..model import build_model, strip_vocab_padding
+from ..model.hf import build_pretrained
 from ..parallel.state import full_state_dict
 from ..parallel.cross_entropy import per_example_loss
 from ..privacy import accounting
@@ -117,7 +118,8 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
     secret = run_secret(privacy.seed, run_dir, mesh)
     ledger = PrivacyLedger(run_dir / "ledger.jsonl") if privacy.enabled and mesh.is_main else None
     reattention = reattention_for_training(cfg, plan, data, run_dir, mesh, secret, ledger)  # None unless enabled
-    model = build_model(cfg.model, tp_group=mesh.tp_group, device=mesh.device, reattention=reattention)
+    build = build_pretrained if cfg.model.pretrained else build_model  # pretrained: weights read, not drawn
+    model = build(cfg.model, tp_group=mesh.tp_group, device=mesh.device, reattention=reattention)
     optimizer = make_optimizer(cfg, model)
     sampler = PoissonSampler(plan.num_examples, plan.sample_rate, secret, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
                              micro_batch_size=cfg.train.micro_batch_size)
@@ -216,7 +218,7 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
 def save_model(model, cfg: RunConfig, run_dir: Path, mesh: Mesh) -> Path:
     """The trained weights at full shape, written by rank 0; no secret is in this file."""
     path = run_dir / "final" / "model.pt"
-    state = strip_vocab_padding(full_state_dict(model, mesh.tp_group), cfg.model) if mesh.dp_rank == 0 else None
+    state = strip_vocab_padding(full_state_dict(model, mesh.tp_group), model) if mesh.dp_rank == 0 else None
     if mesh.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.cpu() for k, v in state.items()}, path)

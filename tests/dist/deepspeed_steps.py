@@ -19,7 +19,7 @@ import torch
 
 from dpdist import ModelConfig, build_model
 from dpdist.config import ParallelConfig, RunConfig
-from dpdist.model.gpt import strip_vocab_padding
+from dpdist.model import strip_vocab_padding
 from dpdist.parallel.state import full_state_dict
 from dpdist.privacy.noise import keyed_normal
 from dpdist.privacy.sampling import MicroBatch, PoissonSampler
@@ -56,7 +56,7 @@ def gradient(mesh, model, optimizer, backend: str, stage: int = 1, mode: str = "
 
 
 def full(model, mesh) -> dict:
-    return strip_vocab_padding(full_state_dict(model, mesh.tp_group), MODEL)
+    return strip_vocab_padding(full_state_dict(model, mesh.tp_group), model)
 
 
 def step(grad, optimizer, micro_batches, index: int) -> None:

@@ -13,12 +13,12 @@ import torch
 import torch.distributed as dist
 
 from dpdist.config import ParallelConfig
-from dpdist.model.gpt import strip_vocab_padding
+from dpdist.model import strip_vocab_padding
 from dpdist.parallel.cross_entropy import per_example_loss
 from dpdist.parallel.state import full_state_dict
 from dpdist.runtime.mesh import init_mesh, shutdown
 from dpdist.privacy.step import native_step
-from helpers.layout_steps import CFG, fixed_batch, tiny_model, train_tiny
+from helpers.layout_steps import fixed_batch, tiny_model, train_tiny
 
 
 def norms_and_added_collectives(mesh) -> tuple[list[float], list[tuple[int, bool]]]:
@@ -71,8 +71,9 @@ if __name__ == "__main__":
         "dp_replicas_identical": identical_over([p.detach() for p in params], mesh.dp_group, mesh.dp_size),
         "tp_replicated_identical": identical_over(replicated, mesh.tp_group, mesh.tp_size),
     }
-    full = strip_vocab_padding(full_state_dict(model, mesh.tp_group), CFG)
-    per_layer = strip_vocab_padding(full_state_dict(train_tiny(mesh, "per_layer"), mesh.tp_group), CFG)
+    full = strip_vocab_padding(full_state_dict(model, mesh.tp_group), model)
+    per_layer_model = train_tiny(mesh, "per_layer")
+    per_layer = strip_vocab_padding(full_state_dict(per_layer_model, mesh.tp_group), per_layer_model)
     if mesh.rank == 0:
         torch.save(full, out)
         torch.save(per_layer, out + ".per_layer.pt")

@@ -11,7 +11,7 @@ import torch
 
 from dpdist import ModelConfig, build_model
 from dpdist.config import AnadpConfig, LsgConfig
-from dpdist.model.gpt import strip_vocab_padding
+from dpdist.model import strip_vocab_padding
 from dpdist.parallel.state import full_state_dict
 from dpdist.privacy.sampling import PoissonSampler
 from dpdist.runtime.mesh import Mesh
@@ -34,7 +34,7 @@ def train_tiny(mesh, method: str) -> dict:
     engine = private_step(model, clip_norm=0.5, noise_multiplier=1.0, expected_batch_size=Q * N, secret=SECRET,
                           micro_batch_size=4, seq_len=8, tp_group=mesh.tp_group, **METHODS[method])
     noisy_sgd_run(engine, model, PoissonSampler(N, Q, SECRET, micro_batch_size=4), DATA, STEPS, lr=0.5)
-    return strip_vocab_padding(full_state_dict(model, mesh.tp_group), CFG)
+    return strip_vocab_padding(full_state_dict(model, mesh.tp_group), model)
 
 
 def assert_tensor_degree_two_is_one_process(tmp_path, method: str) -> None:

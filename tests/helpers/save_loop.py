@@ -3,7 +3,7 @@ added k times, so that a loaded checkpoint can be checked against its step."""
 import torch
 
 from dpdist.config import load_config
-from dpdist.model.gpt import build_model
+from dpdist.model import build_model
 from dpdist.train.plan import RunPlan
 
 CONFIG = ["model.vocab_size=4000", "model.d_model=256", "model.n_layers=4", "privacy.noise_multiplier=1.0",
