@@ -20,6 +20,7 @@ from dpdist import audit
 from dpdist.cli import main
 from dpdist.commands.export import MODEL_KEY
 from dpdist.config import AnadpConfig, ConfigError, load_config
+from dpdist.eval.weights import load_model
 from dpdist.model.lora import LoraLinear, adapter_state_dict, add_adapters, merged_state_dict
 from dpdist.parallel.state import full_state_dict
 from dpdist.privacy.step import native_step
@@ -60,7 +61,8 @@ def test_adapters_wrap_every_block_linear_and_start_as_the_base_model():
     qkv = model.blocks[0].attn.qkv
     assert qkv.lora_A.weight.shape == (RANK, 16) and qkv.lora_B.weight.shape == (48, RANK)
     bound = 16 ** -0.5  # peft's Kaiming-uniform A: U(-1/sqrt(in), 1/sqrt(in))
-    assert float(qkv.lora_A.weight.detach().abs().max()) <= bound and float(qkv.lora_A.weight.detach().std()) > 0.4 * bound
+    a = qkv.lora_A.weight.detach()
+    assert float(a.abs().max()) <= bound and float(a.std()) > 0.4 * bound
     assert qkv.lora_A.weight.dtype == torch.float64 and not qkv.lora_B.weight.any()
     again = oracle.tiny_model(max_seq_len=SEQ, tie_embeddings=False)
     add_adapters(again, rank=RANK, alpha=ALPHA, seed=3)
@@ -238,3 +240,9 @@ def test_dpdist_train_with_lora_moves_only_the_adapters_and_exports_the_merged_m
     with safe_open(str(out), framework="pt") as exported:
         plain = build_model(ModelConfig(**json.loads(exported.metadata()[MODEL_KEY])))
         plain.load_state_dict({name: exported.get_tensor(name) for name in exported.keys()})  # strict: plain names
+    evaluated = load_model(cfg, run_dir / "final" / "model.pt", torch.device("cpu"))  # what dpdist eval loads
+    assert isinstance(evaluated.blocks[0].mlp.fc, LoraLinear)
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = evaluated(ids)
+        assert torch.allclose(plain(ids), reference, rtol=0, atol=1e-5 * float(reference.abs().max()))

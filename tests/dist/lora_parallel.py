@@ -63,7 +63,8 @@ if __name__ == "__main__":
             single, single_norms = trained(None, clipping)
             real = single_norms > 0  # an example without targets has norm 0 at both degrees
             norms = ((sharded_norms - single_norms).abs() / torch.where(real, single_norms, 1.0)).max()
-            params = max(float((sharded[n] - t).abs().max() / t.abs().max().clamp(min=1e-300)) for n, t in single.items())
+            params = max(float((sharded[n] - t).abs().max() / t.abs().max().clamp(min=1e-300))
+                         for n, t in single.items())
             verdict[clipping] = {
                 "norms_max_rel_diff": max_over_group(float(norms)),
                 "params_max_rel_diff": max_over_group(params),
