@@ -283,6 +283,29 @@ class ReattentionConfig:
 
 
 @dataclass
+class LoraConfig:
+    """DP-LoRA (``dpdist.model.lora``): the model's weights are frozen and each targeted block linear
+    learns a rank-``rank`` update (alpha / rank) B A; only A and B are clipped, noised and released."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input
+    targets: str = "all-linear"  # all-linear (every block linear, never the output layer) or e.g. "qkv,fc"
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1; got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be > 0; got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1); got {self.dropout}")
+        if not self.targets.strip() or not all(part.strip() for part in self.targets.split(",")):
+            raise ConfigError(f"lora.targets must be all-linear or comma-separated layer names like qkv,fc; got "
+                              f"{self.targets!r}")
+
+
+@dataclass
 class DeepSpeedConfig:
     """The DeepSpeed engine behind ``train.backend=deepspeed`` (``dpdist.train.backends.deepspeed``).
 
@@ -319,6 +342,7 @@ class RunConfig:
     anadp: AnadpConfig = field(default_factory=AnadpConfig)
     lsg: LsgConfig = field(default_factory=LsgConfig)
     reattention: ReattentionConfig = field(default_factory=ReattentionConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> "RunConfig":
         for name in (f.name for f in dataclasses.fields(self)):
@@ -328,7 +352,7 @@ class RunConfig:
         except ValueError as exc:  # the model's own checks know nothing of ConfigError
             raise ConfigError(str(exc)) from None
         for section in (self.data, self.privacy, self.train, self.parallel, self.launch, self.deepspeed, self.anadp,
-                        self.lsg, self.reattention):
+                        self.lsg, self.reattention, self.lora):
             section.validate()
         if self.reattention.enabled:
             self.reattention.block_indices(self.model.n_layers)
@@ -373,6 +397,18 @@ def _check_combinations(cfg: RunConfig) -> None:
     if cfg.anadp.enabled and p.clipping != "per_layer":
         raise ConfigError("anadp.enabled allocates noise per layer group, which needs the groups clipped "
                           "separately: set privacy.clipping=per_layer")
+    if cfg.lora.enabled:
+        if cfg.lsg.enabled:
+            raise ConfigError("lora.enabled and lsg.enabled both reparametrize the block linear layers; enable one")
+        if cfg.reattention.enabled:
+            raise ConfigError("lora.enabled is not supported with reattention.enabled (its variance propagation "
+                              "reads the plain linear layers); disable one")
+        if cfg.lora.dropout > 0 and cfg.parallel.tensor > 1:
+            raise ConfigError("lora.dropout > 0 needs parallel.tensor=1: the tensor ranks would draw different "
+                              "dropout masks for their replicated adapter inputs; set lora.dropout=0")
+        if cfg.train.backend == "deepspeed":
+            raise ConfigError("lora.enabled is not supported with train.backend=deepspeed (its ZeRO step is not "
+                              "checked against a model with frozen parameters); use train.backend=native")
     if cfg.train.backend == "deepspeed":
         for key, on in (("anadp.enabled", cfg.anadp.enabled), ("lsg.enabled", cfg.lsg.enabled),
                         ("reattention.enabled", cfg.reattention.enabled)):

@@ -63,6 +63,7 @@ def export(run_dir: Path, out: Path) -> dict:
     import torch
     from safetensors.torch import save_file
 
+    from ..model.lora import merged_state_dict
     from .train import vocabulary_file
 
     run_dir = Path(run_dir)
@@ -77,7 +78,10 @@ def export(run_dir: Path, out: Path) -> dict:
     if not vocabulary.is_file():
         raise ConfigError(f"{vocabulary} is missing; it is written when the run starts")
     report = privacy_report(run_dir, cfg)
-    state = {name: t.contiguous() for name, t in torch.load(model_file, map_location="cpu").items()}
+    state = torch.load(model_file, map_location="cpu")
+    if cfg.lora.enabled:  # the adapters folded in: the file holds the plain model under its own names
+        state = merged_state_dict(state, rank=cfg.lora.rank, alpha=cfg.lora.alpha)
+    state = {name: t.contiguous() for name, t in state.items()}
     metadata = {"format": "pt", PRIVACY_KEY: json.dumps(report), MODEL_KEY: json.dumps(asdict(cfg.model)),
                 **({ITEMS_KEY: vocabulary.read_text()} if cfg.data.source == "zipf_items"
                    else {TOKENIZER_KEY: base64.b64encode(vocabulary.read_bytes()).decode()})}

@@ -30,6 +30,7 @@ from ..runtime.mesh import Mesh
 from ..runtime.secret import shared_secret
 from ..privacy.step import model_losses
 from ..train.engine import build_gradient
+from ..train.methods import transform_model
 from ..train.loop import make_optimizer
 from ..train.plan import RunPlan, resolve_plan
 
@@ -123,7 +124,7 @@ def audit_one_run(cfg: RunConfig, canaries: int, ordinary: int, seed: int, k_plu
     normal = ordinary_rows(ordinary, cfg.model.vocab_size, length, generator)
     included = torch.rand(canaries, generator=generator) < 0.5
     plan = resolve_plan(cfg, ordinary + canaries, 0, cfg.model.vocab_size)
-    model = build_model(cfg.model)
+    model = transform_model(cfg, build_model(cfg.model))  # as dpdist train builds it (LoRA adapters)
     before = canary_losses(model, canary, cfg.train.micro_batch_size)
     train(cfg, plan, model, torch.cat([normal, canary[included]]), shared_secret(cfg.privacy.seed))
     scores = (before - canary_losses(model, canary, cfg.train.micro_batch_size)).numpy()

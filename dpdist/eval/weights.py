@@ -1,7 +1,8 @@
 """The model of a run, in one process at full shape, from its final weights or from a checkpoint.
 
 ``final/model.pt`` (``dpdist.train.loop.save_model``) is a full-shape state dict without vocabulary
-padding, so it loads into ``build_model(cfg.model, tp_group=None)`` as it is.  A native checkpoint
+padding, so it loads into ``build_model(cfg.model, tp_group=None)`` as it is (with the run's LoRA
+adapters added first when it trained some: its names are the adapted model's).  A native checkpoint
 folder (``checkpoints/step-*``) is read through DCP, which reshards any saved (data, tensor) layout to
 this single process; only its ``model/`` entries are loaded, the optimizer state is left on disk.
 """
@@ -16,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 from ..config import ConfigError, RunConfig
 from ..model import build_model
 from ..train.checkpoint import model_differences, read_record
+from ..train.methods import transform_model
 from ..train.plan import RunPlan
 from ..train.reattention import reattention_of_finished_run
 
@@ -26,7 +28,7 @@ def load_model(cfg: RunConfig, weights: Path, device: torch.device):
     if cfg.reattention.enabled:  # the correction needs the run's sigma C, qN and its saved frequency release
         run_dir = Path(cfg.train.run_dir)
         reattention = reattention_of_finished_run(run_dir, cfg, RunPlan.load(run_dir / "plan.json"), device)
-    model = build_model(cfg.model, tp_group=None, device=device, reattention=reattention)
+    model = transform_model(cfg, build_model(cfg.model, tp_group=None, device=device, reattention=reattention))
     if weights.is_dir():
         _load_checkpoint(model, weights, cfg)
     else:

@@ -5,7 +5,7 @@ elsewhere (``dpdist.config``), so this file depends on nothing else in the packa
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 ARCHS = ("gpt", "llama")  # Mistral and Qwen2 are llama with flags (sliding_window, qkv_bias)
 NORMS = ("layernorm", "rmsnorm")

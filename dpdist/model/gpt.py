@@ -116,7 +116,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    linear_names = ("qkv", "proj", "fc")  # leaf names of the block linears (what LoRA may target)
+    linear_names = ("qkv", "proj", "fc")  # the blocks' linear layers, by attribute name (LoRA's targets)
 
     def __init__(self, cfg: ModelConfig, tp_group=None, reattention: Reattention | None = None):
         super().__init__()

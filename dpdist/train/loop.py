@@ -37,6 +37,7 @@ from ..runtime.mesh import Mesh
 from ..runtime.secret import run_secret, seed_is_fixed
 from .checkpoint import check_ledger, latest_checkpoint, load_checkpoint, save_checkpoint
 from .engine import build_gradient
+from .methods import transform_model
 from .plan import RunPlan
 from .reattention import reattention_for_training
 from .stop import StopSignal
@@ -44,9 +45,10 @@ from .stop import StopSignal
 
 def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen ones (a LoRA base) never move
     if t.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
 
 
 def _all_sum(values: list[float], mesh: Mesh) -> list[float]:
@@ -120,6 +122,7 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
     reattention = reattention_for_training(cfg, plan, data, run_dir, mesh, secret, ledger)  # None unless enabled
     build = build_pretrained if cfg.model.pretrained else build_model  # pretrained: weights read, not drawn
     model = build(cfg.model, tp_group=mesh.tp_group, device=mesh.device, reattention=reattention)
+    transform_model(cfg, model, mesh.tp_group)  # LoRA adapters (frozen base) when lora.enabled
     optimizer = make_optimizer(cfg, model)
     sampler = PoissonSampler(plan.num_examples, plan.sample_rate, secret, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
                              micro_batch_size=cfg.train.micro_batch_size)

@@ -1,13 +1,18 @@
 """The optional DP methods, each one object in a seam of the DP step, built from its config section.
 
 A method is chosen by its section's ``enabled``; what it combines with is decided in
-``dpdist.config`` (``RunConfig.validate``), nowhere else.  Adding one (LoRA is next) is its own file
-with the seam object, its config section, and one line in a registry below.
+``dpdist.config`` (``RunConfig.validate``), nowhere else.  Adding one is its own file with the seam
+object (or the model transform), its config section, and one line in a registry below.
+
+A model transform (LoRA) changes the built model itself, once, before anything else sees it: the
+optimizer, the DP step, checkpoints and the saved model all work on the transformed model, and the DP
+step releases its trainable parameters through the default parametrization.
 """
 from __future__ import annotations
 
 import dataclasses
 
+from ..model.lora import add_adapters
 from ..privacy.anadp import NoiseAllocation
 from ..privacy.lsg import LowRankGradients
 from ..privacy.step import Identity, UniformNoise, dp_layers
@@ -30,11 +35,27 @@ def anadp(section, model, *, clip_norm: float, noise_multiplier: float, tp_group
                            **_settings(section))
 
 
+def lora(section, model, *, tp_group=None, seed: int = 0) -> list[str]:
+    """LoRA adapters on ``model``'s targeted block linears, as the ``lora`` config ``section`` says."""
+    return add_adapters(model, **_settings(section), tp_group=tp_group, seed=seed)
+
+
+# config section -> transform(cfg, model, tp_group), applied in place right after the model is built
+MODEL_TRANSFORMS = {"lora": lambda cfg, model, tp_group: lora(cfg.lora, model, tp_group=tp_group,
+                                                              seed=cfg.model.init_seed)}
 # config section -> builder(cfg, plan, model, mesh): one line per method
 PARAMETRIZATIONS = {"lsg": lambda cfg, plan, model, mesh: lsg(cfg.lsg, model)}
 NOISE_SCALES = {"anadp": lambda cfg, plan, model, mesh: anadp(cfg.anadp, model, clip_norm=cfg.privacy.clip_norm,
                                                                noise_multiplier=plan.noise_multiplier,
                                                                tp_group=mesh.tp_group)}
+
+
+def transform_model(cfg, model, tp_group=None):
+    """Apply the enabled model transforms to ``model`` (built for ``tp_group``) in place; returns it."""
+    for section, transform in MODEL_TRANSFORMS.items():
+        if getattr(cfg, section).enabled:
+            transform(cfg, model, tp_group)
+    return model
 
 
 def parametrization(cfg, plan, model, mesh):
