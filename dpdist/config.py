@@ -53,6 +53,7 @@ class DataConfig:
     # "document": a sequence never holds tokens of two documents (a .jsonl line's "text", a whole .txt
     # file, a default-corpus source file or canary line); the tail is padded and a longer document is
     # split into several sequences, each its own unit.  zipf_items: every sequence is one user either way.
+    # A .jsonl of {"prompt", "completion"} pairs needs "document": one pair is one example.
     packing: str = "stream"
     canaries: bool = True  # plant fake secrets in the embedded corpus (for exposure measurements)
     cache_dir: str = ".cache/dpdist"

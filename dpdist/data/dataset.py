@@ -131,6 +131,15 @@ class PreparedData:
         # a memmap is reopened, never pickled; the document index is rebuilt rather than copied to every worker
         return {**self.__dict__, "_tokens": None, "_ends": None, "_starts": None, "_pairs": None}
 
+    def pair_summary(self) -> str | None:
+        """One line on how the prompt/completion pairs fit ``seq_len`` (None for text), for the
+        commands that describe the data."""
+        if self.pairs_path is None:
+            return None
+        return (f"pairs: {self.pairs:,} prompt/completion examples, loss on completion tokens only; "
+                f"{self.prompts_truncated:,} prompts cut on the left and {self.completions_truncated:,} completions "
+                f"cut on the right to fit {self.seq_len + 1} tokens")
+
     def train_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         return self._batch(indices, 0, self.num_train, "training")
 

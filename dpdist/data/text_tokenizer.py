@@ -70,10 +70,8 @@ class SentencePieceTokenizer(TextTokenizer):
         if specials is None:
             self.eos_id, self.bos_id, self.add_bos, self.vocab_size = own_eos, own_bos, False, self.processor.get_piece_size()
         else:
-            lookup = self.processor.piece_to_id
-            unk = self.processor.unk_id()
-            self.eos_id = _resolve(specials, "eos", lambda t: lookup(t) if lookup(t) != unk else None, own_eos)
-            self.bos_id = _resolve(specials, "bos", lambda t: lookup(t) if lookup(t) != unk else None, own_bos)
+            self.eos_id = _resolve(specials, "eos", self._piece_id, own_eos)
+            self.bos_id = _resolve(specials, "bos", self._piece_id, own_bos)
             # Hugging Face's sentencepiece tokenizers (Llama, Mistral) put bos in front unless told not to.
             self.add_bos = bool(specials.get("add_bos_token", True)) and self.bos_id is not None
             self.vocab_size = max(self.processor.get_piece_size(), specials.get("vocab_size") or 0)
@@ -81,6 +79,11 @@ class SentencePieceTokenizer(TextTokenizer):
             raise ConfigError(f"data.tokenizer_path {str(model)!r} has no end-of-sequence token; give a tokenizer "
                               "with one (or name eos_token in its tokenizer_config.json)")
         self.pad_id = self.processor.pad_id() if self.processor.pad_id() >= 0 else self.eos_id
+
+    def _piece_id(self, piece: str) -> int | None:
+        """The id of ``piece``; None when absent (sentencepiece answers the unknown piece's id then)."""
+        found = self.processor.piece_to_id(piece)
+        return found if self.processor.id_to_piece(found) == piece else None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.processor.encode(texts, num_threads=SP_THREADS)
