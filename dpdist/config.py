@@ -80,8 +80,8 @@ class DataConfig:
         if self.path is not None and not Path(self.path).exists():
             raise ConfigError(f"data.path {self.path!r} does not exist; point it at a .txt/.jsonl file or folder")
         if self.tokenizer_path is not None and not Path(self.tokenizer_path).exists():
-            raise ConfigError(f"data.tokenizer_path {self.tokenizer_path!r} does not exist; give a sentencepiece .model, "
-                              "a tokenizer.json or a Hugging Face model folder")
+            raise ConfigError(f"data.tokenizer_path {self.tokenizer_path!r} does not exist; give a sentencepiece "
+                              ".model, a tokenizer.json or a Hugging Face model folder")
 
 
 @dataclass

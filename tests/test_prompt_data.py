@@ -45,7 +45,8 @@ def _bpe_json(path: Path, specials=("<unk>", "<s>", "</s>"), bos_template: bool 
     tok.train_from_iterator(SENTENCES, trainers.BpeTrainer(vocab_size=300, special_tokens=list(specials),
                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if bos_template:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        bos = ("<s>", tok.token_to_id("<s>"))
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
     tok.save(str(path))
     return path
 
@@ -230,3 +231,17 @@ def test_refusals(tmp_path):
 def _data_at(tmp_path, path, tokenizer, packing="document"):
     return prepare_data(DataConfig(path=str(path), tokenizer_path=tokenizer, seq_len=8, packing=packing,
                                    cache_dir=str(tmp_path / "cache")))
+
+
+def test_pairs_with_a_tokenizer_trained_on_them(tmp_path):
+    """No data.tokenizer_path: sentencepiece is trained on prompts and completions, and (as for text) no bos."""
+    pairs = [(s, t) for s, t in zip(SENTENCES, SENTENCES[1:])]
+    data = prepare_data(DataConfig(path=_pairs(tmp_path / "p.jsonl", pairs), vocab_size=300, seq_len=64,
+                                   val_fraction=0.25, packing="document", cache_dir=str(tmp_path / "cache")))
+    assert (data.num_train, data.num_val, data.prompts_truncated) == (12, 3, 0)
+    tok = data.tokenizer()
+    x, y = data.val_batch([2])
+    prompt, completion = pairs[-1]
+    targets = y[0][y[0] != IGNORE_INDEX].tolist()
+    assert targets[-1] == tok.eos_id and tok.decode(targets[:-1]) == completion
+    assert tok.decode(x[0][: len(tok.encode(prompt))].tolist()) == prompt

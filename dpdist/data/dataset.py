@@ -268,13 +268,7 @@ def _build(corpus: Corpus, cfg: DataConfig, fingerprint: dict, cache: Path, prog
         if cfg.tokenizer_path is not None and model is None:
             tokenizer = load_text_tokenizer(cfg.tokenizer_path)
         else:
-            if model is None:
-                texts = (t for s in corpus.segments() if s.canary is None for t in (s.prompt, s.text) if t is not None)
-                sentences = sample_sentences(texts, MAX_SENTENCES[cfg.tokenizer_model])
-                if not sentences:
-                    raise ConfigError(f"{corpus.description} holds no text (only blank lines or empty records); give it some")
-                model = train_tokenizer(sentences, cfg.vocab_size, cfg.tokenizer_model)
-            (staging / TOKENIZER_FILE).write_bytes(model)
+            (staging / TOKENIZER_FILE).write_bytes(model if model is not None else _train_on(corpus, cfg))
             tokenizer = load_text_tokenizer(staging / TOKENIZER_FILE)
         vocab_size = tokenizer.vocab_size
         bar = tqdm(total=corpus.num_bytes, desc="tokenize", unit="B", unit_scale=True, file=sys.stderr,
@@ -297,6 +291,15 @@ def _build(corpus: Corpus, cfg: DataConfig, fingerprint: dict, cache: Path, prog
         commit_cache(staging, cache, meta)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _train_on(corpus: Corpus, cfg: DataConfig) -> bytes:
+    """A sentencepiece model trained on a sample of the corpus's text (prompts and completions of pairs alike)."""
+    texts = (t for s in corpus.segments() if s.canary is None for t in (s.prompt, s.text) if t is not None)
+    sentences = sample_sentences(texts, MAX_SENTENCES[cfg.tokenizer_model])
+    if not sentences:
+        raise ConfigError(f"{corpus.description} holds no text (only blank lines or empty records); give it some")
+    return train_tokenizer(sentences, cfg.vocab_size, cfg.tokenizer_model)
 
 
 def _encode(corpus: Corpus, tokenizer: TextTokenizer, dtype: np.dtype, out, bar,

@@ -68,7 +68,8 @@ class SentencePieceTokenizer(TextTokenizer):
         own_bos = self.processor.bos_id() if self.processor.bos_id() >= 0 else None
         own_eos = self.processor.eos_id() if self.processor.eos_id() >= 0 else None
         if specials is None:
-            self.eos_id, self.bos_id, self.add_bos, self.vocab_size = own_eos, own_bos, False, self.processor.get_piece_size()
+            self.eos_id, self.bos_id, self.add_bos = own_eos, own_bos, False
+            self.vocab_size = self.processor.get_piece_size()
         else:
             self.eos_id = _resolve(specials, "eos", self._piece_id, own_eos)
             self.bos_id = _resolve(specials, "bos", self._piece_id, own_bos)
@@ -154,7 +155,10 @@ def tokenizer_files(path: str | Path) -> list[Path]:
     if not is_hugging_face(path):
         return [path]
     folder = path if path.is_dir() else path.parent
-    tokenizers = [path] if path.is_file() else [folder / n for n in (HF_TOKENIZER, SP_TOKENIZER) if (folder / n).is_file()]
+    if path.is_file():
+        tokenizers = [path]
+    else:
+        tokenizers = [folder / n for n in (HF_TOKENIZER, SP_TOKENIZER) if (folder / n).is_file()]
     return tokenizers + [folder / n for n in SPECIALS_FILES if (folder / n).is_file()]
 
 
