@@ -41,8 +41,9 @@ class DataConfig:
 
     path: str | None = None  # a .txt/.jsonl file or a directory of them; None = the embedded default corpus
     seq_len: int = 64
-    vocab_size: int = 4096  # sentencepiece vocabulary trained on the corpus
-    # A sentencepiece model trained on PUBLIC text.  Without it the tokenizer is trained on the corpus
+    vocab_size: int = 4096  # sentencepiece vocabulary trained on the corpus (unused with data.tokenizer_path)
+    # A tokenizer built from PUBLIC text: a sentencepiece .model, a Hugging Face tokenizer.json, or a
+    # Hugging Face model folder (docs/data.md).  Without it the tokenizer is trained on the corpus
     # itself, and its vocabulary is a non-private function of the data (fine for the embedded corpus).
     tokenizer_path: str | None = None
     tokenizer_model: str = "bpe"  # bpe | unigram
@@ -53,6 +54,7 @@ class DataConfig:
     # "document": a sequence never holds tokens of two documents (a .jsonl line's "text", a whole .txt
     # file, a default-corpus source file or canary line); the tail is padded and a longer document is
     # split into several sequences, each its own unit.  zipf_items: every sequence is one user either way.
+    # A .jsonl of {"prompt", "completion"} pairs needs "document": one pair is one example.
     packing: str = "stream"
     canaries: bool = True  # plant fake secrets in the embedded corpus (for exposure measurements)
     cache_dir: str = ".cache/dpdist"
@@ -78,8 +80,9 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction must be in [0, 0.5); got {self.val_fraction}")
         if self.path is not None and not Path(self.path).exists():
             raise ConfigError(f"data.path {self.path!r} does not exist; point it at a .txt/.jsonl file or folder")
-        if self.tokenizer_path is not None and not Path(self.tokenizer_path).is_file():
-            raise ConfigError(f"data.tokenizer_path {self.tokenizer_path!r} is not a file; give a sentencepiece .model")
+        if self.tokenizer_path is not None and not Path(self.tokenizer_path).exists():
+            raise ConfigError(f"data.tokenizer_path {self.tokenizer_path!r} does not exist; give a sentencepiece "
+                              ".model, a tokenizer.json or a Hugging Face model folder")
 
 
 @dataclass

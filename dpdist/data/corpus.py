@@ -60,11 +60,14 @@ class Canary:
 
 @dataclass(frozen=True)
 class Segment:
-    """A piece of text; ``last`` marks the end of a document (an end-of-sequence token follows it)."""
+    """A piece of text; ``last`` marks the end of a document (an end-of-sequence token follows it).
+
+    A prompt/completion pair is one segment: ``text`` is the completion, ``prompt`` what precedes it."""
 
     text: str
     last: bool = True
     canary: Canary | None = None
+    prompt: str | None = None
 
 
 @dataclass
@@ -89,10 +92,24 @@ class Corpus:
                 "insertions": sorted(self.insertions.items())}
 
     def segments(self) -> Iterator[Segment]:
+        """Every segment in order; a corpus is all text or all prompt/completion pairs (the two are
+        cut into examples differently), so a file of the other kind is refused."""
+        pairs, first = None, None
         for index, source in enumerate(self.files):
             for canary in self.insertions.get(index, ()):
                 yield Segment(self.canaries[canary].line, canary=self.canaries[canary])
-            yield from _read(source, self.errors)
+            for segment in _read(source, self.errors):
+                if pairs is None:
+                    pairs, first = segment.prompt is not None, source.path
+                elif (segment.prompt is not None) != pairs:
+                    raise ConfigError(f"{source.path} holds {'text' if pairs else 'prompt/completion pairs'} but "
+                                      f"{first} holds {'pairs' if pairs else 'text'}; give data.path one kind only")
+                yield segment
+
+    def holds_pairs(self) -> bool:
+        """Whether the corpus is prompt/completion pairs, from its first record only (mixing is refused
+        when the whole corpus is read)."""
+        return next((s.prompt is not None for s in self.segments()), False)
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
@@ -204,6 +221,9 @@ def _read_text(path: Path, errors: str) -> Iterator[Segment]:
 
 
 def _read_jsonl(path: Path, errors: str) -> Iterator[Segment]:
+    """One document per line, ``{"text": ...}``, or one pair, ``{"prompt": ..., "completion": ...}``;
+    a file holds one kind only."""
+    pairs = None
     with open(path, encoding="utf-8", errors=errors) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -212,7 +232,14 @@ def _read_jsonl(path: Path, errors: str) -> Iterator[Segment]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 record = None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ConfigError(f"{path} line {number} is not a JSON object with a \"text\" string; fix the line "
-                                  "or use a .txt file")
-            yield Segment(record["text"])
+            record = record if isinstance(record, dict) else {}
+            is_text = isinstance(record.get("text"), str)
+            is_pair = isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str)
+            if is_text == is_pair:
+                raise ConfigError(f"{path} line {number} is not a JSON object with either a \"text\" string or "
+                                  "\"prompt\" and \"completion\" strings; fix the line or use a .txt file")
+            if pairs is not None and pairs != is_pair:
+                raise ConfigError(f"{path} line {number} is {'text' if is_text else 'a prompt/completion pair'} but "
+                                  f"earlier lines are {'pairs' if pairs else 'text'}; give one kind per file")
+            pairs = is_pair
+            yield Segment(record["completion"], prompt=record["prompt"]) if is_pair else Segment(record["text"])

@@ -26,7 +26,8 @@ TRAINER_OPTIONS = {
     "normalization_rule_name": "identity", "remove_extra_whitespaces": False, "add_dummy_prefix": False,
     "allow_whitespace_only_pieces": True, "num_threads": 2,
 }
-# Training lines per model type: ~1 s for BPE, ~3.5 s for unigram (superlinear) on 2 cores with stdlib code.
+# Training lines per model type: enough for a representative vocabulary while training stays a small part of
+# preparing the data; unigram's training cost grows faster than linearly in the lines, hence its lower cap.
 MAX_SENTENCES = {"bpe": 100_000, "unigram": 20_000}
 MAX_SENTENCE_CHARS = 1000  # sentencepiece skips sentences over 4192 bytes; longer lines are cut to fit
 SAMPLE_SEED = 0
@@ -86,4 +87,6 @@ def read_model(path: str | Path) -> bytes:
 
 
 def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
+    """The raw sentencepiece processor (piece-level access for canary scoring); the pipeline itself
+    reads every kind of tokenizer through ``text_tokenizer.load_text_tokenizer``."""
     return spm.SentencePieceProcessor(model_file=str(path))
