@@ -45,7 +45,7 @@ def plot(run_dir: Path, out: Path) -> Path:
     try:
         import matplotlib
     except ImportError:
-        raise ConfigError("dpdist plot needs matplotlib: pip install matplotlib") from None
+        raise ConfigError("dpdist plot needs matplotlib: pip install matplotlib (or 'dpdist[plot]')") from None
     records = read_metrics(run_dir)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
