@@ -8,6 +8,7 @@ typo is the failure this module exists to prevent.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,9 @@ class TrainConfig:
     micro_batch_size: int = 16  # fixed shape of a micro-batch per data-parallel rank
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine | linear (dpdist.train.schedule)
+    warmup_steps: int = 0  # linear warm-up to lr over these first steps
+    min_lr: float = 0.0  # where cosine/linear decay ends, at step train.steps
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.0
@@ -146,6 +150,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between sharded checkpoints (0: only when stopped by a signal)
     keep_checkpoints: int = 2  # newest committed checkpoints kept; older ones are removed after each commit
     backend: str = "native"  # native | deepspeed (ZeRO; settings in the deepspeed section)
+    tensorboard: bool = False  # rank 0 also writes metrics.jsonl's scalars under RUN_DIR/tensorboard/
 
     def validate(self) -> None:
         _positive(self, "train", "steps", "micro_batch_size", "log_every", "keep_checkpoints")
@@ -165,6 +170,17 @@ class TrainConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"train.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {list(self.betas)}")
         _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ConfigError(f"train.warmup_steps must be >= 0 and below train.steps ({self.steps}); got "
+                              f"{self.warmup_steps}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"train.min_lr must be in [0, train.lr = {self.lr}]; got {self.min_lr}")
+        if self.min_lr and self.lr_schedule == "constant":
+            raise ConfigError("train.min_lr is where a decay ends; set train.lr_schedule=cosine or linear, or drop "
+                              "train.min_lr")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard")
 
 
 @dataclass

@@ -14,7 +14,8 @@ Commit is atomic: every rank writes into ``step-<k>.partial``, and only after a 
 write ``privacy.json`` and rename the folder; a crash at any point leaves the previous checkpoint the
 latest complete one.  Loading refuses, with a message that says what to do, a checkpoint whose
 privacy-relevant values or model shape differ from the run's, and any missing, truncated or altered
-file.
+file.  A resume under another learning-rate schedule than the recorded one is allowed (the schedule
+is public, so it does not touch the guarantee) and noted in one line.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +34,7 @@ from ..config import ConfigError, RunConfig
 from ..privacy.ledger import PrivacyLedger
 from ..runtime.mesh import Mesh
 from .dcp_state import StateMismatch
+from . import schedule
 from .plan import RunPlan
 
 CHECKPOINTS = "checkpoints"
@@ -140,6 +143,7 @@ def save_checkpoint(run_dir: Path, next_step: int, model, optimizer, cfg: RunCon
         record = {"format": FORMAT, "next_step": next_step, "ledger_entries": entries,
                   "privacy": privacy_identity(cfg, plan), **model_identity(cfg),
                   "layout": {"data": mesh.dp_size, "tensor": mesh.tp_size}, "backend": backend.identity(),
+                  "schedule": schedule.identity(cfg.train),
                   "files": _manifest(partial)}
         with open(partial / PRIVACY_FILE, "w") as handle:
             json.dump(record, handle, indent=2)
@@ -267,6 +271,10 @@ def load_checkpoint(folder: Path, model, optimizer, cfg: RunConfig, plan: RunPla
     record = _read_on_main(folder, mesh)
     check_compatible(record, folder, cfg, plan)
     check_backend(record, folder, backend, mesh)
+    # a checkpoint written before schedules existed holds none (its run had a constant lr)
+    note = schedule.changed(record["schedule"], cfg.train) if "schedule" in record else None
+    if note is not None and mesh.is_main:
+        print(note, file=sys.stderr, flush=True)
     try:
         backend.load(folder, model, optimizer, list(components), mesh)
     except StateMismatch as exc:

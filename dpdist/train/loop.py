@@ -13,7 +13,6 @@ is checked against the ledger itself, so releases spent on replayed steps count 
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -38,8 +37,10 @@ from ..runtime.secret import run_secret, seed_is_fixed
 from .checkpoint import check_ledger, latest_checkpoint, load_checkpoint, save_checkpoint
 from .engine import build_gradient
 from .methods import transform_model
+from .metrics import MetricsLog
 from .plan import RunPlan
 from .reattention import reattention_for_training
+from .schedule import lr_at, set_lr
 from .stop import StopSignal
 
 
@@ -127,6 +128,7 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
     sampler = PoissonSampler(plan.num_examples, plan.sample_rate, secret, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
                              micro_batch_size=cfg.train.micro_batch_size)
     run = build_gradient(cfg, plan, model, optimizer, mesh, secret)
+    torch_optimizer = optimizer  # whose param groups every backend steps with (dpdist.train.schedule)
     gradient, optimizer = run.step, run.optimizer
     start, resumed_from = 0, None
     checkpoint = resume_point(resume, run_dir)
@@ -137,7 +139,7 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
             check_ledger(checkpoint, run_dir / "ledger.jsonl")
     first_release, allowed = release_budget(ledger, cfg, plan, plan.max_steps - start, mesh)
     end = start + allowed  # < plan.max_steps only when replayed steps spent part of the budget
-    metrics = open(run_dir / "metrics.jsonl", "a") if mesh.is_main else None
+    metrics = MetricsLog(run_dir, cfg.train.tensorboard) if mesh.is_main else None
     bar = tqdm(total=plan.max_steps, desc="dp-train" if privacy.enabled else "train", unit="step", file=sys.stderr,
                disable=not (mesh.is_main and cfg.train.progress), dynamic_ncols=True)
     window = {"loss": 0.0, "examples": 0.0, "clipped": 0.0, "nonfinite": 0.0, "tokens": 0.0, "seconds": 0.0}
@@ -163,6 +165,8 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
         gradient.release(release, step)
         if ledger is not None:  # before the update is applied
             ledger.append(step, plan.sample_rate, plan.noise_multiplier, release=release)
+        lr = lr_at(cfg.train, step)
+        set_lr(torch_optimizer, lr)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_sum, examples, clipped, nonfinite = _all_sum([loss_sum, examples, clipped, nonfinite], mesh)
@@ -175,12 +179,11 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
         if mesh.is_main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == end):
             last_loss = window["loss"] / max(window["examples"], 1.0)
             epsilon = ledger.epsilon(plan.delta, privacy.accountant, DISPLAY_PLD_GRID) if ledger else math.inf
-            record = {"step": step + 1, "loss": last_loss, "epsilon": epsilon,
+            record = {"step": step + 1, "loss": last_loss, "lr": lr, "epsilon": epsilon,
                       "clipped_fraction": window["clipped"] / max(window["examples"], 1.0),
                       "nonfinite_examples": int(window["nonfinite"]),
                       "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9)}
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            metrics.write(record)
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", eps=f"{epsilon:.2f}")
             window = dict.fromkeys(window, 0.0)
         bar.update(1)
@@ -191,6 +194,8 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
         if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < end:
             checkpoint_at(step + 1)
     bar.close()
+    if metrics is not None:
+        metrics.close()
     if stopped_at is not None:
         return {"steps": stopped_at, "stopped_by_signal": True, "resumed_from": resumed_from,
                 "checkpoint": str(latest_checkpoint(run_dir))}
@@ -211,7 +216,6 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
         if ledger is not None:
             summary["epsilon"] = ledger.epsilon(plan.delta, accountant="pld")
             summary["epsilon_rdp"] = ledger.epsilon(plan.delta, accountant="rdp")
-        metrics.close()
     summary["model"] = str(save_model(model, cfg, run_dir, mesh))
     latest = latest_checkpoint(run_dir)
     summary["checkpoint"] = str(latest) if latest is not None else None
