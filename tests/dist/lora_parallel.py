@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from dpdist import ModelConfig, build_model
 from dpdist.config import ParallelConfig
-from dpdist.model.gpt import strip_vocab_padding
+from dpdist.model import strip_vocab_padding
 from dpdist.model.lora import add_adapters
 from dpdist.parallel.state import full_state_dict
 from dpdist.privacy.step import native_step
@@ -45,7 +45,7 @@ def trained(tp_group, clipping: str) -> tuple[dict, torch.Tensor]:
     engine.loss(IDS, LABELS).sum().backward()
     norms = engine.tap.take_sq_norms().sqrt()
     engine.detach()
-    return strip_vocab_padding(full_state_dict(model, tp_group), CFG), norms
+    return strip_vocab_padding(full_state_dict(model, tp_group), model), norms
 
 
 def max_over_group(value: float) -> float:
