@@ -577,7 +577,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg.model = resolve_pretrained(cfg.model)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.model.pretrained is not None and cfg.data.source == "text" and cfg.data.tokenizer_path is None:
+        cfg.data.tokenizer_path = _pretrained_tokenizer(cfg.model.pretrained)
     return cfg.validate()
+
+
+def _pretrained_tokenizer(folder: str) -> str:
+    """A pretrained model reads ids of the tokenizer it came with: one trained on the corpus would not match."""
+    if not any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise ConfigError(f"model.pretrained {folder} holds no tokenizer.json or tokenizer.model; set "
+                          "data.tokenizer_path to the model's tokenizer")
+    return folder
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

@@ -6,14 +6,21 @@ from dpdist.cli import main
 from dpdist.config import load_config
 
 from helpers import ROOT
+from helpers.hf_folders import pretrained_folder
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_validate_and_keep_every_setting(path):
-    loaded = load_config(path).to_dict()
-    for section, values in yaml.safe_load(path.read_text()).items():
+def test_shipped_configs_validate_and_keep_every_setting(path, tmp_path):
+    written = yaml.safe_load(path.read_text())
+    overrides = []
+    if written["model"].get("pretrained"):  # a placeholder folder: the user names theirs (here a tiny one)
+        written["model"]["pretrained"] = str(pretrained_folder(tmp_path / "llama"))
+        written["data"]["seq_len"] = 16
+        overrides += [f"model.pretrained={written['model']['pretrained']}", "data.seq_len=16"]
+    loaded = load_config(path, overrides).to_dict()
+    for section, values in written.items():
         for key, value in values.items():
             got = loaded[section][key]
             assert got == value, f"{path.name}: {section}.{key} = {value!r} became {got!r}"

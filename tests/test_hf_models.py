@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
 from torch.func import functional_call, grad, vmap
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
@@ -196,14 +198,19 @@ def test_hf_names():
     assert hf_name(gpt, "tok_emb.weight") == "transformer.wte.weight"
 
 
-def test_model_pretrained_fills_the_shape_and_keeps_dtype_and_seed(tmp_path):
+def test_model_pretrained_fills_the_shape_and_keeps_dtype_and_seed_and_reads_its_tokenizer(tmp_path):
     reference(CONFIGS["llama_gqa_untied"]()).save_pretrained(tmp_path)
-    cfg = load_config(overrides=[f"model.pretrained={tmp_path}", "model.dtype=float64", "model.init_seed=3",
-                                 "privacy.noise_multiplier=1.0", "data.seq_len=16"])
+    overrides = [f"model.pretrained={tmp_path}", "model.dtype=float64", "model.init_seed=3",
+                 "privacy.noise_multiplier=1.0", "data.seq_len=16"]
+    with pytest.raises(ConfigError, match="holds no tokenizer.json or tokenizer.model; set data.tokenizer_path"):
+        load_config(overrides=overrides)
+    Tokenizer(WordLevel({"<unk>": 0, "a": 1, "</s>": 2}, unk_token="<unk>")).save(str(tmp_path / "tokenizer.json"))
+    cfg = load_config(overrides=overrides)
     m = cfg.model
     assert (m.arch, m.n_kv_heads, m.d_model, m.hidden, m.tie_embeddings, m.hf_model_type) == \
         ("llama", 2, 32, 40, False, "llama")
     assert (m.dtype, m.init_seed, m.pretrained) == ("float64", 3, str(tmp_path))
+    assert cfg.data.tokenizer_path == str(tmp_path)  # a corpus-trained tokenizer would not match the embeddings
 
 
 def save_with(tmp_path, edit=None):

@@ -55,7 +55,7 @@ def checked_inputs(args) -> tuple[object, Path]:
         raise ConfigError("--candidates and --max-examples must be at least 1")
     cfg = load_config(run_dir / "config.yaml")
     vocabulary = run_dir / vocabulary_file(cfg)
-    if not vocabulary.is_file():
+    if not vocabulary.exists():
         raise ConfigError(f"{vocabulary} is missing; it is written when the run starts")
     if cfg.data.source == "zipf_items":
         return cfg, weights  # no canaries there: the item task is scored by its ranking metrics instead
@@ -66,6 +66,9 @@ def checked_inputs(args) -> tuple[object, Path]:
     if not args.no_exposure and not cfg.data.canaries:
         raise ConfigError("this run trained with data.canaries=false, so there are no canaries to measure; pass "
                           "--no-exposure for the validation loss alone")
+    if not args.no_exposure and vocabulary.is_dir():
+        raise ConfigError("canary exposure is scored piece by piece with the run's own sentencepiece tokenizer; this "
+                          "run reads a Hugging Face one, so pass --no-exposure for the validation loss alone")
     return cfg, weights
 
 
@@ -85,6 +88,7 @@ def evaluate(args) -> dict:
     import torch
 
     from ..data.dataset import prepare_data
+    from ..data.text_tokenizer import tokenizer_digest
     from ..data.tokenizer import load_tokenizer
     from ..eval.exposure import draw_candidates, load_canaries, mean_by_insertions, measure_exposure
     from ..eval.ranking import model_ranking
@@ -97,7 +101,7 @@ def evaluate(args) -> dict:
     cfg, weights = checked_inputs(args)
     data = prepare_data(cfg.data)
     vocabulary = args.run_dir / vocabulary_file(cfg)
-    if Path(data.tokenizer_path).read_bytes() != vocabulary.read_bytes():
+    if tokenizer_digest(data.tokenizer_path) != tokenizer_digest(vocabulary):
         raise ConfigError(f"the data prepared in {cfg.data.cache_dir} for this config is not what the run trained "
                           f"on (it differs from {vocabulary}: the source files changed?), so its held-out split is "
                           "not the run's")

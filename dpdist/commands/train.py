@@ -67,9 +67,23 @@ def resumed_run(cfg: RunConfig, resume: str) -> tuple[Path, Path | None]:
 
 
 def vocabulary_file(cfg: RunConfig) -> str:
-    """What a run directory keeps to read its tokens: the sentencepiece model, or for the generated
-    item task its public item catalogue (token t is item t)."""
-    return "items.json" if cfg.data.source == "zipf_items" else "tokenizer.model"
+    """What a run directory keeps to read its tokens: the sentencepiece model, a folder with a Hugging
+    Face tokenizer's files, or for the generated item task its public item catalogue (token t is item t)."""
+    from ..data.text_tokenizer import is_hugging_face
+
+    if cfg.data.source == "zipf_items":
+        return "items.json"
+    return "tokenizer" if cfg.data.tokenizer_path is not None and is_hugging_face(cfg.data.tokenizer_path) else "tokenizer.model"
+
+
+def keep_vocabulary(tokenizer_path: str, target: Path) -> None:
+    """The run's own copy of its tokenizer (export and eval read it, not the source, which may change)."""
+    from ..data.text_tokenizer import copy_tokenizer
+
+    if target.name == "tokenizer":
+        copy_tokenizer(tokenizer_path, target)
+    else:
+        shutil.copyfile(tokenizer_path, target)
 
 
 def rewound(checkpoint: Path | None, rewind: bool) -> list[Path]:
@@ -96,7 +110,13 @@ class PreparedRun:
 
 
 def resolved_config(cfg: RunConfig, vocab_size: int, run_dir: Path) -> RunConfig:
-    """A new, validated config with what preparing the run decides; the caller's is left as it was read."""
+    """A new, validated config with what preparing the run decides; the caller's is left as it was read.
+    A pretrained model keeps its embedding's rows, which must cover every id of the tokenizer."""
+    if cfg.model.pretrained is not None and vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"data.tokenizer_path {cfg.data.tokenizer_path} has {vocab_size} ids but the model in "
+                          f"{cfg.model.pretrained} embeds only {cfg.model.vocab_size}; use the tokenizer that came "
+                          "with the model")
+    vocab_size = cfg.model.vocab_size if cfg.model.pretrained is not None else vocab_size
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size),
                                train=dataclasses.replace(cfg.train, run_dir=str(run_dir))).validate()
 
@@ -123,7 +143,7 @@ def prepare_run(cfg: RunConfig, resume: str | None = None, rewind: bool = False)
         print(f"rewinding to {checkpoint.name}: moved {len(abandoned)} newer checkpoint(s) to {abandon(abandoned, run_dir)}",
               flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(data.tokenizer_path, run_dir / vocabulary_file(cfg))  # the run's own, for export
+    keep_vocabulary(data.tokenizer_path, run_dir / vocabulary_file(cfg))
     dump_config(cfg, run_dir / "config.yaml")
     plan.save(run_dir / "plan.json")
     return PreparedRun(cfg, run_dir, plan, checkpoint)

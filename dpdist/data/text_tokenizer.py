@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import sentencepiece as spm
@@ -165,13 +166,35 @@ def tokenizer_files(path: str | Path) -> list[Path]:
 def tokenizer_digest(path: str | Path) -> str:
     """A hash of everything that decides the ids: the tokenizer files, their special-token configs and
     ``config.json`` (ids and vocabulary size may come from it)."""
+    digest = hashlib.sha256()
+    for file in _deciding_files(path):  # by role, not name: a run's copy hashes as its source does
+        digest.update(_role(file).encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def copy_tokenizer(path: str | Path, folder: str | Path) -> Path:
+    """Copy what decides the ids of the Hugging Face tokenizer at ``path`` into ``folder`` (a run's
+    own copy): the tokenizer files, their special-token configs and the ``config.json`` they may take
+    ids and the vocabulary size from, each under the name ``load_text_tokenizer(folder)`` looks for."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in _deciding_files(path):
+        shutil.copyfile(file, folder / _role(file))
+    return folder
+
+
+def _deciding_files(path: str | Path) -> list[Path]:
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    files = tokenizer_files(path) + ([folder / MODEL_CONFIG] if (folder / MODEL_CONFIG).is_file() else [])
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
-    return digest.hexdigest()
+    beside = [folder / MODEL_CONFIG] if is_hugging_face(path) and (folder / MODEL_CONFIG).is_file() else []
+    return tokenizer_files(path) + beside
+
+
+def _role(file: Path) -> str:
+    """The name a file has in a Hugging Face folder (a tokenizer.json may be given under another name)."""
+    if file.name in (*SPECIALS_FILES, MODEL_CONFIG):
+        return file.name
+    return HF_TOKENIZER if file.suffix == ".json" else SP_TOKENIZER
 
 
 def _folder_specials(folder: Path) -> dict:
