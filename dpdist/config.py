@@ -16,7 +16,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from .model.config import ModelConfig
+from .model.config import ModelConfig, lora_targets
 from .model.hf import resolve_pretrained
 
 SECRET_KEYS = frozenset({"privacy.seed"})  # whoever knows one can subtract the noise: no error message echoes it
@@ -417,6 +417,10 @@ def _check_combinations(cfg: RunConfig) -> None:
         raise ConfigError("anadp.enabled allocates noise per layer group, which needs the groups clipped "
                           "separately: set privacy.clipping=per_layer")
     if cfg.lora.enabled:
+        try:
+            lora_targets(cfg.model.arch, cfg.lora.targets)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if cfg.lsg.enabled:
             raise ConfigError("lora.enabled and lsg.enabled both reparametrize the block linear layers; enable one")
         if cfg.reattention.enabled:
@@ -573,12 +577,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply(cfg, _moved_model_keys(raw), "")
     if overrides:
         _apply(cfg, parse_overrides(overrides), "")
-    try:  # model.pretrained=DIR: the folder's config.json gives the architecture and shape
-        cfg.model = resolve_pretrained(cfg.model)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if cfg.model.pretrained is not None and cfg.data.source == "text" and cfg.data.tokenizer_path is None:
-        cfg.data.tokenizer_path = _pretrained_tokenizer(cfg.model.pretrained)
+    if cfg.model.pretrained is not None:  # the folder's config.json gives the architecture and shape
+        try:
+            cfg.model = resolve_pretrained(cfg.model)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if cfg.data.source == "text" and cfg.data.tokenizer_path is None:
+            cfg.data.tokenizer_path = _pretrained_tokenizer(cfg.model.pretrained)
     return cfg.validate()
 
 

@@ -97,6 +97,7 @@ def test_partial_folder_is_not_a_checkpoint(tmp_path, one_checkpoint):
     ("privacy.noise_multiplier=2.0", "noise_multiplier"),
     ("model.d_model=64", "different model"),
     ("reattention.enabled=true", "reattention.enabled: checkpoint False, run True"),
+    ("lora.enabled=true", "lora.enabled: checkpoint False, run True"),
 ])
 def test_resume_refuses_a_changed_run(tmp_path, capsys, cache, one_checkpoint, change, message):
     run = shutil.copytree(one_checkpoint, tmp_path / "run")

@@ -171,7 +171,7 @@ def test_merged_weights_give_the_adapted_models_logits_after_noisy_steps():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(targets="nope"), "qkv, proj, fc"),
-    (dict(targets="lm_head"), "not a linear layer of the blocks"),
+    (dict(targets="lm_head"), "not a linear layer of the model.arch=gpt blocks"),
     (dict(targets=" , "), "names nothing"),
     (dict(rank=0), "lora.rank"),
     (dict(dropout=1.0), "lora.dropout"),
@@ -197,6 +197,7 @@ def test_wrapping_twice_finds_nothing_left_to_wrap():
     (["lora.alpha=0"], "lora.alpha must be > 0"),
     (["lora.dropout=1.0"], r"lora.dropout must be in \[0, 1\)"),
     (["lora.targets=qkv,,fc"], "lora.targets"),
+    (["lora.enabled=true", "lora.targets=q_proj,fc"], "names q_proj, not a linear layer of the model.arch=gpt blocks"),
     (["lora.enabled=true", "lsg.enabled=true"], "enable one"),
     (["lora.enabled=true", "reattention.enabled=true", "reattention.frequencies=uniform"], "reattention.enabled"),
     (["lora.enabled=true", "train.backend=deepspeed"], "train.backend=native"),

@@ -12,6 +12,10 @@ NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "float64", "bfloat16")
 ACTIVATIONS = ("gelu", "gelu_tanh")  # gpt arch only; llama is always SwiGLU
 ROPE_SCALINGS = ("linear", "llama3")
+# The blocks' linear layers of each architecture, by attribute name: what LoRA may target.
+LINEAR_NAMES = {"gpt": ("qkv", "proj", "fc"),
+                "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+ALL_LINEAR = "all-linear"
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -98,3 +102,17 @@ class ModelConfig:
         if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
             raise ValueError("model.rope_scaling needs high_freq_factor > low_freq_factor for rope_type llama3")
 
+
+
+def lora_targets(arch: str, targets: str) -> set[str]:
+    """The leaf names ``targets`` selects among ``arch``'s block linears (``all-linear``: all of them)."""
+    available = LINEAR_NAMES[arch]
+    if targets.strip() == ALL_LINEAR:
+        return set(available)
+    wanted = {name.strip() for name in targets.split(",") if name.strip()}
+    unknown = sorted(wanted - set(available))
+    if unknown or not wanted:
+        raise ValueError(f"lora.targets {targets!r} names {', '.join(unknown) or 'nothing'}, not a linear layer of "
+                         f"the model.arch={arch} blocks; use {ALL_LINEAR} or comma-separated names from "
+                         f"{', '.join(available)}")
+    return wanted

@@ -116,8 +116,6 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    linear_names = ("qkv", "proj", "fc")  # the blocks' linear layers, by attribute name (LoRA's targets)
-
     def __init__(self, cfg: ModelConfig, tp_group=None, reattention: Reattention | None = None):
         super().__init__()
         if reattention is not None:

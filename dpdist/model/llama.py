@@ -121,8 +121,6 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    linear_names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
     def __init__(self, cfg: ModelConfig, tp_group=None, reattention=None):
         super().__init__()
         if reattention is not None:

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
+from .config import ALL_LINEAR, LINEAR_NAMES, lora_targets
 
-ALL_LINEAR = "all-linear"
 
 
 class LoraLinear(nn.Module):
@@ -63,19 +63,6 @@ class LoraLinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}"
 
 
-def target_names(model: nn.Module, targets: str) -> set[str]:
-    """The leaf names ``targets`` selects among ``model.linear_names`` (``all-linear``: all of them)."""
-    available = tuple(getattr(model, "linear_names", ()))
-    if targets.strip() == ALL_LINEAR:
-        return set(available)
-    wanted = {name.strip() for name in targets.split(",") if name.strip()}
-    unknown = sorted(wanted - set(available))
-    if unknown or not wanted:
-        raise ValueError(f"lora.targets {targets!r} names {', '.join(unknown) or 'nothing'}, not a linear layer of "
-                         f"the blocks; use {ALL_LINEAR} or comma-separated names from {', '.join(available)}")
-    return wanted
-
-
 def add_adapters(model: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0, targets: str = ALL_LINEAR,
                  tp_group=None, seed: int = 0) -> list[str]:
     """Wrap every targeted block linear of ``model`` (in place) in a :class:`LoraLinear`, freeze every
@@ -85,12 +72,12 @@ def add_adapters(model: nn.Module, *, rank: int, alpha: float, dropout: float = 
         raise ValueError(f"lora.rank must be > 0; got {rank}")
     if not 0 <= dropout < 1:
         raise ValueError(f"lora.dropout must be in [0, 1); got {dropout}")
-    leaves = target_names(model, targets)
+    leaves = lora_targets(model.cfg.arch, targets)
     found = [(name, module) for name, module in model.named_modules()
              if name.rsplit(".", 1)[-1] in leaves and isinstance(module, (ColumnParallelLinear, RowParallelLinear))]
     if not found:
         raise ValueError(f"lora.targets {targets!r} matches no linear layer of this model; its block linears are "
-                         f"{', '.join(getattr(model, 'linear_names', ()))}")
+                         f"{', '.join(LINEAR_NAMES[model.cfg.arch])}")
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)

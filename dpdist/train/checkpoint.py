@@ -218,8 +218,10 @@ def check_backend(record: dict, folder: Path, backend, mesh: Mesh) -> None:
 def model_identity(cfg: RunConfig) -> dict:
     """What the saved weights are the weights of: the model's shape and the methods that change what
     it computes.  A resume must match it (the compute dtype may change)."""
-    reattention = asdict(cfg.reattention) if cfg.reattention.enabled else {"enabled": False}  # knobs of an unused method
-    return {"model": asdict(cfg.model), "reattention": reattention}
+    def section(methods):  # an unused method's knobs do not matter
+        return asdict(methods) if methods.enabled else {"enabled": False}
+
+    return {"model": asdict(cfg.model), "reattention": section(cfg.reattention), "lora": section(cfg.lora)}
 
 
 LOCAL_KEYS = ("dtype", "pretrained")  # the compute dtype may change, and the folder the start weights came from may move
