@@ -26,12 +26,15 @@ from torch.func import functional_call, grad, vmap
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
 from dpdist import ModelConfig, audit, build_model, load_pretrained
+from dpdist.cli import main
 from dpdist.config import ConfigError, load_config
+from dpdist.data.text_tokenizer import load_text_tokenizer
 from dpdist.model import strip_vocab_padding
 from dpdist.model.hf import hf_name, read_config, save_pretrained
 from dpdist.parallel.cross_entropy import per_example_loss
 from dpdist.parallel.state import full_state_dict
 from dpdist.privacy.clipping import EPS
+from helpers.hf_folders import pairs_file, pretrained_folder
 
 VOCAB, SEQ, BATCH = 61, 12, 4
 LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
@@ -259,3 +262,25 @@ def test_refusals(tmp_path):
         ModelConfig(arch="llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}).validate()
     with pytest.raises(ValueError, match="model.n_kv_heads is for model.arch=llama"):
         ModelConfig(n_kv_heads=2).validate()
+
+
+def test_a_pretrained_run_describes_itself_and_refuses_a_tokenizer_larger_than_the_embedding(tmp_path, capsys):
+    folder = pretrained_folder(tmp_path / "llama")
+    args = ["train", "--dry-run", f"model.pretrained={folder}", f"data.path={pairs_file(tmp_path / 'pairs.jsonl')}",
+            "data.packing=document", "data.seq_len=16", "privacy.noise_multiplier=1", "parallel.data=1",
+            "train.batch_size=8", "train.micro_batch_size=4",
+            f"data.cache_dir={tmp_path / 'cache'}", f"train.run_dir={tmp_path / 'run'}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"model: {folder} (llama), 2 layers, d_model 32" in out
+    assert "pairs: 48 prompt/completion examples, loss on completion tokens only" in out
+    assert load_text_tokenizer(tmp_path / "run" / "tokenizer").encode("a river") == \
+        load_text_tokenizer(folder).encode("a river")  # the run keeps its own copy of the tokenizer
+    big = tmp_path / "big"
+    big.mkdir()
+    Tokenizer(WordLevel({f"w{k}": k for k in range(400)} | {"</s>": 400}, unk_token="w0")).save(str(big / "tokenizer.json"))
+    (big / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    assert main([*args, f"data.tokenizer_path={big}", f"train.run_dir={tmp_path / 'run2'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"has 401 ids but the model in {folder} embeds only 304; use the tokenizer that came with the model" in err
+    assert "\n" not in err.strip()

@@ -32,7 +32,10 @@ def run(args) -> int:
         return 2
     d = cfg.data
     print(f"corpus: {data.num_files} files from {data.source}")
-    print(f"tokens: {data.num_tokens:,} ({d.tokenizer_model} vocabulary of {data.vocab_size})")
+    vocabulary = d.tokenizer_path or f"{d.tokenizer_model} trained on the corpus"
+    print(f"tokens: {data.num_tokens:,} (vocabulary of {data.vocab_size}: {vocabulary})")
+    if data.pair_summary():
+        print(data.pair_summary())
     print(f"examples: {data.num_train:,} training + {data.num_val:,} validation sequences of {data.seq_len} tokens "
           f"(data.packing={d.packing})")
     print(f"cache: {data.cache_path} ({'found' if data.from_cache else 'built'} in "

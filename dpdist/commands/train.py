@@ -107,6 +107,7 @@ class PreparedRun:
     run_dir: Path
     plan: "RunPlan"
     checkpoint: Path | None  # where the workers resume, None for a fresh start
+    data_notes: tuple[str, ...] = ()  # what the data step reports beside the counts (pair truncation)
 
 
 def resolved_config(cfg: RunConfig, vocab_size: int, run_dir: Path) -> RunConfig:
@@ -146,15 +147,22 @@ def prepare_run(cfg: RunConfig, resume: str | None = None, rewind: bool = False)
     keep_vocabulary(data.tokenizer_path, run_dir / vocabulary_file(cfg))
     dump_config(cfg, run_dir / "config.yaml")
     plan.save(run_dir / "plan.json")
-    return PreparedRun(cfg, run_dir, plan, checkpoint)
+    notes = tuple(note for note in (data.pair_summary(),) if note)
+    return PreparedRun(cfg, run_dir, plan, checkpoint, notes)
 
 
-def describe(cfg: RunConfig, plan) -> str:
+def describe(prepared: PreparedRun) -> str:
     from ..train.backends import backend_for
 
-    p = cfg.privacy
+    cfg, plan = prepared.cfg, prepared.plan
+    p, m, t = cfg.privacy, cfg.model, cfg.train
+    source = f"{m.pretrained} ({m.hf_model_type or m.arch})" if m.pretrained else f"{m.arch}, from scratch"
+    adapters = f"; LoRA rank {cfg.lora.rank} on {cfg.lora.targets}, base frozen" if cfg.lora.enabled else ""
+    schedule = t.lr_schedule + (f" after {t.warmup_steps} warm-up steps" if t.warmup_steps else "")
     lines = [f"data: {plan.num_examples} training sequences of {cfg.data.seq_len} tokens (one sequence = one "
-             f"privacy unit), vocab {plan.vocab_size}",
+             f"privacy unit), vocab {plan.vocab_size}", *prepared.data_notes,
+             f"model: {source}, {m.n_layers} layers, d_model {m.d_model}, {m.dtype}{adapters}",
+             f"optimizer: {t.optimizer}, lr {t.lr:g} ({schedule})",
              f"parallel: {cfg.parallel.data} data x {cfg.parallel.tensor} tensor on {cfg.parallel.device}"
              + backend_for(cfg).describe()]
     if p.enabled:
@@ -197,7 +205,7 @@ def run(args) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(describe(cfg, plan), flush=True)
+    print(describe(prepared), flush=True)
     if checkpoint is not None:
         print(f"resuming from {checkpoint}", flush=True)
     if args.dry_run:
