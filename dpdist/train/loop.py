@@ -61,16 +61,20 @@ def _all_sum(values: list[float], mesh: Mesh) -> list[float]:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def validation_loss(model, data, mesh: Mesh, micro_batch_size: int, max_examples: int = 512) -> float:
-    """Mean per-example loss on the held-out split (each data-parallel rank takes a strided share)."""
+    """Mean per-example loss on the held-out split (each data-parallel rank takes a strided share), with
+    dropout (LoRA's) off and the model's training mode restored after."""
     n = min(data.num_val, max_examples)
     indices = torch.arange(mesh.dp_rank, n, mesh.dp_size)
-    total = 0.0
+    total, training = 0.0, model.training
+    model.eval()
     for chunk in indices.split(micro_batch_size):
         input_ids, labels = data.val_batch(chunk)
         logits = model(input_ids.to(mesh.device))
         total += float(per_example_loss(logits, labels.to(mesh.device), vocab_start=model.vocab_start,
                                         tp_group=mesh.tp_group).sum())
+    model.train(training)
     total, count = _all_sum([total, float(len(indices))], mesh)
     return total / max(count, 1.0)
 
