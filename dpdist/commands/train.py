@@ -236,9 +236,11 @@ def format_summary(summary: dict, cfg: RunConfig) -> str:
     if summary["stopped_by_signal"]:
         return (f"stopped by a signal after step {summary['steps']}; checkpoint {summary['checkpoint']}\n"
                 f"  continue with: dpdist train --config {cfg.train.run_dir}/config.yaml --resume auto")
+    validation = (f"validation loss {summary['val_loss']:.4f} (perplexity {summary['val_perplexity']:.1f})"
+                  if summary["val_loss"] == summary["val_loss"] else  # nan: no example was held out
+                  f"no validation split (data.val_fraction={cfg.data.val_fraction} of the examples rounds to 0)")
     lines = [f"done: {summary['steps']} steps" + (" (stopped: privacy budget reached)" if summary["budget_stopped"] else ""),
-             f"  final train loss {summary['train_loss']:.4f}, validation loss {summary['val_loss']:.4f} "
-             f"(perplexity {summary['val_perplexity']:.1f})"]
+             f"  final train loss {summary['train_loss']:.4f}, {validation}"]
     if "epsilon" in summary:
         lines.append(f"  privacy: epsilon = {summary['epsilon']:.3f} (PLD; RDP {summary['epsilon_rdp']:.3f}) at delta = "
                      f"{summary['delta']:.2e}, sigma {summary['noise_multiplier']:.4f}, q {summary['sample_rate']:.5f}")
