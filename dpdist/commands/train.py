@@ -237,7 +237,7 @@ def format_summary(summary: dict, cfg: RunConfig) -> str:
         return (f"stopped by a signal after step {summary['steps']}; checkpoint {summary['checkpoint']}\n"
                 f"  continue with: dpdist train --config {cfg.train.run_dir}/config.yaml --resume auto")
     validation = (f"validation loss {summary['val_loss']:.4f} (perplexity {summary['val_perplexity']:.1f})"
-                  if summary["val_loss"] == summary["val_loss"] else  # nan: no example was held out
+                  if summary["val_loss"] is not None else
                   f"no validation split (data.val_fraction={cfg.data.val_fraction} of the examples rounds to 0)")
     lines = [f"done: {summary['steps']} steps" + (" (stopped: privacy budget reached)" if summary["budget_stopped"] else ""),
              f"  final train loss {summary['train_loss']:.4f}, {validation}"]

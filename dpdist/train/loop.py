@@ -209,9 +209,9 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
         print(f"privacy budget reached: the ledger's {first_release + allowed} releases (some of them replayed "
               f"steps) leave no room for step {end} within epsilon {plan.epsilon_budget}; stopped before it",
               file=sys.stderr, flush=True)
-    val_loss = validation_loss(model, data, mesh, cfg.train.micro_batch_size) if data.num_val else float("nan")
+    val_loss = validation_loss(model, data, mesh, cfg.train.micro_batch_size) if data.num_val else None
     summary = {"steps": end, "train_loss": last_loss, "val_loss": val_loss,
-               "val_perplexity": math.exp(min(val_loss, 50.0)), "delta": plan.delta,
+               "val_perplexity": None if val_loss is None else math.exp(min(val_loss, 50.0)), "delta": plan.delta,
                "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
                "budget_stopped": end < cfg.train.steps, "stopped_by_signal": False,
                "resumed_from": resumed_from}
