@@ -22,7 +22,7 @@ from torch import nn
 from dpdist.cli import main
 from dpdist.config import dump_config, load_config
 from dpdist.data.text_tokenizer import load_text_tokenizer
-from dpdist.eval.generate import frame_prompt, known_ids, next_token, sample
+from dpdist.eval.generate import frame_prompt, next_token, sample
 from dpdist.model.hf import load_pretrained
 
 from helpers import ROOT
@@ -56,7 +56,7 @@ def transformers_greedy(folder, context, max_new_tokens, eos_id, pad_id):
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64, attn_implementation="eager").eval()
     model.generation_config.eos_token_id = None  # only the eos passed below stops it
-    tokenizer_ids = known_ids(load_text_tokenizer(folder))
+    tokenizer_ids = load_text_tokenizer(folder).num_ids
     out = model.generate(torch.tensor([context]), do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
                          pad_token_id=pad_id, suppress_tokens=list(range(tokenizer_ids, VOCAB)))
     return out[0, len(context):].tolist()
@@ -66,7 +66,7 @@ def transformers_greedy(folder, context, max_new_tokens, eos_id, pad_id):
 def test_greedy_is_transformers_greedy(folders, kind):
     folder = folders[kind]
     tokenizer = load_text_tokenizer(folder)
-    assert (known_ids(tokenizer), tokenizer.vocab_size) == (300, VOCAB)  # the config pads 4 rows no token uses
+    assert (tokenizer.num_ids, tokenizer.vocab_size) == (300, VOCAB)  # the config pads 4 rows no token uses
     model = load_pretrained(folder, torch.float64).eval()
     for prompt in PROMPTS:
         context = frame_prompt(tokenizer, prompt)

@@ -91,7 +91,7 @@ def generate(args) -> tuple[str, list[int]]:
     """The decoded continuation of ``args.prompt`` and its ids (the last one eos if it came)."""
     from tqdm import tqdm
 
-    from ..eval.generate import frame_prompt, known_ids, sample
+    from ..eval.generate import frame_prompt, sample
     from .eval import checked_device
 
     checked_settings(args)
@@ -107,7 +107,7 @@ def generate(args) -> tuple[str, list[int]]:
     else:
         raise ConfigError(f"{folder} holds neither config.yaml (a dpdist run) nor config.json (a Hugging Face "
                           "model); give one of them")
-    vocabulary = known_ids(tokenizer)
+    vocabulary = tokenizer.num_ids
     if vocabulary > model.cfg.vocab_size:
         raise ConfigError(f"the tokenizer in {folder} has {vocabulary} ids but the model scores only "
                           f"{model.cfg.vocab_size}; they do not belong together")

@@ -39,10 +39,12 @@ class TextTokenizer:
     """Text to ids and back, with the ids the pipeline frames documents and pairs with.
 
     ``vocab_size``: rows the model's embedding needs (a Hugging Face folder's ``config.json`` may pad
-    it beyond the tokenizer's last id); ``pad_id``: an id that exists, written where an example has
-    no token (its label is always ignored)."""
+    it beyond the tokenizer's last id); ``num_ids``: the ids the tokenizer itself has (what sampling
+    may produce); ``pad_id``: an id that exists, written where an example has no token (its label is
+    always ignored)."""
 
     vocab_size: int
+    num_ids: int
     eos_id: int
     bos_id: int | None
     add_bos: bool
@@ -66,6 +68,7 @@ class SentencePieceTokenizer(TextTokenizer):
         """``specials``: a Hugging Face folder's special tokens (see ``_folder_specials``); None for a
         bare ``.model`` file."""
         self.processor = spm.SentencePieceProcessor(model_file=str(model))
+        self.num_ids = self.processor.get_piece_size()
         own_bos = self.processor.bos_id() if self.processor.bos_id() >= 0 else None
         own_eos = self.processor.eos_id() if self.processor.eos_id() >= 0 else None
         if specials is None:
@@ -110,7 +113,8 @@ class HuggingFaceTokenizer(TextTokenizer):
             raise ConfigError(f"data.tokenizer_path: {file} names no end-of-sequence token; add \"eos_token\" to a "
                               "tokenizer_config.json beside it")
         self.add_bos = self.bos_id is not None and bool(specials.get("add_bos_token", self._prepends_bos()))
-        self.vocab_size = max(max(vocab.values()) + 1, specials.get("vocab_size") or 0)
+        self.num_ids = max(vocab.values()) + 1
+        self.vocab_size = max(self.num_ids, specials.get("vocab_size") or 0)
         self.pad_id = self.eos_id
 
     def _prepends_bos(self) -> bool:

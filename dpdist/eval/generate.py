@@ -20,15 +20,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..data.text_tokenizer import SentencePieceTokenizer, TextTokenizer
-
-
-def known_ids(tokenizer: TextTokenizer) -> int:
-    """How many ids the tokenizer itself can produce (``vocab_size`` counts the model's rows, which a
-    Hugging Face ``config.json`` may pad beyond them)."""
-    if isinstance(tokenizer, SentencePieceTokenizer):
-        return tokenizer.processor.get_piece_size()
-    return max(tokenizer.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+from ..data.text_tokenizer import TextTokenizer
 
 
 def frame_prompt(tokenizer: TextTokenizer, prompt: str) -> list[int]:
