@@ -3,7 +3,8 @@
 Import reads ``config.json`` into a :class:`ModelConfig` and fills a model built on the meta device
 from safetensors slices: every rank reads only the rows or columns of its own shards, so no process
 ever holds the full model unless it is the whole model.  Export writes a full state dict (our names,
-no vocabulary padding) as one ``model.safetensors`` with the ``config.json`` transformers reads.
+no vocabulary padding) as one ``model.safetensors`` with the ``config.json`` transformers reads; the
+adapters of a LoRA model export in peft's format (``adapter_config.json`` + ``adapter_model.safetensors``).
 
 Names: a Llama-family module is named as in transformers (HF key = ``"model." + ours``, ``lm_head``
 as is).  GPT-2 keeps dpdist's GPT names and differs in layout: its Conv1D weights are stored
@@ -307,8 +308,10 @@ def _export_type(cfg: ModelConfig) -> str:
     return kind
 
 
-def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
-    """The ``config.json`` of ``cfg``'s export (special token ids copied from the imported folder if any)."""
+def hf_config(cfg: ModelConfig, dtype: torch.dtype, token_ids: dict[str, int] | None = None) -> dict:
+    """The ``config.json`` of ``cfg``'s export.  ``token_ids``: its special token ids (``bos_token_id``,
+    ``eos_token_id``, ``pad_token_id``), e.g. from the tokenizer the model was trained with; None: those
+    of the imported folder, when it is still there."""
     kind = _export_type(cfg)
     common = {"architectures": [HF_CLASSES[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
               "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": str(dtype).removeprefix("torch.")}
@@ -329,17 +332,20 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
             shape["sliding_window"] = cfg.sliding_window
         if kind == "qwen2":
             shape.update(use_sliding_window=False, sliding_window=None)
-    tokens = {}
-    if cfg.pretrained is not None and (Path(cfg.pretrained) / "config.json").is_file():
+    if token_ids is None and cfg.pretrained is not None and (Path(cfg.pretrained) / "config.json").is_file():
         source = json.loads((Path(cfg.pretrained) / "config.json").read_text())
-        tokens = {key: source[key] for key in SPECIAL_TOKENS if source.get(key) is not None}
-    return {**common, **shape, **tokens}
+        token_ids = {key: source[key] for key in SPECIAL_TOKENS if source.get(key) is not None}
+    unknown = sorted(set(token_ids or {}) - set(SPECIAL_TOKENS))
+    if unknown:
+        raise ValueError(f"token_ids has {', '.join(unknown)}; give only {', '.join(SPECIAL_TOKENS)}")
+    return {**common, **shape, **(token_ids or {})}
 
 
-def save_pretrained(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path) -> Path:
+def save_pretrained(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
+                    token_ids: dict[str, int] | None = None) -> Path:
     """Write a full state dict with our names (``strip_vocab_padding(full_state_dict(...))``) as a Hugging
-    Face folder for ``cfg.hf_model_type`` (default gpt2 for gpt, llama for llama): config.json and one
-    model.safetensors.  Returns the folder."""
+    Face folder for ``cfg.hf_model_type`` (default gpt2 for gpt, llama for llama): config.json (special
+    token ids as :func:`hf_config` takes them) and one model.safetensors.  Returns the folder."""
     kind = _export_type(cfg)
     out_dir = Path(out_dir)
     tensors = {}
@@ -348,13 +354,72 @@ def save_pretrained(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: s
         if name.endswith(("tok_emb.weight", "embed_tokens.weight")) or name == "lm_head.weight":
             tensor = tensor[: cfg.vocab_size]
         if kind == "gpt2" and ".attn.c_attn." in key:
-            order = torch.argsort(_gpt2_qkv_order(cfg.n_heads, cfg.d_model // cfg.n_heads))
-            tensor = tensor[order] if tensor.dim() == 1 else tensor.t()[:, order]
+            tensor = _to_gpt2_qkv(cfg, tensor if tensor.dim() == 1 else tensor.t(), dim=-1)
         elif kind == "gpt2" and CONV1D.search(key):
             tensor = tensor.t()
         tensors[key] = tensor.contiguous()
     dtype = next(iter(tensors.values())).dtype
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(hf_config(cfg, dtype, token_ids), indent=2) + "\n")
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+def _to_gpt2_qkv(cfg: ModelConfig, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """``tensor`` with its ``dim`` (our qkv outputs, ordered head, q|k|v, dim) in c_attn's order (q | k | v)."""
+    order = torch.argsort(_gpt2_qkv_order(cfg.n_heads, cfg.d_model // cfg.n_heads))
+    return tensor.index_select(dim, order)
+
+
+# --------------------------------------------------------------------------------------------- adapters
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # what peft's PeftModelForCausalLM puts in front of the model's names
+
+
+def peft_adapter(state: dict[str, torch.Tensor], cfg: ModelConfig, *, rank: int, alpha: float, dropout: float,
+                 base: str | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The ``adapter_config.json`` and ``adapter_model.safetensors`` tensors of peft's LoRA format for
+    the adapters in ``state`` (a full state dict of an adapted model, ``dpdist.model.lora``), applied
+    to the Hugging Face export of ``cfg``; ``base``: the base model's name or folder, or None.
+
+    peft computes ``base(x) + (alpha / r) lora_B(lora_A(dropout(x)))`` as we do, so A and B keep their
+    shapes under the base layer's Hugging Face name.  GPT-2's Conv1D layers only store their own weight
+    transposed (peft's ``fan_in_fan_out`` concerns merging into it), but the outputs of ``c_attn`` come
+    in GPT-2's q | k | v order: the rows of its B are permuted as the base's are."""
+    kind = _export_type(cfg)
+    tensors, leaves = {}, set()
+    for key, value in state.items():
+        module, dot, param = key.rpartition(".lora_")
+        if not dot:
+            continue
+        if param not in ("A.weight", "B.weight"):
+            raise ValueError(f"{key} is not a LoRA adapter weight (lora_A.weight or lora_B.weight)")
+        if param == "A.weight" and value.shape[0] != rank:
+            raise ValueError(f"{key} has rank {value.shape[0]}, not lora.rank {rank}; export with the lora section "
+                             "the adapters were trained with")
+        name = hf_name(cfg, module)
+        value = value.detach().cpu()
+        if kind == "gpt2" and name.endswith(".attn.c_attn") and param == "B.weight":
+            value = _to_gpt2_qkv(cfg, value, dim=0)
+        tensors[f"{PEFT_PREFIX}{name}.lora_{param}"] = value.contiguous()
+        leaves.add(name.rsplit(".", 1)[-1])
+    if not tensors:
+        raise ValueError("the state dict holds no LoRA adapters (no .lora_A.weight / .lora_B.weight keys)")
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": rank,
+              "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(leaves), "bias": "none",
+              "fan_in_fan_out": kind == "gpt2", "use_rslora": False, "use_dora": False, "modules_to_save": None,
+              "init_lora_weights": True, "inference_mode": True}
+    return config, tensors
+
+
+def save_adapter(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path, *, rank: int, alpha: float,
+                 dropout: float, base: str | None) -> Path:
+    """Write :func:`peft_adapter`'s ``adapter_config.json`` and ``adapter_model.safetensors`` into
+    ``out_dir``, which ``peft.PeftModel.from_pretrained(base_model, out_dir)`` loads.  Returns the folder."""
+    config, tensors = peft_adapter(state, cfg, rank=rank, alpha=alpha, dropout=dropout, base=base)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return out_dir
