@@ -20,7 +20,6 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch import nn
 
 from dpdist import load_pretrained
 from dpdist.cli import main
@@ -32,29 +31,11 @@ from dpdist.model.hf import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 from dpdist.model.lora import add_adapters
 from dpdist.parallel.state import full_state_dict
 from dpdist.privacy.ledger import PrivacyLedger
-from helpers.hf_folders import SENTENCES, pairs_file, pretrained_folder
+from helpers.hf_folders import SENTENCES, float64_reference, pairs_file, pretrained_folder
 
 TEXT = "the patient asked for a refund; def add(a, b): return a + b"
 LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8",
         "lora.targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"]
-
-
-class RMSNorm64(nn.Module):
-    """transformers' RMSNorm formula without its float32 upcast."""
-
-    def __init__(self, weight: nn.Parameter, eps: float):
-        super().__init__()
-        self.weight, self.eps = weight, eps
-
-    def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-
-
-def float64_reference(model: nn.Module) -> nn.Module:
-    for name, module in list(model.named_modules()):
-        if type(module).__name__.endswith("RMSNorm"):
-            model.set_submodule(name, RMSNorm64(module.weight, module.variance_epsilon))
-    return model.eval()
 
 
 def hf_model(folder):

@@ -34,7 +34,7 @@ from dpdist.model.hf import hf_name, read_config, save_pretrained
 from dpdist.parallel.cross_entropy import per_example_loss
 from dpdist.parallel.state import full_state_dict
 from dpdist.privacy.clipping import EPS
-from helpers.hf_folders import pairs_file, pretrained_folder
+from helpers.hf_folders import float64_reference, pairs_file, pretrained_folder
 
 VOCAB, SEQ, BATCH = 61, 12, 4
 LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
@@ -52,17 +52,6 @@ CONFIGS = {
 }
 
 
-class RMSNorm64(nn.Module):
-    """transformers' RMSNorm formula without its float32 upcast."""
-
-    def __init__(self, weight: nn.Parameter, eps: float):
-        super().__init__()
-        self.weight, self.eps = weight, eps
-
-    def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-
-
 def reference(hf_config, seed: int = 0) -> nn.Module:
     """A transformers model in float64 with weights away from their init (norms and biases not 1 and 0)."""
     torch.manual_seed(seed)
@@ -70,10 +59,7 @@ def reference(hf_config, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    for name, module in list(model.named_modules()):
-        if type(module).__name__.endswith("RMSNorm"):
-            model.set_submodule(name, RMSNorm64(module.weight, module.variance_epsilon))
-    return model
+    return float64_reference(model)
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -160,10 +146,7 @@ def test_export_loads_in_transformers_with_equal_logits(imported, tmp_path):
     save_pretrained(strip_vocab_padding(full_state_dict(ours, None), ours), ours.cfg, tmp_path / "out")
     source, written = (json.loads((f / "config.json").read_text()) for f in (folder, tmp_path / "out"))
     assert written["model_type"] == source["model_type"] and written["eos_token_id"] == source["eos_token_id"]
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
-    for name, module in list(back.named_modules()):
-        if type(module).__name__.endswith("RMSNorm"):
-            back.set_submodule(name, RMSNorm64(module.weight, module.variance_epsilon))
+    back = float64_reference(AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64))
     ids, _ = batch()
     with torch.no_grad():
         assert relative_error(ours(ids), back(ids).logits) < 1e-10, family
@@ -181,10 +164,7 @@ def test_a_model_trained_here_exports_to_transformers(tmp_path, shape):
         for p in ours.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(6), dtype=p.dtype) * 0.05)
     save_pretrained({n: p.detach() for n, p in ours.named_parameters()}, cfg, tmp_path)
-    back = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
-    for name, module in list(back.named_modules()):
-        if type(module).__name__.endswith("RMSNorm"):
-            back.set_submodule(name, RMSNorm64(module.weight, module.variance_epsilon))
+    back = float64_reference(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64))
     ids, _ = batch()
     with torch.no_grad():
         assert relative_error(ours(ids), back(ids).logits) < 1e-10

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 SENTENCES = [
     "the patient was given two tablets of aspirin after the meal",
@@ -66,3 +67,22 @@ def pairs_file(path: Path, count: int = 48) -> Path:
              for k in range(count)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+class RMSNorm64(nn.Module):
+    """transformers' RMSNorm formula without its float32 upcast (which would cap agreement at ~1e-7)."""
+
+    def __init__(self, weight: nn.Parameter, eps: float):
+        super().__init__()
+        self.weight, self.eps = weight, eps
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def float64_reference(model: nn.Module) -> nn.Module:
+    """A transformers model (float64) whose RMSNorms compute in float64 too, in eval mode."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RMSNorm"):
+            model.set_submodule(name, RMSNorm64(module.weight, module.variance_epsilon))
+    return model.eval()
