@@ -12,6 +12,7 @@ inputs); in the reference models it is replaced by the same formula kept in the 
 that float64 comparisons test the architecture, not float32 rounding.  Its rotary angles are float32
 too, and ours are formed the same way, so those are compared as they are.
 """
+import copy
 import json
 import warnings
 
@@ -30,7 +31,8 @@ from dpdist.cli import main
 from dpdist.config import ConfigError, load_config
 from dpdist.data.text_tokenizer import load_text_tokenizer
 from dpdist.model import strip_vocab_padding
-from dpdist.model.hf import hf_name, read_config, save_pretrained
+from dpdist.model.hf import hf_name, peft_adapter, read_config, save_adapter, save_pretrained
+from dpdist.model.lora import LoraLinear, add_adapters
 from dpdist.parallel.cross_entropy import per_example_loss
 from dpdist.parallel.state import full_state_dict
 from dpdist.privacy.clipping import EPS
@@ -264,3 +266,38 @@ def test_a_pretrained_run_describes_itself_and_refuses_a_tokenizer_larger_than_t
     err = capsys.readouterr().err
     assert f"has 401 ids but the model in {folder} embeds only 304; use the tokenizer that came with the model" in err
     assert "\n" not in err.strip()
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "materialise"])
+def test_lora_norms_and_clipped_sums_equal_brute_force_on_peft(imported, tmp_path, strategy):
+    """DP-LoRA on an imported model: per-example norms of the adapters alone, against torch.func on
+    peft's own LoRA model over the same transformers model, with prompt masking."""
+    from peft import PeftModel
+
+    family, hf, _, folder = imported
+    ours = load_pretrained(folder)
+    add_adapters(ours, rank=3, alpha=6.0)
+    with torch.no_grad():  # B starts at 0: move both factors so every adapter term counts
+        for name, p in ours.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name)), dtype=p.dtype) * 0.1)
+    state = {name: p.detach() for name, p in ours.named_parameters()}
+    save_adapter(state, ours.cfg, tmp_path / "adapter", rank=3, alpha=6.0, dropout=0.0, base=str(folder))
+    peft = float64_reference(PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "adapter"))
+    ids, hf_labels = batch()
+    labels = shifted(hf_labels)
+    with torch.no_grad():
+        assert relative_error(ours(ids), peft(ids).logits) < 1e-10, family
+    grads = {name: g for name, g in hf_per_example_grads(peft, ids[:3], hf_labels[:3]).items() if "lora_" in name}
+    assert len(grads) == 2 * sum(isinstance(m, LoraLinear) for m in ours.modules())  # an A and a B each
+    want = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
+    norms = audit.per_example_norms(ours, ids, labels, strategy=strategy)
+    assert torch.allclose(norms[:3], want, rtol=1e-9, atol=0) and norms[3] == 0
+    clip = float(want.median())
+    clipped = audit.clipped_sum(ours, ids, labels, clip)
+    assert all("lora_" in name for name in clipped)  # the frozen base has no gradient to release
+    _, exported = peft_adapter(clipped, ours.cfg, rank=3, alpha=6.0, dropout=0.0, base=None)
+    factors = (clip / (want + EPS)).clamp(max=1.0)
+    for name, g in grads.items():
+        key = name.replace(".default", "")
+        assert relative_error(exported[key], torch.einsum("b,b...->...", factors, g)) < 1e-9, key
