@@ -31,6 +31,7 @@ from dpdist.model.hf import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 from dpdist.model.lora import add_adapters
 from dpdist.parallel.state import full_state_dict
 from dpdist.privacy.ledger import PrivacyLedger
+from helpers import ROOT
 from helpers.hf_folders import SENTENCES, float64_reference, pairs_file, pretrained_folder
 
 TEXT = "the patient asked for a refund; def add(a, b): return a + b"
@@ -69,9 +70,9 @@ def folder(tmp_path_factory):
     return pretrained_folder(tmp_path_factory.mktemp("llama") / "tiny-llama")
 
 
-def train(base, folder, name, *extra):
+def train(base, folder, name, *extra, config=None):
     run_dir = base / name
-    args = ["train", f"model.pretrained={folder}", "model.dtype=float64", f"data.path={pairs_file(base / 'pairs.jsonl')}",
+    args = ["train", *(["--config", str(config)] if config else []), f"model.pretrained={folder}", "model.dtype=float64", f"data.path={pairs_file(base / 'pairs.jsonl')}",
             "data.seq_len=16", "data.packing=document", f"data.cache_dir={base / 'cache'}", "train.steps=3",
             "train.batch_size=8", "train.micro_batch_size=4", "train.lr=0.01", "train.progress=false",
             "privacy.noise_multiplier=1.0", "privacy.target_epsilon=null", "parallel.data=1",
@@ -87,7 +88,13 @@ def full_run(tmp_path_factory, folder):
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, folder):
-    return train(tmp_path_factory.mktemp("lora"), folder, "run", *LORA, "parallel.tensor=2")
+    """The shipped DP-LoRA config (tensor 2) on a tiny folder, shortened to 3 steps."""
+    run_dir = train(tmp_path_factory.mktemp("lora"), folder, "run", "lora.rank=4", "lora.alpha=8",
+                    "train.warmup_steps=1", config=ROOT / "configs" / "finetune-llama-lora.yaml")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epsilon"] > 0 and summary["steps"] == 3
+    assert load_config(run_dir / "config.yaml").lora.targets == LORA[-1].split("=")[1]
+    return run_dir
 
 
 def card_front_matter(folder) -> dict:
