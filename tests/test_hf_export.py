@@ -32,6 +32,7 @@ from dpdist.model.lora import add_adapters
 from dpdist.parallel.state import full_state_dict
 from dpdist.privacy.ledger import PrivacyLedger
 from helpers import ROOT
+from helpers.runs import prepared, train_in_process
 from helpers.hf_folders import SENTENCES, float64_reference, pairs_file, pretrained_folder
 
 TEXT = "the patient asked for a refund; def add(a, b): return a + b"
@@ -247,3 +248,18 @@ def test_the_single_file_keeps_a_hugging_face_tokenizer_folder(full_run, tmp_pat
         (restored / name).write_bytes(base64.b64decode(blob))
     ours, theirs = load_text_tokenizer(full_run / "tokenizer"), load_text_tokenizer(restored)
     assert theirs.encode(TEXT) == ours.encode(TEXT) and (theirs.bos_id, theirs.eos_id) == (ours.bos_id, ours.eos_id)
+
+
+@pytest.mark.slow
+def test_a_run_with_its_own_sentencepiece_tokenizer_exports_one_transformers_reads(tmp_path, cache):
+    from transformers import AutoTokenizer
+
+    run_dir = prepared(cache, tmp_path / "run", 1, 1, "float64", "train.steps=2", "train.checkpoint_every=0")
+    train_in_process(run_dir)
+    assert main(["export", str(run_dir), "--hf", str(tmp_path / "hf")]) == 0
+    ours, theirs = load_text_tokenizer(run_dir / "tokenizer.model"), AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in (TEXT, *SENTENCES, "  two  spaces\n\ttab", "Ünïcode ✓ bytes"):
+        assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
+        assert theirs.decode(ours.encode(text)) == text
+    assert (theirs.eos_token_id, theirs.pad_token_id) == (ours.eos_id, ours.pad_id)
+    assert relative_error(hf_logits(hf_model(tmp_path / "hf")), run_logits(run_dir)) < 1e-10

@@ -131,7 +131,7 @@ def export(run_dir: Path, out: Path) -> dict:
 
 def export_hf(run_dir: Path, out_dir: Path) -> dict:
     """Write the run as a Hugging Face model folder ``out_dir``; the privacy report."""
-    from ..data.text_tokenizer import load_text_tokenizer, tokenizer_files
+    from ..data.text_tokenizer import SentencePieceTokenizer, load_text_tokenizer, tokenizer_files
     from ..model.hf import save_pretrained
 
     run_dir = Path(run_dir)
@@ -151,6 +151,8 @@ def export_hf(run_dir: Path, out_dir: Path) -> dict:
         save_pretrained(final_state(run_dir, cfg), cfg.model, folder, token_ids=token_ids)
         for file in tokenizer_files(vocabulary):  # a folder's config.json is the source model's: ours is written
             shutil.copyfile(file, folder / file.name)
+        if isinstance(tokenizer, SentencePieceTokenizer) and not (folder / "tokenizer_config.json").exists():
+            (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer.hugging_face_config(), indent=2) + "\n")
         (folder / CARD).write_text(model_card(report, cfg, "transformers"))
 
     _write_folder(out_dir, fill)

@@ -85,6 +85,18 @@ class SentencePieceTokenizer(TextTokenizer):
                               "with one (or name eos_token in its tokenizer_config.json)")
         self.pad_id = self.processor.pad_id() if self.processor.pad_id() >= 0 else self.eos_id
 
+    def hugging_face_config(self) -> dict:
+        """A ``tokenizer_config.json`` with which transformers reads this model as the pipeline does:
+        its special pieces, no bos or eos added unless the pipeline adds them, and sentencepiece's own
+        dummy prefix only if the model has one (dpdist's trained models do not)."""
+        p = self.processor
+        specials = {f"{kind}_token": p.id_to_piece(i) for kind, i in
+                    (("bos", self.bos_id), ("eos", self.eos_id), ("unk", p.unk_id()), ("pad", self.pad_id))
+                    if i is not None and i >= 0}
+        dummy_prefix = p.encode("a", out_type=str)[0].startswith("\u2581")
+        return {"tokenizer_class": "LlamaTokenizer", **specials, "add_bos_token": self.add_bos, "add_eos_token": False,
+                "legacy": False, "add_prefix_space": dummy_prefix}
+
     def _piece_id(self, piece: str) -> int | None:
         """The id of ``piece``; None when absent (sentencepiece answers the unknown piece's id then)."""
         found = self.processor.piece_to_id(piece)
