@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dpdist import load_pretrained
+from dpdist import load_pretrained
 from dpdist.cli import main
 from dpdist.commands.export import CARD, TOKENIZER_FILES_KEY
 from dpdist.config import load_config
@@ -54,11 +55,11 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max())
 
 
-def run_logits(run_dir) -> torch.Tensor:
+def run_logits(run_dir, vocab: int = 300) -> torch.Tensor:
     """The run's final model as ``dpdist eval`` loads it (LoRA adapters unmerged)."""
     cfg = load_config(run_dir / "config.yaml")
     with torch.no_grad():
-        return load_model(cfg, run_dir / "final" / "model.pt", torch.device("cpu"))(ids())
+        return load_model(cfg, run_dir / "final" / "model.pt", torch.device("cpu"))(ids(vocab))
 
 
 def hf_logits(model) -> torch.Tensor:
@@ -213,15 +214,12 @@ def test_refusals_on_a_full_run_are_one_line(full_run, tmp_path, capsys, args, m
 
 
 @pytest.mark.parametrize("flag", ["--hf", "--adapter"])
-def test_unfinished_runs_item_runs_and_lora_from_scratch_are_refused(tmp_path, capsys, flag):
+def test_unfinished_runs_and_lora_from_scratch_are_refused(tmp_path, capsys, flag):
     out = str(tmp_path / "out")
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "config.yaml").write_text("model: {}\n")
     assert main(["export", str(tmp_path / "unfinished"), flag, out]) == 2
     assert "no final model" in capsys.readouterr().err
-    items = fake_run(tmp_path / "items", "data.source=zipf_items", vocabulary="items.json")
-    assert main(["export", str(items), "--hf", out]) == 2
-    assert "no text tokenizer" in capsys.readouterr().err
     scratch = fake_run(tmp_path / "scratch", "lora.enabled=true")
     assert main(["export", str(scratch), "--adapter", out]) == 2
     assert "from scratch" in capsys.readouterr().err
@@ -263,3 +261,16 @@ def test_a_run_with_its_own_sentencepiece_tokenizer_exports_one_transformers_rea
         assert theirs.decode(ours.encode(text)) == text
     assert (theirs.eos_token_id, theirs.pad_token_id) == (ours.eos_id, ours.pad_id)
     assert relative_error(hf_logits(hf_model(tmp_path / "hf")), run_logits(run_dir)) < 1e-10
+
+
+@pytest.mark.slow
+def test_an_item_run_exports_with_its_catalogue_and_imports_back(tmp_path, cache):
+    run_dir = prepared(cache, tmp_path / "run", 1, 1, "float64", "data.source=zipf_items", "data.max_corpus_mb=4",
+                       "data.vocab_size=4096", "data.num_items=200", "data.num_sequences=400", "train.steps=2",
+                       "train.checkpoint_every=0")
+    train_in_process(run_dir)
+    assert main(["export", str(run_dir), "--hf", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "items.json").read_text() == (run_dir / "items.json").read_text()
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+    with torch.no_grad():
+        assert relative_error(load_pretrained(tmp_path / "hf")(ids(200)), run_logits(run_dir, 200)) < 1e-10

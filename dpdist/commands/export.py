@@ -136,20 +136,18 @@ def export_hf(run_dir: Path, out_dir: Path) -> dict:
 
     run_dir = Path(run_dir)
     cfg, vocabulary = finished_run(run_dir)
-    if cfg.data.source == "zipf_items":
-        raise ConfigError(f"{run_dir} trained on generated item sequences, which have no text tokenizer for a Hugging "
-                          "Face folder; export it with --out FILE")
     _check_free(out_dir)
     report = privacy_report(run_dir, cfg)
-    tokenizer = load_text_tokenizer(vocabulary)
+    items = cfg.data.source == "zipf_items"  # token t is item t: the public catalogue travels instead of a tokenizer
+    tokenizer = None if items else load_text_tokenizer(vocabulary)
     # The ids the run framed its examples with, from its own copy of the tokenizer: the pretrained
     # folder it came from may have moved or changed since.
-    token_ids = {key: value for key, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id))
-                 if value is not None}
+    token_ids = {} if items else {key: value for key, value in (("bos_token_id", tokenizer.bos_id),
+                                                                 ("eos_token_id", tokenizer.eos_id)) if value is not None}
 
     def fill(folder: Path) -> None:
         save_pretrained(final_state(run_dir, cfg), cfg.model, folder, token_ids=token_ids)
-        for file in tokenizer_files(vocabulary):  # a folder's config.json is the source model's: ours is written
+        for file in [vocabulary] if items else tokenizer_files(vocabulary):  # not a folder's config.json: ours is written
             shutil.copyfile(file, folder / file.name)
         if isinstance(tokenizer, SentencePieceTokenizer) and not (folder / "tokenizer_config.json").exists():
             (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer.hugging_face_config(), indent=2) + "\n")
