@@ -14,6 +14,7 @@ rounding.
 """
 import base64
 import json
+import math
 
 import pytest
 import torch
@@ -249,7 +250,7 @@ def test_the_single_file_keeps_a_hugging_face_tokenizer_folder(full_run, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_run_with_its_own_sentencepiece_tokenizer_exports_one_transformers_reads(tmp_path, cache):
+def test_a_run_with_its_own_sentencepiece_tokenizer_exports_one_transformers_reads(tmp_path, cache, capsys):
     from transformers import AutoTokenizer
 
     run_dir = prepared(cache, tmp_path / "run", 1, 1, "float64", "train.steps=2", "train.checkpoint_every=0")
@@ -261,6 +262,15 @@ def test_a_run_with_its_own_sentencepiece_tokenizer_exports_one_transformers_rea
         assert theirs.decode(ours.encode(text)) == text
     assert (theirs.eos_token_id, theirs.pad_token_id) == (ours.eos_id, ours.pad_id)
     assert relative_error(hf_logits(hf_model(tmp_path / "hf")), run_logits(run_dir)) < 1e-10
+    # the export is a pretrained model to fine-tune, whose canary exposure reads the folder's tokenizer
+    tuned = prepared(cache, tmp_path / "tuned", 1, 1, "float64", "train.steps=2", "train.checkpoint_every=0",
+                     f"model.pretrained={tmp_path / 'hf'}")
+    assert load_config(tuned / "config.yaml").data.tokenizer_path == str(tmp_path / "hf")
+    train_in_process(tuned)
+    capsys.readouterr()
+    assert main(["eval", str(tuned), "--candidates", "20", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["canaries"]) == 8 and all(0 <= c["exposure"] <= math.log2(21) for c in result["canaries"])
 
 
 @pytest.mark.slow

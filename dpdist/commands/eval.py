@@ -66,10 +66,15 @@ def checked_inputs(args) -> tuple[object, Path]:
     if not args.no_exposure and not cfg.data.canaries:
         raise ConfigError("this run trained with data.canaries=false, so there are no canaries to measure; pass "
                           "--no-exposure for the validation loss alone")
-    if not args.no_exposure and vocabulary.is_dir():
-        raise ConfigError("canary exposure is scored piece by piece with the run's own sentencepiece tokenizer; this "
-                          "run reads a Hugging Face one, so pass --no-exposure for the validation loss alone")
+    if not args.no_exposure and not sentencepiece_model(vocabulary).is_file():
+        raise ConfigError("canary exposure is scored piece by piece with a sentencepiece tokenizer; this run reads a "
+                          "tokenizer.json, so pass --no-exposure for the validation loss alone")
     return cfg, weights
+
+
+def sentencepiece_model(vocabulary: Path) -> Path:
+    """The sentencepiece model of a run's tokenizer copy: the file itself, or the one in its folder."""
+    return vocabulary / "tokenizer.model" if vocabulary.is_dir() else vocabulary
 
 
 def checked_device(name: str):
@@ -122,7 +127,7 @@ def evaluate(args) -> dict:
         raise ConfigError(f"the corpus of this run ({data.source}) holds no canaries; pass --no-exposure for the "
                           "validation loss alone")
     fmt, canaries = load_canaries(Path(data.canaries_path))
-    scorer = SecretScorer(model, load_tokenizer(args.run_dir / "tokenizer.model"), fmt, device)
+    scorer = SecretScorer(model, load_tokenizer(sentencepiece_model(vocabulary)), fmt, device)
     measured = measure_exposure(canaries, draw_candidates(fmt, args.candidates), scorer)
     result.update(candidates=args.candidates, exposure_ceiling=math.log2(args.candidates + 1),
                   canaries=[{"id": m.canary.number, "secret": m.canary.secret, "text": fmt.line(m.canary.secret),

@@ -19,7 +19,6 @@ import torch
 from tqdm import tqdm
 
 from ..config import ConfigError
-from ..data.tokenizer import EOS_ID, PAD_ID
 from ..parallel.cross_entropy import IGNORE_INDEX, token_losses
 from .exposure import SecretFormat
 
@@ -51,7 +50,7 @@ def secret_window(tokenizer, fmt: SecretFormat, secret: str, max_seq_len: int) -
         offset = end
     if offset != len(line.encode()) or not covering:
         raise ConfigError(f"the tokenizer does not reproduce {line!r} piece by piece; it is not a dpdist tokenizer")
-    window = [EOS_ID] + ids[: covering[-1] + 1]
+    window = [tokenizer.eos_id()] + ids[: covering[-1] + 1]  # a canary line follows a document's end
     cut = max(0, len(window) - (max_seq_len + 1))
     first = covering[0] + 1 - cut
     if first < 1:
@@ -84,7 +83,7 @@ class SecretScorer:
         """Right-padded rows (the model is causal, so padding never changes earlier positions); labels
         are ignored everywhere but on the secret's tokens."""
         width = max(len(ids) for ids, _ in windows) - 1
-        inputs = torch.full((len(windows), width), PAD_ID, dtype=torch.int64)
+        inputs = torch.full((len(windows), width), self.tokenizer.eos_id(), dtype=torch.int64)  # any id: never a target
         labels = torch.full((len(windows), width), IGNORE_INDEX, dtype=torch.int64)
         for row, (ids, first) in enumerate(windows):
             inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
