@@ -66,6 +66,9 @@ class DataConfig:
     zipf_exponent: float = 1.1
     num_sequences: int = 20000
     items_seed: int = 0  # the generated task is public: its seed is not a secret
+    # Whose sequences: "private" (the users a run protects) or "public", a disjoint population of the
+    # same catalogue, to pretrain a model on before fine-tuning it privately.
+    items_users: str = "private"
 
     def validate(self) -> None:
         _positive(self, "data", "seq_len", "vocab_size", "max_corpus_mb", "num_items", "zipf_exponent", "num_sequences")
@@ -76,6 +79,7 @@ class DataConfig:
             raise ConfigError("data.path and data.tokenizer_path are for data.source=text; zipf_items generates its "
                               "own item sequences (tokens are item ids), so unset them")
         _choice("data.tokenizer_model", self.tokenizer_model, ("bpe", "unigram"))
+        _choice("data.items_users", self.items_users, ("private", "public"))
         _choice("data.packing", self.packing, ("stream", "document"))
         if not 0.0 <= self.val_fraction < 0.5:
             raise ConfigError(f"data.val_fraction must be in [0, 0.5); got {self.val_fraction}")

@@ -55,6 +55,16 @@ def test_sequences_are_a_function_of_the_seed_and_split_like_text(tmp_path, smal
         small.tokenizer()
 
 
+def test_public_users_are_another_population_of_the_same_catalogue(tmp_path, small):
+    public = prepare_data(DataConfig(cache_dir=str(tmp_path), **SMALL, items_users="public"))
+    assert public.vocab_size == small.vocab_size and stream(public).shape == stream(small).shape
+    assert not (stream(public)[:, None, :] == stream(small)[None, :100, :]).all(-1).any()  # no private user reappears
+    catalogue = items.make_catalogue(SMALL["num_items"], 1.1, seed=0)  # one catalogue: its chain shows in both
+    tokens = stream(public)
+    assert (catalogue.successors[tokens[:, :-1]] == tokens[:, 1:, None]).any(-1).mean() >= 0.5
+    assert "public sequences" in public.source
+
+
 def test_popularity_is_long_tailed_and_the_successor_chain_is_learnable(small):
     tokens = stream(small)
     counts = np.sort(np.bincount(tokens.ravel(), minlength=small.vocab_size))[::-1]

@@ -46,7 +46,9 @@ SUCCESSORS = 4
 SUCCESSOR_WEIGHTS = (0.4, 0.3, 0.2, 0.1)  # the chain's preference among an item's successors
 FOLLOW, CLUSTER = 0.5, 0.3  # next item: a successor / the user's cluster / else global popularity
 BLOCK_SEQUENCES = 65536  # users generated at once: bounds memory for any num_sequences
-CATALOGUE_STREAM, USERS_STREAM = 0, 1  # independent random streams under one items_seed
+# Independent random streams under one items_seed: the catalogue, the users trained on, and a disjoint
+# public population of the same catalogue (data.items_users=public) to pretrain on.
+CATALOGUE_STREAM, USERS_STREAM, PUBLIC_USERS_STREAM = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,8 @@ def prepare_items(cfg: DataConfig, progress: bool | None = None) -> ItemsData:
     fingerprint = {"format": GENERATOR_VERSION, "source": "zipf_items", "num_items": cfg.num_items,
                    "zipf_exponent": cfg.zipf_exponent, "num_sequences": cfg.num_sequences,
                    "items_seed": cfg.items_seed, "seq_len": cfg.seq_len}
+    if cfg.items_users != "private":  # the private users' caches keep their key
+        fingerprint["items_users"] = cfg.items_users
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cfg.cache_dir) / f"items-{key}"
     from_cache = (cache / META_FILE).exists()
@@ -168,12 +172,13 @@ def _build(cfg: DataConfig, fingerprint: dict, cache: Path, progress: bool) -> N
         with open(staging / TOKENS_FILE, "wb") as out:
             for block, first in enumerate(range(0, cfg.num_sequences, BLOCK_SEQUENCES)):
                 count = min(BLOCK_SEQUENCES, cfg.num_sequences - first)
-                rng = np.random.default_rng([cfg.items_seed, USERS_STREAM, block])
+                stream = PUBLIC_USERS_STREAM if cfg.items_users == "public" else USERS_STREAM
+                rng = np.random.default_rng([cfg.items_seed, stream, block])
                 generate_sequences(catalogue, count, cfg.seq_len + 1, rng).astype(dtype).tofile(out)
                 bar.update(count)
         bar.close()
         description = (f"zipf_items ({cfg.num_items} items, exponent {cfg.zipf_exponent}, {cfg.num_sequences} "
-                       f"sequences, seed {cfg.items_seed})")
+                       f"{cfg.items_users} sequences, seed {cfg.items_seed})")
         meta = {"source": description, "files": 0, "tokens": cfg.num_sequences * (cfg.seq_len + 1),
                 "vocab_size": cfg.num_items, "dtype": dtype.name, "canaries": False, "fingerprint": fingerprint}
         commit_cache(staging, cache, meta)
