@@ -6,8 +6,9 @@ import re
 import pytest
 
 from dpdist.commands import bench
-from dpdist.bench.config import BenchConfig, nonprivate_step_flops, parse_budget
+from dpdist.bench.config import BenchConfig, build_bench_model, make_batch, nonprivate_step_flops, parse_budget
 from dpdist.bench.report import format_report
+from dpdist.bench.runner import OPACUS_SKIPPED
 
 TINY = ["--layers", "1", "--d-model", "32", "--heads", "2", "--vocab", "64", "--seq-len", "8", "--batch", "4",
         "--steps", "2", "--no-opacus", "--json"]
@@ -26,7 +27,8 @@ def _run(argv, capsys):
 def test_bench_json_reports_what_it_measured(capsys):
     out = _run(TINY + ["--budgets", "0,none"], capsys)
     assert out["config"] == {"layers": 1, "d_model": 32, "heads": 2, "vocab": 64, "seq_len": 8, "batch": 4, "steps": 2,
-                             "mlp_ratio": 4, "seed": 0}
+                             "mlp_ratio": 4, "seed": 0, "arch": "gpt", "kv_heads": None, "mlp_hidden": None,
+                             "lora_rank": 0}
     # two steps per mode, the first one warm-up: mean and min are the second step's time
     for mode in ("nonprivate", "dp"):
         times = out[f"{mode}_step_times_s"]
@@ -67,6 +69,84 @@ def test_flop_count_and_budget_parsing():
     # forward: linears 2*2*(3*16+16+2*4*16) = 768, attention 4*4*4 = 64, vocab 2*2*4*10 = 160; step = 3x
     assert nonprivate_step_flops(cfg) == 3 * (768 + 64 + 160)
     assert parse_budget("none") == "none" and parse_budget("inf") == "unlimited" and parse_budget("256") == 256.0
+    llama = BenchConfig(arch="llama", layers=1, d_model=4, heads=2, vocab=10, seq_len=2, batch=1)
+    # 1 key/value head of width 2; SwiGLU width 8 * ceil(floor(32 / 3) / 8) = 16; forward: linears
+    # 2*2*(16 [q] + 2*4*2 [k, v] + 16 [o] + 3*4*16 [gate, up, down]) = 960, attention 64, vocab 160 (untied)
+    assert (llama.key_value_heads, llama.hidden) == (1, 16)
+    assert nonprivate_step_flops(llama) == 3 * (960 + 64 + 160)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+@pytest.mark.parametrize("rank", [0, 8])
+def test_flop_count_is_what_autograd_runs(arch, rank):
+    """torch's own FLOP counter over one non-private step (attention as plain matmuls) counts what the
+    analytic F says, also under LoRA, where frozen weights get no weight gradient and the first block's
+    q/k/v no input gradient."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dpdist.parallel.cross_entropy import per_example_loss
+
+    cfg = BenchConfig(arch=arch, layers=2, d_model=32, heads=2, vocab=64, seq_len=16, batch=4, lora_rank=rank)
+    model = build_bench_model(cfg)
+    ids, labels = make_batch(cfg)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        per_example_loss(model(ids), labels).mean().backward()
+    assert counter.get_total_flops() == nonprivate_step_flops(cfg)
+
+
+def test_bench_llama_lora_floor_counts_the_adapters_only(capsys):
+    """``--arch llama --lora``: both steps train the adapters alone, the DP plan covers the 28 adapter
+    layers and nothing else, and the FLOP floor is the hand count's."""
+    from dpdist.bench import steps
+
+    shape = ["--layers", "2", "--d-model", "32", "--heads", "2", "--vocab", "64", "--seq-len", "16", "--batch", "4",
+             "--steps", "2", "--no-paired", "--json"]
+    out = _run(shape + ["--arch", "llama", "--lora"], capsys)
+    assert {k: out["config"][k] for k in ("arch", "kv_heads", "mlp_hidden", "lora_rank")} == {
+        "arch": "llama", "kv_heads": None, "mlp_hidden": None, "lora_rank": 8}
+    # per block, 7 adapter pairs of rank 8: lora_A r * in = 8 * (6 * 32 + 88), lora_B r * out =
+    # 8 * (32 + 16 + 16 + 32 + 88 + 88 + 32)
+    assert out["trainable_params"] == 2 * (8 * 280 + 8 * 304) == 9344
+    # F per example (2T = 32): base linears in*out = 11520 per block (q, k, v: 2048), forward and input
+    # gradient but none for block 0's q, k, v; lora_A in*r = 2240 per block (q, k, v: 768), forward,
+    # weight and (but block 0's q, k, v) input gradient; lora_B r*out = 2432, three times; attention
+    # 12 T^2 d per block; lm_head forward and input gradient 2 * 2TdV
+    per_example = (32 * (2 * 2 * 11520 - 2048) + 32 * (3 * 2 * 2240 - 768) + 32 * 3 * 2 * 2432
+                   + 2 * 12 * 16 * 16 * 32 + 2 * 32 * 32 * 64)
+    assert out["nonprivate_flops"] == 4 * per_example == 10_436_608
+    # the plan, by the FLOP rule 2T^2 = 512 <= pd: ghost for gate's and up's lora_B (88 x 8) and down's
+    # lora_A (8 x 88), at 2B * T^2 * (p + d + 1) = 8 * 256 * 97 each (one Gram block at T = 16);
+    # materialise, 4B pd, for the other 11 adapters of a block (pd: 9 x 256 + 2 x 128)
+    assert out["strategies"] == {"ghost": 6, "materialise": 22}
+    extra = 2 * (3 * 8 * 256 * 97 + 16 * (9 * 256 + 2 * 128))
+    assert out["flop_floor_ratio"] == pytest.approx((10_436_608 + extra) / 10_436_608, rel=1e-12)
+    assert out["ratio"] == out["dp_step_s"] / out["nonprivate_step_s"]
+    assert out["ratio_over_floor"] == pytest.approx(out["ratio"] / out["flop_floor_ratio"], rel=1e-12)
+    assert out["opacus"] == OPACUS_SKIPPED
+    # full fine-tuning of the same shape clips every layer (norms and both tables too): a higher floor
+    full = BenchConfig(arch="llama", layers=2, d_model=32, heads=2, vocab=64, seq_len=16, batch=4)
+    _, info = steps.setup_dp(full, "flat", "none")
+    assert info["trainable_params"] == info["params"] == out["params"] - 9344  # the base model alone
+    assert out["flop_floor_ratio"] < (nonprivate_step_flops(full) + info["extra_flops"]) / nonprivate_step_flops(full)
+    report = format_report(out)
+    rows = [re.split(" {2,}", line)[:2] for line in report.splitlines()
+            if re.match("(non-private|dpdist) [^:]* {2,}", line)]
+    assert rows == [["non-private LoRA", "-"], ["dpdist flat LoRA", "none (FLOP rule)"]]
+    assert f"opacus: {OPACUS_SKIPPED}" in report
+
+
+def test_bench_refuses_lora_outside_one_process(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    for argv, message in ((["--lora", "--tensor", "2"], "--arch llama and --lora belong to the single-process"),
+                          (["--lora-rank", "4"], "--lora-rank must be > 0 and comes with --lora"),
+                          (["--kv-heads", "2"], "--kv-heads and --mlp-hidden are for --arch llama")):
+        args = parser.parse_args(["bench", *argv])
+        assert args.func(args) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_parallel_bench_counts_what_dp_adds(capsys):

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+ARCHS = ("gpt", "llama")
+LORA_ALPHA = 16.0  # peft's common default; the scale alpha / rank changes no FLOP or norm count
+
+
 @dataclass
 class BenchConfig:
     layers: int = 4
@@ -18,6 +22,26 @@ class BenchConfig:
     steps: int = 6
     mlp_ratio: int = 4
     seed: int = 0
+    arch: str = "gpt"  # gpt: tied, learned positions, GELU MLP; llama: untied, RoPE, grouped-query, SwiGLU
+    kv_heads: int | None = None  # llama: key/value heads; None: heads / 2 (heads when that is odd)
+    mlp_hidden: int | None = None  # llama: SwiGLU width; None: see ``hidden``
+    lora_rank: int = 0  # > 0: LoRA adapters of this rank on every block linear, all else frozen
+
+    @property
+    def key_value_heads(self) -> int:
+        if self.kv_heads is not None:
+            return self.kv_heads
+        return self.heads // 2 if self.arch == "llama" and self.heads % 2 == 0 else self.heads
+
+    @property
+    def hidden(self) -> int:
+        """MLP width.  Llama's default is its own rule, 2/3 of 4 d rounded up to a multiple of 8, so that
+        the three SwiGLU matrices hold about the 8 d^2 weights of the GPT's two."""
+        if self.arch == "gpt":
+            return self.mlp_ratio * self.d_model
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return 8 * math.ceil((8 * self.d_model // 3) / 8)
 
     def validate(self) -> None:
         for key in ("layers", "d_model", "heads", "vocab", "seq_len", "batch"):
@@ -27,6 +51,18 @@ class BenchConfig:
             raise ValueError(f"--steps must be >= 2 (the first step is excluded as warm-up); got {self.steps}")
         if self.d_model % self.heads:
             raise ValueError(f"--d-model ({self.d_model}) must be a multiple of --heads ({self.heads})")
+        if self.arch not in ARCHS:
+            raise ValueError(f"--arch must be one of {', '.join(ARCHS)}; got {self.arch!r}")
+        if self.arch == "gpt" and (self.kv_heads is not None or self.mlp_hidden is not None):
+            raise ValueError("--kv-heads and --mlp-hidden are for --arch llama; the gpt arch has full multi-head "
+                             "attention and a 4 d MLP")
+        for key in ("kv_heads", "mlp_hidden"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ValueError(f"--{key.replace('_', '-')} must be > 0; got {getattr(self, key)}")
+        if self.heads % self.key_value_heads:
+            raise ValueError(f"--kv-heads ({self.key_value_heads}) must divide --heads ({self.heads})")
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora-rank must be > 0; got {self.lora_rank}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -79,33 +115,86 @@ def budget_label(budget, clipping: str = "flat") -> str:
 # ---------------------------------------------------------------------------------------------------
 # FLOPs
 
-def nonprivate_step_flops(cfg: BenchConfig) -> float:
-    """Analytic matmul FLOPs of one non-private training step of the benchmark GPT (tied or not).
+def block_linears(cfg: BenchConfig) -> list[tuple[str, int, int]]:
+    """(name, in features, out features) of one block's linear layers, in the model's order."""
+    d, h = cfg.d_model, cfg.hidden
+    if cfg.arch == "gpt":
+        return [("qkv", d, 3 * d), ("proj", d, d), ("fc", d, h), ("proj", h, d)]
+    kv = cfg.key_value_heads * (d // cfg.heads)
+    return [("q_proj", d, d), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", d, d),
+            ("gate_proj", d, h), ("up_proj", d, h), ("down_proj", h, d)]
 
-    Forward, per example of T tokens (2 FLOPs per multiply-add):
-      - per layer, the linear layers: 2 T (3d^2 [qkv] + d^2 [attention out] + 2 r d^2 [MLP, r = mlp_ratio]);
-      - per layer, attention: 2 T^2 d for Q K^T and 2 T^2 d for (softmax) V, counted over the full
-        T x T square (the causal mask is not subtracted);
+
+READ_EMBEDDING = ("qkv", "q_proj", "k_proj", "v_proj")  # the first block's layers that read the (normed) embedding
+
+
+def nonprivate_step_flops(cfg: BenchConfig) -> float:
+    """Analytic matmul FLOPs of one non-private training step of the benchmark model.
+
+    Per example of T tokens, a matmul of a linear layer (in, out) is 2 T in out FLOPs (2 per
+    multiply-add), and the backward repeats it once for the input's gradient and once for the weight's:
+      - the block linears (``block_linears``: GPT's qkv, out, 2 MLP; Llama's q, k, v of grouped-query
+        width, o, and the 3 SwiGLU matrices);
+      - attention: 2 T^2 d for Q K^T and 2 T^2 d for (softmax) V, over the full T x T square (the causal
+        mask is not subtracted), backward twice that;
       - the vocabulary projection: 2 T d V.
-    The step is taken as 3x the forward (the backward computes a gradient for the inputs and one for
-    the weights of every matmul).  Embedding lookups, norms, softmax, the loss and element-wise work
-    are not counted; they are small next to the matmuls here and are memory-bound anyway.
+    Full fine-tuning is thus 3x the forward.  With LoRA (rank r on every block linear) the frozen weights
+    get no weight gradient, each adapter pair costs 3 x 2 T r (in + out), and the first block's q/k/v
+    matmuls (base and lora_A) get no input gradient: they read the frozen embedding, so autograd skips
+    it.  Embedding lookups, norms, softmax, the loss and element-wise work are not counted; they are
+    small next to the matmuls here and memory-bound anyway.
     """
-    d, T, L, V, r = cfg.d_model, cfg.seq_len, cfg.layers, cfg.vocab, cfg.mlp_ratio
-    linear = 2.0 * T * (3 * d * d + d * d + 2 * r * d * d)
-    attention = 4.0 * T * T * d
-    forward_per_example = L * (linear + attention) + 2.0 * T * d * V
-    return 3.0 * cfg.batch * forward_per_example
+    T, r = cfg.seq_len, cfg.lora_rank
+    weight_grads = 0 if r else 1
+    per_example = 0.0
+    for layer in range(cfg.layers):
+        for name, n_in, n_out in block_linears(cfg):
+            input_grads = 0 if r and layer == 0 and name in READ_EMBEDDING else 1
+            per_example += 2.0 * T * n_in * n_out * (1 + input_grads + weight_grads)
+            if r:  # lora_A (in -> r) and lora_B (r -> out): forward and weight gradient; lora_B's input gradient
+                per_example += 2.0 * T * r * (n_in * (2 + input_grads) + 3 * n_out)
+        per_example += 3 * 4.0 * T * T * cfg.d_model
+    per_example += 2.0 * T * cfg.d_model * cfg.vocab * (2 + weight_grads)
+    return cfg.batch * per_example
 
 
 # ---------------------------------------------------------------------------------------------------
 # The model and the batch
 
-def model_config(cfg: BenchConfig, tie: bool = True):
+def model_config(cfg: BenchConfig):
     from ..model.config import ModelConfig
-    return ModelConfig(vocab_size=cfg.vocab, d_model=cfg.d_model, n_layers=cfg.layers, n_heads=cfg.heads,
-                       max_seq_len=cfg.seq_len, mlp_ratio=cfg.mlp_ratio, tie_embeddings=tie, dtype="float32",
-                       init_seed=cfg.seed)
+    if cfg.arch == "gpt":
+        return ModelConfig(vocab_size=cfg.vocab, d_model=cfg.d_model, n_layers=cfg.layers, n_heads=cfg.heads,
+                           max_seq_len=cfg.seq_len, mlp_ratio=cfg.mlp_ratio, tie_embeddings=True, dtype="float32",
+                           init_seed=cfg.seed)
+    return ModelConfig(arch="llama", vocab_size=cfg.vocab, d_model=cfg.d_model, n_layers=cfg.layers, n_heads=cfg.heads,
+                       n_kv_heads=cfg.key_value_heads, mlp_hidden=cfg.hidden, max_seq_len=cfg.seq_len,
+                       tie_embeddings=False, norm="rmsnorm", bias=False, dtype="float32", init_seed=cfg.seed)
+
+
+def build_bench_model(cfg: BenchConfig):
+    """The benchmark model, with LoRA adapters on every block linear (everything else frozen) when
+    ``cfg.lora_rank`` is set."""
+    from ..model import build_model
+    from ..model.lora import add_adapters
+
+    model = build_model(model_config(cfg))
+    if cfg.lora_rank:
+        add_adapters(model, rank=cfg.lora_rank, alpha=LORA_ALPHA, seed=cfg.seed)
+    return model
+
+
+def describe(cfg: BenchConfig, params: int, trainable: int) -> str:
+    """One line: the model the benchmark ran."""
+    shape = f"{cfg.layers} layers, d_model {cfg.d_model}, {cfg.heads} heads"
+    if cfg.arch == "gpt":
+        text = f"GPT {shape}, vocab {cfg.vocab} (tied, {params / 1e6:.2f}M params)"
+    else:
+        text = (f"Llama {shape} ({cfg.key_value_heads} key/value), SwiGLU {cfg.hidden}, vocab {cfg.vocab} "
+                f"(untied, {params / 1e6:.2f}M params)")
+    if cfg.lora_rank:
+        text += f", LoRA rank {cfg.lora_rank} on every block linear ({trainable / 1e6:.3f}M trainable)"
+    return text
 
 
 def make_batch(cfg: BenchConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,8 +8,7 @@ def format_report(out: dict) -> str:
     """The human-readable table of a ``run_benchmark`` result."""
     c = out["config"]
     lines = [
-        f"dpdist bench: GPT {c['layers']} layers, d_model {c['d_model']}, {c['heads']} heads, vocab {c['vocab']} "
-        f"(tied, {out['params'] / 1e6:.2f}M params), batch {c['batch']} x {c['seq_len']} tokens, float32, "
+        f"dpdist bench: {out['model']}, batch {c['batch']} x {c['seq_len']} tokens, float32, "
         f"{c['steps']} steps (first excluded), {out['threads']} threads, torch {out['torch']}"
         + (f", fastest of {out['rounds']} rounds per mode (peak MB: largest)" if out.get("rounds", 1) > 1 else ""),
         f"non-private step: {out['nonprivate_flops'] / 1e9:.1f} GFLOP (analytic matmul count); "
@@ -18,7 +17,8 @@ def format_report(out: dict) -> str:
     ]
     header = ("mode", "budget", "step s mean/min", "x time", "x paired", "peak MB", "x mem", "FLOP floor", "time/floor",
               "plan")
-    rows = [("non-private", "-", f"{out['nonprivate_step_s']:.3f} / {out['nonprivate_step_min_s']:.3f}", "1.00", "1.00",
+    lora = " LoRA" if c["lora_rank"] else ""
+    rows = [(f"non-private{lora}", "-", f"{out['nonprivate_step_s']:.3f} / {out['nonprivate_step_min_s']:.3f}", "1.00", "1.00",
              f"{out['nonprivate_peak_mb']:.0f}", "1.00", "1.00", "", "")]
 
     def plan_text(row: dict) -> str:
@@ -35,7 +35,7 @@ def format_report(out: dict) -> str:
         dp_rows = [main] + dp_rows
     for r in dp_rows:
         paired = "" if r.get("paired_ratio") is None else f"{r['paired_ratio']:.2f}"
-        rows.append((f"dpdist {r['clipping'].replace('_', '-')}", r["budget"], f"{r['step_s']:.3f} / {r['step_min_s']:.3f}",
+        rows.append((f"dpdist {r['clipping'].replace('_', '-')}{lora}", r["budget"], f"{r['step_s']:.3f} / {r['step_min_s']:.3f}",
                      f"{r['ratio']:.2f}", paired, f"{r['peak_mb']:.0f}", f"{r['memory_ratio']:.2f}", f"{r['flop_floor_ratio']:.3f}",
                      f"{r['ratio_over_floor']:.2f}", plan_text(r)))
     if "opacus_step_s" in out:
@@ -45,7 +45,8 @@ def format_report(out: dict) -> str:
                      f"non-private ({out['plain_nonprivate_step_s']:.3f} s, {out['plain_nonprivate_peak_mb']:.0f} MB)"))
     lines_after = ["x time: ratio of the fresh-process means; x paired: median of the DP step over the non-private "
                    "step just before it, alternating in one process (robust to a machine's slow patches)",
-                   "plan: the strategy of each layer with a choice (linear layers and the tied token table); 'kept' is "
+                   "plan: the strategy of each trainable layer with a choice (linear layers, a tied token table; under LoRA the "
+                   "adapters alone); 'kept' is "
                    "what the cost model says the plan keeps beyond a non-private step"]
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
     for row in [header] + rows:
@@ -64,4 +65,6 @@ def format_report(out: dict) -> str:
                      + " of the cores; their times are inflated: rerun on an idle machine (or use --rounds)")
     if out.get("opacus") == "not installed":
         lines.append("opacus is not installed: no Opacus comparison (pip install opacus)")
+    elif out.get("opacus"):
+        lines.append(f"opacus: {out['opacus']}")
     return "\n".join(lines)

@@ -28,9 +28,11 @@ import sys
 
 import torch
 
-from .config import NONE, UNLIMITED, BenchConfig, budget_label, nonprivate_step_flops, parse_budget
+from .config import NONE, UNLIMITED, BenchConfig, budget_label, describe, nonprivate_step_flops, parse_budget
 from .worker import RESULT_TAG
 
+# Opacus runs on its own plain-torch copy of the tied GPT (``opacus_model.PlainGPT``), fully trained
+OPACUS_SKIPPED = "skipped with --arch llama or --lora: its comparison model is the plain tied GPT, fully trained"
 MEMORY_MEASURE = ("peak RSS (ru_maxrss) minus the RSS after building model, batch, optimizer and DP wrapper, per fresh "
                   "process; with --rounds, the largest over rounds")
 
@@ -87,7 +89,8 @@ def run_benchmark(cfg: BenchConfig, *, clipping: str = "flat", budget="none", bu
     budget = parse_budget(budget)
     sweep = [parse_budget(b) for b in budgets] if budgets else []
     floor_base = nonprivate_step_flops(cfg)
-    use_opacus = opacus and opacus_available()
+    comparable = cfg.arch == "gpt" and not cfg.lora_rank
+    use_opacus = opacus and comparable and opacus_available()
 
     modes = [("nonprivate", "non-private step", {})]
     for b in [budget] + [b for b in sweep if b != budget]:
@@ -123,6 +126,7 @@ def run_benchmark(cfg: BenchConfig, *, clipping: str = "flat", budget="none", bu
         "config": dataclasses.asdict(cfg), "clipping": clipping, "budget": main["budget"],
         "memory_budget_mb": main["memory_budget_mb"], "threads": base["threads"], "torch": torch.__version__,
         "cpu_count": os.cpu_count(), "rounds": rounds, "params": base["params"], "memory_measure": MEMORY_MEASURE,
+        "model": describe(cfg, base["params"], base["trainable_params"]), "trainable_params": base["trainable_params"],
         "nonprivate_flops": floor_base,
         "nonprivate_step_s": base["step_s"], "nonprivate_step_min_s": base["step_min_s"],
         "nonprivate_peak_mb": base["peak_mb"], "nonprivate_baseline_rss_mb": base["baseline_rss_mb"],
@@ -156,6 +160,8 @@ def run_benchmark(cfg: BenchConfig, *, clipping: str = "flat", budget="none", bu
         out["cpu_utilisation"].update(plain_nonprivate=plain["cpu_utilisation"], opacus_ghost=ghost["cpu_utilisation"])
         out["other_processes_cpu_share"].update(plain_nonprivate=plain["other_processes_cpu_share"],
                                                 opacus_ghost=ghost["other_processes_cpu_share"])
+    elif opacus and not comparable:
+        out["opacus"] = OPACUS_SKIPPED
     elif opacus:
         out["opacus"] = "not installed"
     return out

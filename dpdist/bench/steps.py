@@ -8,34 +8,37 @@ import time
 import torch
 from torch import nn
 
-from .config import BenchConfig, budget_bytes, make_batch, model_config
+from .config import BenchConfig, budget_bytes, build_bench_model, make_batch
 from .opacus_model import PlainGPT
 
 
+def _params(model: nn.Module) -> dict:
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
 def setup_nonprivate(cfg: BenchConfig) -> tuple:
-    from ..model import build_model
     from ..parallel.cross_entropy import per_example_loss
 
-    model = build_model(model_config(cfg))
+    model = build_bench_model(cfg)
     ids, labels = make_batch(cfg)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def step(_: int, parts: dict) -> None:
         per_example_loss(model(ids), labels).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step, {"params": sum(p.numel() for p in model.parameters())}
+    return step, _params(model)
 
 
 def setup_dp(cfg: BenchConfig, clipping: str, budget) -> tuple:
-    from ..model import build_model
     from ..privacy.rules import rule_for
     from ..privacy.step import native_step
 
-    model = build_model(model_config(cfg))
+    model = build_bench_model(cfg)
     ids, labels = make_batch(cfg)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     engine = native_step(model, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=cfg.batch, secret=1,
                          clipping=clipping, micro_batch_size=cfg.batch, seq_len=cfg.seq_len,
                          memory_budget_bytes=budget_bytes(budget))
@@ -51,11 +54,12 @@ def setup_dp(cfg: BenchConfig, clipping: str, budget) -> tuple:
         parts.setdefault("release_and_update_s", []).append(time.perf_counter() - mid)
 
     plan = engine.plan
-    counts: dict[str, int] = {}  # over the layers whose rule offers a choice (norm layers and position tables do not)
+    counts: dict[str, int] = {}  # over the layers whose rule offers a choice (norm layers and position tables do not);
+    # the plan holds the layers with trainable parameters only: under LoRA, the adapters
     for layer, strategy in plan.strategies.items():
         if len(rule_for(layer).choices(layer, cfg.batch, cfg.seq_len, 4)) > 1:
             counts[strategy] = counts.get(strategy, 0) + 1
-    info = {"params": sum(p.numel() for p in model.parameters()), "extra_flops": plan.extra_flops,
+    info = {**_params(model), "extra_flops": plan.extra_flops,
             "plan_kept_mb": plan.kept_bytes(clipping == "per_layer") / 2**20, "strategies": counts}
     return step, info
 

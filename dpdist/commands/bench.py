@@ -6,6 +6,9 @@ table, or one JSON object with ``--json``.  ``--budgets 0,256,1024,none,unlimite
 runs the step on a data x tensor mesh under torchrun instead, with the communication that DP adds; see
 ``dpdist.bench.parallel``.  ``--backend deepspeed --data D`` compares DeepSpeed ZeRO-1/2 with the
 native backend, DP and non-private, time and memory per rank (``dpdist.bench.backend``).
+``--arch llama`` benchmarks an untied grouped-query SwiGLU Llama of the same shape knobs; ``--lora``
+puts rank-``--lora-rank`` adapters on every block linear of either model, in both the non-private and
+the DP step, so the ratio is DP-LoRA over non-private LoRA (single process only).
 """
 from __future__ import annotations
 
@@ -28,6 +31,16 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--arch", choices=("gpt", "llama"), default="gpt",
+                        help="gpt: tied, learned positions, GELU MLP (default); llama: untied, RoPE, grouped-query "
+                             "attention, SwiGLU MLP")
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="--arch llama: key/value heads (default: --heads / 2, or --heads when that is odd)")
+    parser.add_argument("--mlp-hidden", type=int, default=None,
+                        help="--arch llama: SwiGLU width (default: 8 d_model / 3 rounded up to a multiple of 8)")
+    parser.add_argument("--lora", action="store_true",
+                        help="LoRA adapters on every block linear, the rest frozen, in the non-private and the DP step")
+    parser.add_argument("--lora-rank", type=int, default=None, help="with --lora (default 8)")
     parser.add_argument("--steps", type=int, default=6, help="steps per mode; the first is excluded (default 6)")
     parser.add_argument("--clipping", type=clipping, default="flat", metavar="{" + ",".join(CLIPPING) + "}",
                         help="as privacy.clipping (default flat)")
@@ -39,7 +52,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat every mode this many times (interleaved) and keep each mode's fastest round; "
                              "helps on a machine shared with other work (default 1)")
-    parser.add_argument("--no-opacus", action="store_true", help="skip the Opacus ghost-clipping comparison")
+    parser.add_argument("--no-opacus", action="store_true",
+                        help="skip the Opacus ghost-clipping comparison (always off with --arch llama or --lora)")
     parser.add_argument("--no-paired", action="store_true",
                         help="skip the paired timing (non-private and DP steps alternating in one process, per budget)")
     parser.add_argument("--data", type=int, default=1, help="data-parallel degree (with --tensor: a torchrun mesh)")
@@ -64,8 +78,14 @@ def run(args) -> int:
     from ..bench.report import format_report
     from ..bench.runner import run_benchmark
 
+    if args.lora_rank is not None and (not args.lora or args.lora_rank <= 0):
+        print(f"error: --lora-rank must be > 0 and comes with --lora; got {args.lora_rank}"
+              + ("" if args.lora else " without --lora"), file=sys.stderr)
+        return 2
     cfg = BenchConfig(layers=args.layers, d_model=args.d_model, heads=args.heads, vocab=args.vocab,
-                      seq_len=args.seq_len, batch=args.batch, steps=args.steps)
+                      seq_len=args.seq_len, batch=args.batch, steps=args.steps, arch=args.arch,
+                      kv_heads=args.kv_heads, mlp_hidden=args.mlp_hidden,
+                      lora_rank=(args.lora_rank or 8) if args.lora else 0)
     try:
         cfg.validate()
         budget = parse_budget(args.memory_budget)
@@ -92,6 +112,9 @@ def _mesh_problems(args) -> list[str]:
     problems = []
     if args.data < 1 or args.tensor < 1:
         problems.append(f"--data and --tensor must be >= 1; got {args.data} and {args.tensor}")
+    if args.arch != "gpt" or args.lora:
+        problems.append("--arch llama and --lora belong to the single-process benchmark; drop them with "
+                        "--data/--tensor or --backend")
     if args.budgets or args.memory_budget != "none" or args.rounds != 1:
         problems.append("--budgets, --memory-budget and --rounds belong to the single-process benchmark; "
                         "drop them with --data/--tensor")

@@ -228,11 +228,10 @@ class VocabParallelEmbedding(nn.Module):
 class _NormFn(torch.autograd.Function):
     """LayerNorm / RMSNorm with an explicit backward so the affine gradients can be deferred.
 
-    LayerNorm runs ATen's fused kernels (``native_layer_norm`` and its backward): the same op as
-    ``F.layer_norm``, where the elementwise formula took 6.8 ms against 0.64 ms forward and backward
-    for a (32, 128, 256) input on the project's CPU, nine times a step of ``dpdist bench``'s model.
-    The normalised input the tap records is recomputed from the kernel's mean and rstd.  RMSNorm keeps
-    the formula, which was as fast as the fused kernel there.
+    LayerNorm runs ATen's fused kernels (``native_layer_norm`` and its backward), the op ``F.layer_norm``
+    runs, because the elementwise formula is about ten times slower on CPU (the norm ops in
+    ``benchmarks/profile_step.py``'s profile).  The normalised input the tap records is recomputed from the
+    kernel's mean and rstd.  RMSNorm keeps the formula, as fast on CPU as torch's own ``rms_norm``.
     """
 
     @staticmethod

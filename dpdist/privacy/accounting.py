@@ -16,16 +16,13 @@ import dp_accounting
 
 ACCOUNTANTS = ("pld", "rdp")
 PLD_GRID = 1e-4  # dp_accounting's default PLD value discretisation: the reported epsilon
-# A coarser PLD grid for progress displays: 10x faster (0.09 s instead of 0.9 s at a few hundred
-# steps) and still an upper bound (the discretisation is pessimistic), but looser over many steps
-# (0.90 instead of 0.70 at 1e5 steps), so never the reported number.
+# A coarser PLD grid for progress displays: about 10x faster and still an upper bound (the
+# discretisation is pessimistic), but looser over many steps, so never the reported number.
 DISPLAY_PLD_GRID = 1e-3
 Prior = Sequence[tuple[float, float, int]]  # releases before the first step, run-length encoded like a ledger
-# How far the accountants reach.  PLD's grid spans the privacy loss, so its memory and time grow with
-# epsilon / PLD_GRID: measured on 2 cores, calibrating sigma for epsilon 100 took 16-40 s and 1 GB,
-# an epsilon near 700 took 33 s and 3 GB, sigma 0.01 ran out of 6 GB, and sigma 1e-9 (epsilon ~1e17)
-# asks numpy for an array past its size limit.  A bound of e^100 on a likelihood ratio says nothing
-# anyway, so a run is planned only within this epsilon (RDP's, the cheap one, for a given sigma).
+# How far the accountants reach: PLD's grid spans the privacy loss, so its memory and time grow with
+# epsilon / PLD_GRID (tens of seconds and gigabytes from here on), and a bound of e^100 on a likelihood
+# ratio says nothing anyway.  A run is planned only within this epsilon (RDP's, the cheap one).
 MAX_EPSILON = 100.0
 
 

@@ -21,20 +21,13 @@ from torch import nn
 
 from .rules import Cost, NormRule, rule_for
 
-# A byte of memory traffic costs about as much time as this many flops: calibrated on the project's
-# 2-core CPU (BENCHMARKS.md) when ghost norms ran at ~170 GFLOP/s and per-example gradients that spill
-# out of cache moved at ~9 GB/s.  A byte of a streamed chunk, which stays in cache, costs less: per
-# linear layer of the bench model in isolation, a streamed layer's time beyond its weight-gradient
-# matmul came to 5-13 flops per byte written and read, counted at the rate the blocked ghost norms of
-# the same layers reach (64-95 GFLOP/s; benchmarks/layer_strategies.py, from run to run).  In the step,
-# streaming every layer beat the plan this constant gave at 10 (ghost on the MLP layers, the qkv
-# projections and the tied table) in each of three in-process A/B runs, by 0.04-0.11 of a non-private
-# step (benchmarks/profile_step.py per_layer against per_layer stream); at 6 the planner makes that
-# choice.  They only order the choices.
+# The time of a byte of memory traffic in flops; they only order the choices.  A byte that spills out
+# of cache costs the CPU's matmul rate over its memory bandwidth (about 20 here); a byte of a streamed
+# chunk stays in cache and costs less: at 6 the planner streams every layer under per-layer clipping,
+# the fastest plan in the step (benchmarks/layer_strategies.py, benchmarks/profile_step.py; BENCHMARKS.md).
 FLOPS_PER_BYTE = 20.0
 CACHED_FLOPS_PER_BYTE = 6.0
-# One tensor-group all-reduce in the middle of the backward: about 0.5 ms median on gloo over loopback
-# (4 ms at the 90th percentile, when it also waits for the slower rank), ~1e8 flops of one rank's time.
+# One tensor-group all-reduce in the middle of the backward (gloo over loopback): a rank's time for ~1e8 flops.
 REDUCTION_FLOPS = 1e8
 
 

@@ -25,14 +25,11 @@ import torch
 from ...parallel.layers import ColumnParallelLinear, RowParallelLinear
 from . import Cost, NormRule, register
 
-# Per-example gradients of one streamed chunk take at most this many bytes: the L2 of the project's
-# CPU (1 MiB per core, 2 cores), where 2 MiB was the fastest of 0.25-4 MiB chunks in every run and
-# 4 MiB ones took 1.1-1.2x as long (benchmarks/stream_chunks.py, BENCHMARKS.md).
+# Per-example gradients of one streamed chunk take at most this many bytes, the L2 of the project's
+# CPU (1 MiB per core, 2 cores), so a chunk is read back from cache (benchmarks/stream_chunks.py).
 STREAM_CHUNK_BYTES = 2 * 2**20
-# The ghost norm forms its symmetric Grams in at most this many row blocks of at least this many rows,
-# which does (k + 1) / 2k of the full Grams' work.  For B = 8-32, T = 64-512 and p, d of 256-8000 on
-# the project's CPU, 4 blocks took 0.68-0.85x the time of the full Grams and beat 2, 8 and 16; blocks
-# under 32 rows make matmuls too small to pay at T = 64.
+# The ghost norm forms its symmetric Grams in at most this many row blocks of at least this many rows
+# ((k + 1) / 2k of the full Grams' work): more or smaller blocks save less work than small matmuls lose.
 GRAM_BLOCKS, GRAM_MIN_ROWS = 4, 32
 
 
