@@ -31,6 +31,7 @@ from dpdist.cli import main
 from dpdist.config import ConfigError, load_config
 from dpdist.data.text_tokenizer import load_text_tokenizer
 from dpdist.model import strip_vocab_padding
+from dpdist.model import hf as hf_module
 from dpdist.model.hf import hf_name, peft_adapter, read_config, save_adapter, save_pretrained
 from dpdist.model.lora import LoraLinear, add_adapters
 from dpdist.parallel.cross_entropy import per_example_loss
@@ -301,3 +302,11 @@ def test_lora_norms_and_clipped_sums_equal_brute_force_on_peft(imported, tmp_pat
     for name, g in grads.items():
         key = name.replace(".default", "")
         assert relative_error(exported[key], torch.einsum("b,b...->...", factors, g)) < 1e-9, key
+
+
+def test_reading_in_pieces_of_a_few_rows_gives_the_same_model(imported, monkeypatch):
+    _, _, whole, folder = imported
+    monkeypatch.setattr(hf_module, "READ_BYTES", 3 * 8 * 32)  # 3 rows of a d_model-wide float64 table per read
+    pieces = load_pretrained(folder)
+    for (name, a), (_, b) in zip(whole.named_parameters(), pieces.named_parameters(), strict=True):
+        assert torch.equal(a, b), name

@@ -36,6 +36,9 @@ SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # our GPT name -> GPT-2's (without the "transformer." prefix GPT2LMHeadModel adds)
 GPT2_NAMES = [(r"^tok_emb\.", "wte."), (r"^pos_emb\.", "wpe."), (r"^blocks\.", "h."), (r"\.attn\.qkv\b", ".attn.c_attn"),
               (r"\.attn\.proj\b", ".attn.c_proj"), (r"\.mlp\.fc\b", ".mlp.c_fc"), (r"\.mlp\.proj\b", ".mlp.c_proj")]
+# One read's temporary tensor (and the file pages it maps): bounded, so that a rank's load peaks near
+# its own shard rather than its shard plus its largest tensor.
+READ_BYTES = 16 * 2**20
 CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")  # GPT-2 weights stored [in, out]
 
 
@@ -178,18 +181,22 @@ class _Checkpoint:
     def find(self, *names: str) -> str | None:
         return next((n for n in names if n in self.weight_map), None)
 
-    def read(self, name: str, expected: tuple[int, ...], dim: int | None, start: int, stop: int) -> torch.Tensor:
+    def read(self, name: str, expected: tuple[int, ...], dim: int | None, start: int, stop: int,
+             rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Rows (dim 0) or columns (dim 1) ``start:stop`` of ``name`` (all of it for dim None), checked
-        against its ``expected`` full shape."""
+        against its ``expected`` full shape; only the ``rows`` range of those when given."""
         with safe_open(self.folder / self.weight_map[name], framework="pt") as f:
             view = f.get_slice(name)
             shape = tuple(view.get_shape())
             if shape != tuple(expected):
                 raise ValueError(f"tensor {name} has shape {list(shape)} in {self.folder}, but config.json implies "
                                  f"{list(expected)}")
-            if dim is None:
+            first, last = (start, stop) if dim == 0 else (0, shape[0] if shape else 0)
+            if rows is not None:
+                first, last = first + rows[0], first + rows[1]
+            if not shape:
                 return view[:]
-            return view[start:stop] if dim == 0 else view[:, start:stop]
+            return view[first:last, start:stop] if dim == 1 else view[first:last]
 
 
 def _local_box(param: nn.Parameter) -> tuple[int | None, int, int]:
@@ -215,8 +222,9 @@ def _gpt2_qkv(checkpoint: _Checkpoint, key: str, cfg: ModelConfig, start: int, s
     return torch.stack(parts, dim=1).reshape(stop - start, *expected[:-1])
 
 
-def _source(model: nn.Module, name: str, param: nn.Parameter, checkpoint: _Checkpoint) -> torch.Tensor:
-    """This rank's shard of parameter ``name`` read from ``checkpoint``, in our layout."""
+def _fill(model: nn.Module, name: str, param: nn.Parameter, checkpoint: _Checkpoint) -> None:
+    """Copy this rank's shard of parameter ``name`` from ``checkpoint`` into ``param``, in our layout,
+    reading at most ``READ_BYTES`` at a time (GPT-2's transposed or fused tensors whole)."""
     cfg = model.cfg
     key = hf_name(cfg, name)
     found = checkpoint.find(key, key.removeprefix("transformer."))  # hub GPT-2 files have no prefix
@@ -230,14 +238,20 @@ def _source(model: nn.Module, name: str, param: nn.Parameter, checkpoint: _Check
         stop = min(stop, rows) if dim == 0 else rows
         start = min(start, stop)
     if cfg.arch == "gpt" and ".attn.c_attn." in found:
-        return _gpt2_qkv(checkpoint, found, cfg, start, stop, param.dim())
+        param.copy_(_gpt2_qkv(checkpoint, found, cfg, start, stop, param.dim()))
+        return
     if cfg.arch == "gpt" and CONV1D.search(found):
-        tensor = checkpoint.read(found, tuple(reversed(full)), None if dim is None else 1 - dim, start, stop)
-        return tensor.t()
-    tensor = checkpoint.read(found, tuple(full), dim, start, stop)
-    if rows is not None and tensor.shape[0] < param.shape[0]:
-        tensor = torch.cat([tensor, tensor.new_zeros(param.shape[0] - tensor.shape[0], *tensor.shape[1:])])
-    return tensor
+        param.copy_(checkpoint.read(found, tuple(reversed(full)), None if dim is None else 1 - dim, start, stop).t())
+        return
+    stored = (stop - start if dim == 0 else full[0]) if full else 0  # rows past them pad a vocabulary table
+    if not full:
+        param.copy_(checkpoint.read(found, (), None, 0, 0))
+        return
+    step = max(1, READ_BYTES // max(1, param[:1].numel() * param.element_size()))
+    for first in range(0, stored, step):
+        last = min(stored, first + step)
+        param[first:last].copy_(checkpoint.read(found, tuple(full), dim, start, stop, rows=(first, last)))
+    param[stored:].zero_()
 
 
 def load_weights(model: nn.Module, folder: str | Path) -> None:
@@ -246,7 +260,7 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
     checkpoint = _Checkpoint(Path(folder))
     with torch.no_grad():
         for name, param in model.named_parameters():
-            param.copy_(_source(model, name, param, checkpoint))
+            _fill(model, name, param, checkpoint)
         table = model.tok_emb if model.cfg.arch == "gpt" else model.embed_tokens
         head = checkpoint.find("lm_head.weight")
         if model.lm_head is None and head is not None:  # tied: a stored head must be the embedding itself
