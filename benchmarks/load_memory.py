@@ -6,8 +6,9 @@ Writes a random Llama (about 58M parameters, float32, grouped-query, untied; dpd
 DIR (default: a temporary folder), then loads it in fresh processes: one at tensor 1, two gloo
 processes at tensor 2.  Each process prints its peak resident memory (``VmHWM``) and how much of
 it the load added over the process after its imports and process-group start.  Building on the meta
-device and reading only this rank's slices should make the load's share at tensor 2 about half of
-tensor 1's (the file's pages a rank touches are counted as resident while they are mapped).
+device (no weight drawn), reading only this rank's slices, at most ``dpdist.model.hf.READ_BYTES`` at a
+time, should make a load add this rank's parameters and a small fixed overhead, so about half as much
+at tensor 2 as at tensor 1 for a model much larger than the overhead.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import torch
 from torch.autograd import gradcheck
 from torch.func import functional_call
 
-from dpdist.parallel.layers import ColumnParallelLinear, Norm, RowParallelLinear, VocabParallelEmbedding
+from dpdist.parallel.layers import ColumnParallelLinear, Norm, RowParallelLinear, VocabParallelEmbedding, normal
 
 B, T, D_IN, D_OUT, V = 3, 5, 6, 4, 11
 DT = torch.float64
@@ -294,3 +294,12 @@ def test_deferred_tied_embedding_records_both_sites():
     grad = torch.zeros(V, D_IN, dtype=DT).index_add_(0, local[valid], ge[valid])
     grad += torch.einsum("btv,btd->vd", rec["project"]["grad_outputs"], rec["project"]["inputs"])
     _assert_close(grad, plain[2]["weight"], "tied table grad from the two records")
+
+
+def test_a_model_built_on_the_meta_device_draws_no_initial_weights():
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    with torch.device("meta"):
+        assert normal((50000, 1024), 0.02, generator).is_meta  # a pretrained load fills it afterwards
+    assert torch.equal(generator.get_state(), state)
+    assert torch.equal(normal((3, 2), 0.5, generator), torch.randn((3, 2), generator=torch.Generator().manual_seed(0)) * 0.5)

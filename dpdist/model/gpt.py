@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..parallel.layers import ColumnParallelLinear, Norm, RowParallelLinear, VocabParallelEmbedding
+from ..parallel.layers import ColumnParallelLinear, Norm, RowParallelLinear, VocabParallelEmbedding, normal
 from ..parallel.mappings import group_size
 from . import reattention
 from .config import ModelConfig
@@ -131,7 +131,7 @@ class GPT(nn.Module):
         generator = torch.Generator().manual_seed(cfg.init_seed)
 
         def init(shape, std=0.02):
-            return torch.randn(shape, generator=generator) * std
+            return normal(shape, std, generator)
 
         def out_init(shape):  # GPT-2: scale residual projections by depth
             return init(shape, 0.02 / math.sqrt(2 * cfg.n_layers))

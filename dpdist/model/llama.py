@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..parallel.layers import ColumnParallelLinear, Norm, RowParallelLinear, VocabParallelEmbedding
+from ..parallel.layers import ColumnParallelLinear, Norm, RowParallelLinear, VocabParallelEmbedding, normal
 from ..parallel.mappings import group_size
 from .config import ModelConfig
 from .gpt import mask_vocab_padding, padded_vocab_size
@@ -132,7 +132,7 @@ class Llama(nn.Module):
         generator = torch.Generator().manual_seed(cfg.init_seed)
 
         def init(shape, std=0.02):
-            return torch.randn(shape, generator=generator) * std
+            return normal(shape, std, generator)
 
         def out_init(shape):  # scale residual projections by depth, as GPT does
             return init(shape, 0.02 / math.sqrt(2 * cfg.n_layers))

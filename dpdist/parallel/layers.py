@@ -28,6 +28,14 @@ from .mappings import (copy_to_tensor_parallel_region, group_rank, group_size,
 Init = Callable[[tuple[int, ...]], torch.Tensor]
 
 
+def normal(shape: tuple[int, ...], std: float, generator: torch.Generator) -> torch.Tensor:
+    """A full weight of N(0, std^2) draws; none for a model built on the meta device, whose weights are
+    read from a checkpoint afterwards (drawing them would cost time and a full tensor of memory)."""
+    if torch.get_default_device().type == "meta":
+        return torch.empty(shape)
+    return torch.randn(shape, generator=generator) * std
+
+
 def _shard(full: torch.Tensor, dim: int, group) -> tuple[torch.Tensor, int]:
     size, rank = group_size(group), group_rank(group)
     if full.shape[dim] % size:
