@@ -14,6 +14,7 @@ rounding.
 """
 import base64
 import json
+import shutil
 import math
 
 import pytest
@@ -284,3 +285,14 @@ def test_an_item_run_exports_with_its_catalogue_and_imports_back(tmp_path, cache
     assert not (tmp_path / "hf" / "tokenizer.json").exists()
     with torch.no_grad():
         assert relative_error(load_pretrained(tmp_path / "hf")(ids(200)), run_logits(run_dir, 200)) < 1e-10
+
+
+@pytest.mark.slow
+def test_the_source_models_stop_and_pad_ids_are_kept(full_run, tmp_path):
+    run_dir = shutil.copytree(full_run, tmp_path / "run")
+    source = json.loads((run_dir / "tokenizer" / "config.json").read_text())
+    source.update(eos_token_id=[2, 1], pad_token_id=0)  # as Llama 3 lists several stop ids
+    (run_dir / "tokenizer" / "config.json").write_text(json.dumps(source))
+    assert main(["export", str(run_dir), "--hf", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, [2, 1], 0)

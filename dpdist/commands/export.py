@@ -132,7 +132,7 @@ def export(run_dir: Path, out: Path) -> dict:
 def export_hf(run_dir: Path, out_dir: Path) -> dict:
     """Write the run as a Hugging Face model folder ``out_dir``; the privacy report."""
     from ..data.text_tokenizer import SentencePieceTokenizer, load_text_tokenizer, tokenizer_files
-    from ..model.hf import save_pretrained
+    from ..model.hf import SPECIAL_TOKENS, save_pretrained
 
     run_dir = Path(run_dir)
     cfg, vocabulary = finished_run(run_dir)
@@ -144,6 +144,10 @@ def export_hf(run_dir: Path, out_dir: Path) -> dict:
     # folder it came from may have moved or changed since.
     token_ids = {} if items else {key: value for key, value in (("bos_token_id", tokenizer.bos_id),
                                                                  ("eos_token_id", tokenizer.eos_id)) if value is not None}
+    source = vocabulary / "config.json"  # the imported model's, copied with its tokenizer: keeps a list of
+    if source.is_file():                 # stop ids (Llama 3) and a pad id as the model's users know them
+        token_ids.update({key: value for key, value in json.loads(source.read_text()).items()
+                          if key in SPECIAL_TOKENS and value is not None})
 
     def fill(folder: Path) -> None:
         save_pretrained(final_state(run_dir, cfg), cfg.model, folder, token_ids=token_ids)
