@@ -27,7 +27,7 @@ from dpdist.privacy.step import NonPrivateStep, native_step
 from helpers import ROOT, oracle
 from helpers.launch import torchrun
 from helpers.runs import assert_resume_is_exact
-from helpers.steps import private_step
+from helpers.steps import noisy_sgd_steps, private_step
 
 RANK, ALPHA, SEQ = 4, 8.0, 9
 ADAPTED = ("blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc", "blocks.0.mlp.proj",
@@ -147,14 +147,7 @@ def test_merged_weights_give_the_adapted_models_logits_after_noisy_steps():
     ids, labels = oracle.tiny_batch(5, SEQ)
     engine = native_step(model, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=5.0, secret=2,
                          micro_batch_size=5, seq_len=SEQ)
-    for release in range(3):
-        engine.microbatch(ids, labels)
-        engine.release(release)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.sub_(0.5 * p.grad)
-                    p.grad = None
+    noisy_sgd_steps(engine, model, ids, labels, releases=3)
     engine.detach()
     state = full_state_dict(model, None)
     plain = build_model(model.cfg)

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..parallel.layers import ColumnParallelLinear, Norm, RowParallelLinear, VocabParallelEmbedding, normal
+from ..parallel.layers import ColumnParallelLinear, Norm, RowParallelLinear, VocabParallelEmbedding
 from ..parallel.mappings import group_size
 from . import reattention
 from .config import ModelConfig
+from .init import Initialiser
 from .reattention import Reattention, WeightNoise
 
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
@@ -128,30 +129,17 @@ class GPT(nn.Module):
                 raise ValueError(f"Re-Attention must correct at least one block, all in [0, {cfg.n_layers}); got "
                                  f"{sorted(reattention.layers)}")
         self.cfg, self.tp_group = cfg, tp_group
-        generator = torch.Generator().manual_seed(cfg.init_seed)
-
-        def init(shape, std=0.02):
-            return normal(shape, std, generator)
-
-        def out_init(shape):  # GPT-2: scale residual projections by depth
-            return init(shape, 0.02 / math.sqrt(2 * cfg.n_layers))
-
+        init = Initialiser(cfg)
         vocab = padded_vocab_size(cfg.vocab_size, group_size(tp_group))
-
-        def token_init(shape):
-            table = torch.zeros(shape)
-            table[: cfg.vocab_size] = init((cfg.vocab_size, shape[1]))
-            return table
-
         self.tok_emb = VocabParallelEmbedding(vocab, cfg.d_model, tp_group=tp_group, padding_idx=cfg.padding_idx,
-                                              tied_output=cfg.tie_embeddings, init=token_init)
+                                              tied_output=cfg.tie_embeddings, init=init.tokens)
         self.pos_emb = VocabParallelEmbedding(cfg.max_seq_len, cfg.d_model, init=init)  # replicated
-        self.blocks = nn.ModuleList(Block(cfg, tp_group, init, out_init) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, tp_group, init, init.out) for _ in range(cfg.n_layers))
         self.ln_f = Norm(cfg.d_model, rms=cfg.norm == "rmsnorm", eps=cfg.norm_eps)
         # Tied by default: the same table embeds tokens and scores them, which under DP beats untying
         # (fewer noised coordinates); Phantom Clipping makes its per-example norm exact.
         self.lm_head = None if cfg.tie_embeddings else ColumnParallelLinear(
-            cfg.d_model, vocab, bias=False, tp_group=tp_group, init=token_init)
+            cfg.d_model, vocab, bias=False, tp_group=tp_group, init=init.tokens)
         for table in (self.tok_emb, self.lm_head):
             if table is not None:  # rows from vocab_size on only pad the vocabulary for the tensor split
                 table.weight.unpadded_rows = cfg.vocab_size

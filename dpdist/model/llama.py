@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..parallel.layers import ColumnParallelLinear, Norm, RowParallelLinear, VocabParallelEmbedding, normal
+from ..parallel.layers import ColumnParallelLinear, Norm, RowParallelLinear, VocabParallelEmbedding
 from ..parallel.mappings import group_size
 from .config import ModelConfig
+from .init import Initialiser
 from .gpt import mask_vocab_padding, padded_vocab_size
 
 
@@ -129,27 +130,14 @@ class Llama(nn.Module):
         if cfg.kv_heads % tp:
             raise ValueError(f"model.n_kv_heads ({cfg.kv_heads}) must be divisible by the tensor degree ({tp})")
         self.cfg, self.tp_group = cfg, tp_group
-        generator = torch.Generator().manual_seed(cfg.init_seed)
-
-        def init(shape, std=0.02):
-            return normal(shape, std, generator)
-
-        def out_init(shape):  # scale residual projections by depth, as GPT does
-            return init(shape, 0.02 / math.sqrt(2 * cfg.n_layers))
-
+        init = Initialiser(cfg)
         vocab = padded_vocab_size(cfg.vocab_size, tp)
-
-        def token_init(shape):
-            table = torch.zeros(shape)
-            table[: cfg.vocab_size] = init((cfg.vocab_size, shape[1]))
-            return table
-
         self.embed_tokens = VocabParallelEmbedding(vocab, cfg.d_model, tp_group=tp_group, padding_idx=cfg.padding_idx,
-                                                   tied_output=cfg.tie_embeddings, init=token_init)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, tp_group, init, out_init) for _ in range(cfg.n_layers))
+                                                   tied_output=cfg.tie_embeddings, init=init.tokens)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp_group, init, init.out) for _ in range(cfg.n_layers))
         self.norm = Norm(cfg.d_model, rms=True, eps=cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else ColumnParallelLinear(
-            cfg.d_model, vocab, bias=False, tp_group=tp_group, init=token_init)
+            cfg.d_model, vocab, bias=False, tp_group=tp_group, init=init.tokens)
         for table in (self.embed_tokens, self.lm_head):
             if table is not None:  # rows from vocab_size on only pad the vocabulary for the tensor split
                 table.weight.unpadded_rows = cfg.vocab_size

@@ -20,6 +20,7 @@ from dpdist.model.lora import add_adapters
 from dpdist.parallel.state import full_state_dict
 from dpdist.privacy.step import native_step
 from dpdist.runtime.mesh import init_mesh, shutdown
+from helpers.steps import noisy_sgd_steps
 
 SEQ = 8
 CFG = ModelConfig(vocab_size=37, d_model=16, n_layers=2, n_heads=2, max_seq_len=SEQ, dtype="float64")
@@ -34,14 +35,7 @@ def trained(tp_group, clipping: str) -> tuple[dict, torch.Tensor]:
     add_adapters(model, rank=4, alpha=8.0, tp_group=tp_group, seed=3)
     engine = native_step(model, clip_norm=0.3, noise_multiplier=1.0, expected_batch_size=6.0, secret=9,
                          micro_batch_size=6, seq_len=SEQ, tp_group=tp_group, clipping=clipping)
-    for release in range(2):
-        engine.microbatch(IDS, LABELS)
-        engine.release(release)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.sub_(0.5 * p.grad)
-                    p.grad = None
+    noisy_sgd_steps(engine, model, IDS, LABELS, releases=2)
     engine.loss(IDS, LABELS).sum().backward()
     norms = engine.tap.take_sq_norms().sqrt()
     engine.detach()

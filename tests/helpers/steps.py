@@ -14,3 +14,17 @@ def private_step(model, *, clip_norm: float, noise_multiplier: float = 0.0, tp_g
         scales = methods.anadp(anadp, model, clip_norm=clip_norm, noise_multiplier=noise_multiplier, tp_group=tp_group)
     return native_step(model, clip_norm=clip_norm, noise_multiplier=noise_multiplier, tp_group=tp_group,
                        parametrization=parametrization, noise_scales=scales, **options)
+
+
+def noisy_sgd_steps(engine: DPStep, model, input_ids, labels, releases: int, lr: float = 0.5) -> None:
+    """``releases`` noisy steps of plain SGD on one fixed batch (release indices 0, 1, ...)."""
+    import torch
+
+    for release in range(releases):
+        engine.microbatch(input_ids, labels)
+        engine.release(release)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.sub_(lr * p.grad)
+                    p.grad = None
