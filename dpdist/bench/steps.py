@@ -67,9 +67,8 @@ def setup_dp(cfg: BenchConfig, clipping: str, budget) -> tuple:
 def setup_paired(cfg: BenchConfig, clipping: str, budget) -> tuple:
     """The non-private and the DP step alternating in one process: each DP step's time over the
     non-private step just before it.  A slow patch of a shared machine then hits both sides of a pair,
-    where the fresh-process means of two modes can land in different patches (on the project's 2-vCPU
-    VM that alone moved one plan's ratio of means from 1.17 to 1.46 within one run).  Its peak memory
-    covers both models and is not reported."""
+    where the fresh-process means of two modes can land in different patches and move their ratio
+    (BENCHMARKS.md, "x paired").  Its peak memory covers both models and is not reported."""
     nonprivate, _ = setup_nonprivate(cfg)
     dp, info = setup_dp(cfg, clipping, budget)
 
