@@ -1,6 +1,6 @@
 """Peak memory of loading a Hugging Face folder with ``dpdist.load_pretrained`` at tensor 1 and tensor 2.
 
-    .venv/bin/python benchmarks/load_memory.py [--folder DIR]
+    .venv/bin/python benchmarks/load_memory.py [--folder DIR] [--d-model 512 --layers 8]
 
 Writes a random Llama (about 58M parameters, float32, grouped-query, untied; dpdist's own export) to
 DIR (default: a temporary folder), then loads it in fresh processes: one at tensor 1, two gloo
@@ -35,11 +35,11 @@ def status_mib(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def write_folder(folder: Path) -> int:
+def write_folder(folder: Path, d_model: int, layers: int) -> int:
     from dpdist import ModelConfig, build_model
     from dpdist.model.hf import save_pretrained
 
-    cfg = ModelConfig(**SHAPE)
+    cfg = ModelConfig(**{**SHAPE, "d_model": d_model, "n_layers": layers, "mlp_hidden": 3 * d_model})
     model = build_model(cfg)
     save_pretrained({n: p.detach() for n, p in model.named_parameters()}, cfg, folder)
     return sum(p.numel() for p in model.parameters())
@@ -78,6 +78,8 @@ def launch(folder: Path, world: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, help="where to write the random model (default: a temporary folder)")
+    parser.add_argument("--d-model", type=int, default=SHAPE["d_model"], help="width (MLP 3x); default %(default)s")
+    parser.add_argument("--layers", type=int, default=SHAPE["n_layers"], help="blocks; default %(default)s")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -85,7 +87,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.folder or Path(tmp)
-        count = write_folder(folder)
+        count = write_folder(folder, args.d_model, args.layers)
         size = (folder / "model.safetensors").stat().st_size / 2**20
         print(f"random Llama: {count / 1e6:.1f}M parameters, model.safetensors {size:.0f} MiB")
         for world in (1, 2):
