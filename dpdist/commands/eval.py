@@ -16,8 +16,8 @@ import math
 import sys
 from pathlib import Path
 
-from ..config import ConfigError, load_config
-from .train import vocabulary_file
+from ..config import ConfigError
+from .export import finished_run
 
 
 def add_parser(subparsers) -> None:
@@ -39,26 +39,14 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def checked_inputs(args) -> tuple[object, Path]:
-    """The run's config and the weights to evaluate, or a ConfigError that says what is missing."""
-    run_dir = args.run_dir
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a dpdist run directory (no config.yaml)")
-    weights = args.checkpoint or run_dir / "final" / "model.pt"
-    if args.checkpoint is None and not weights.is_file():
-        raise ConfigError(f"{run_dir} has no final model yet; finish the run (dpdist train --config "
-                          f"{run_dir}/config.yaml --resume auto) or evaluate a checkpoint with --checkpoint "
-                          f"{run_dir}/checkpoints/step-*")
-    if not weights.exists():
-        raise ConfigError(f"--checkpoint {weights}: no such file or folder")
+def checked_inputs(args) -> tuple[object, Path, Path]:
+    """The run's config, the weights to evaluate and the run's tokenizer copy, or a ConfigError that
+    says what is missing."""
     if args.candidates < 1 or (args.max_examples is not None and args.max_examples < 1):
         raise ConfigError("--candidates and --max-examples must be at least 1")
-    cfg = load_config(run_dir / "config.yaml")
-    vocabulary = run_dir / vocabulary_file(cfg)
-    if not vocabulary.exists():
-        raise ConfigError(f"{vocabulary} is missing; it is written when the run starts")
+    cfg, weights, vocabulary = finished_run(args.run_dir, args.checkpoint, "evaluate a checkpoint with --checkpoint")
     if cfg.data.source == "zipf_items":
-        return cfg, weights  # no canaries there: the item task is scored by its ranking metrics instead
+        return cfg, weights, vocabulary  # no canaries there: the item task is scored by its ranking metrics instead
     # Runs without canaries are refused here, before the (possibly slow) data step, with the reason.
     if not args.no_exposure and cfg.data.path is not None:
         raise ConfigError(f"this run trained on data.path {cfg.data.path}, where dpdist plants no canaries; pass "
@@ -69,7 +57,7 @@ def checked_inputs(args) -> tuple[object, Path]:
     if not args.no_exposure and not sentencepiece_model(vocabulary).is_file():
         raise ConfigError("canary exposure is scored piece by piece with a sentencepiece tokenizer; this run reads a "
                           "tokenizer.json, so pass --no-exposure for the validation loss alone")
-    return cfg, weights
+    return cfg, weights, vocabulary
 
 
 def sentencepiece_model(vocabulary: Path) -> Path:
@@ -103,9 +91,8 @@ def evaluate(args) -> dict:
     from ..train.loop import validation_loss
     from .export import privacy_report
 
-    cfg, weights = checked_inputs(args)
+    cfg, weights, vocabulary = checked_inputs(args)
     data = prepare_data(cfg.data)
-    vocabulary = args.run_dir / vocabulary_file(cfg)
     if tokenizer_digest(data.tokenizer_path) != tokenizer_digest(vocabulary):
         raise ConfigError(f"the data prepared in {cfg.data.cache_dir} for this config is not what the run trained "
                           f"on (it differs from {vocabulary}: the source files changed?), so its held-out split is "

@@ -79,20 +79,26 @@ def privacy_report(run_dir: Path, cfg) -> dict:
     return report
 
 
-def finished_run(run_dir: Path):
-    """``(cfg, vocabulary)`` of a finished run: its config and its own copy of the tokenizer."""
+def finished_run(run_dir: Path, checkpoint: Path | None = None, instead: str | None = None):
+    """``(cfg, weights, vocabulary)`` of a run: its config, the weights to read (``checkpoint``, else the
+    final model) and its own copy of the tokenizer, or a ConfigError that says what is missing.
+    ``instead``: how the command takes a checkpoint, offered when the run has no final model yet."""
     from .train import vocabulary_file
 
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a dpdist run directory (no config.yaml)")
-    if not (run_dir / "final" / "model.pt").is_file():
+    weights = checkpoint or run_dir / "final" / "model.pt"
+    if checkpoint is None and not weights.is_file():
         raise ConfigError(f"{run_dir} has no final model yet; finish the run first (dpdist train --config "
-                          f"{run_dir}/config.yaml --resume auto)")
+                          f"{run_dir}/config.yaml --resume auto)"
+                          + (f" or {instead} {run_dir}/checkpoints/step-*" if instead else ""))
+    if not weights.exists():
+        raise ConfigError(f"--checkpoint {weights}: no such file or folder")
     cfg = load_config(run_dir / "config.yaml")
     vocabulary = run_dir / vocabulary_file(cfg)
     if not vocabulary.exists():
         raise ConfigError(f"{vocabulary} is missing; it is written when the run starts")
-    return cfg, vocabulary
+    return cfg, weights, vocabulary
 
 
 def final_state(run_dir: Path, cfg, merged: bool = True) -> dict:
@@ -112,7 +118,7 @@ def export(run_dir: Path, out: Path) -> dict:
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
-    cfg, vocabulary = finished_run(run_dir)
+    cfg, _, vocabulary = finished_run(run_dir)
     report = privacy_report(run_dir, cfg)
     if cfg.data.source == "zipf_items":
         tokenizer = {ITEMS_KEY: vocabulary.read_text()}
@@ -135,7 +141,7 @@ def export_hf(run_dir: Path, out_dir: Path) -> dict:
     from ..model.hf import SPECIAL_TOKENS, save_pretrained
 
     run_dir = Path(run_dir)
-    cfg, vocabulary = finished_run(run_dir)
+    cfg, _, vocabulary = finished_run(run_dir)
     _check_free(out_dir)
     report = privacy_report(run_dir, cfg)
     items = cfg.data.source == "zipf_items"  # token t is item t: the public catalogue travels instead of a tokenizer
@@ -166,7 +172,7 @@ def export_adapter(run_dir: Path, out_dir: Path) -> dict:
     from ..model.hf import save_adapter
 
     run_dir = Path(run_dir)
-    cfg, _ = finished_run(run_dir)
+    cfg, _, _ = finished_run(run_dir)
     if not cfg.lora.enabled:
         raise ConfigError(f"{run_dir} trained the whole model (lora.enabled=false), so it has no adapters; export it "
                           "with --hf OUT_DIR")

@@ -50,22 +50,12 @@ def run_model(run_dir: Path, checkpoint: Path | None, device):
     """A run's model (final or ``checkpoint``) and its tokenizer."""
     from ..data.text_tokenizer import load_text_tokenizer
     from ..eval.weights import load_model
-    from .train import vocabulary_file
+    from .export import finished_run
 
-    cfg = load_config(run_dir / "config.yaml")
-    if cfg.data.source == "zipf_items":
+    if load_config(run_dir / "config.yaml").data.source == "zipf_items":
         raise ConfigError(f"{run_dir} trained on the generated item task (data.source=zipf_items), whose tokens are "
                           "item ids, not text; score it with dpdist eval instead")
-    weights = checkpoint or run_dir / "final" / "model.pt"
-    if checkpoint is None and not weights.is_file():
-        raise ConfigError(f"{run_dir} has no final model yet; finish the run (dpdist train --config "
-                          f"{run_dir}/config.yaml --resume auto) or sample from a checkpoint with --checkpoint "
-                          f"{run_dir}/checkpoints/step-*")
-    if not weights.exists():
-        raise ConfigError(f"--checkpoint {weights}: no such file or folder")
-    vocabulary = run_dir / vocabulary_file(cfg)
-    if not vocabulary.exists():
-        raise ConfigError(f"{vocabulary} is missing; it is written when the run starts")
+    cfg, weights, vocabulary = finished_run(run_dir, checkpoint, "sample from a checkpoint with --checkpoint")
     return load_model(cfg, weights, device), load_text_tokenizer(vocabulary)
 
 

@@ -243,10 +243,10 @@ def _fill(model: nn.Module, name: str, param: nn.Parameter, checkpoint: _Checkpo
     if cfg.arch == "gpt" and CONV1D.search(found):
         param.copy_(checkpoint.read(found, tuple(reversed(full)), None if dim is None else 1 - dim, start, stop).t())
         return
-    stored = (stop - start if dim == 0 else full[0]) if full else 0  # rows past them pad a vocabulary table
     if not full:
         param.copy_(checkpoint.read(found, (), None, 0, 0))
         return
+    stored = stop - start if dim == 0 else full[0]  # rows past them pad a vocabulary table
     step = max(1, READ_BYTES // max(1, param[:1].numel() * param.element_size()))
     for first in range(0, stored, step):
         last = min(stored, first + step)
