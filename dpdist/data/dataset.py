@@ -249,7 +249,8 @@ def prepare_data(cfg: DataConfig, progress: bool | None = None) -> PreparedData:
                         num_tokens=meta["tokens"], num_files=meta["files"], source=meta["source"],
                         cache_path=str(cache), from_cache=from_cache, packing=cfg.packing,
                         documents_path=None if documents is None else str(documents),
-                        pad_id=load_text_tokenizer(tokenizer_path).pad_id,
+                        # caches built before the meta held it: read once more from the tokenizer
+                        pad_id=meta["pad_id"] if "pad_id" in meta else load_text_tokenizer(tokenizer_path).pad_id,
                         pairs_path=None if pairs is None else str(pairs), **counts)
 
 
@@ -287,7 +288,7 @@ def _build(corpus: Corpus, cfg: DataConfig, fingerprint: dict, cache: Path, prog
             _write_canaries(staging / CANARIES_FILE, corpus, tokenizer, canary_offsets)
         meta = {"source": corpus.description, "files": len(corpus.files), "bytes": corpus.num_bytes,
                 "tokens": num_tokens, "vocab_size": vocab_size, "dtype": token_dtype(vocab_size).name,
-                "canaries": bool(corpus.canaries), **extra, "fingerprint": fingerprint}
+                "pad_id": tokenizer.pad_id, "canaries": bool(corpus.canaries), **extra, "fingerprint": fingerprint}
         commit_cache(staging, cache, meta)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
