@@ -27,6 +27,7 @@ from torch import nn
 
 from . import ARCHITECTURES, DTYPES
 from .config import ROPE_SCALINGS, ModelConfig
+from .lora import adapter_state_dict
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
 HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -403,10 +404,8 @@ def peft_adapter(state: dict[str, torch.Tensor], cfg: ModelConfig, *, rank: int,
     in GPT-2's q | k | v order: the rows of its B are permuted as the base's are."""
     kind = _export_type(cfg)
     tensors, leaves = {}, set()
-    for key, value in state.items():
-        module, dot, param = key.rpartition(".lora_")
-        if not dot:
-            continue
+    for key, value in adapter_state_dict(state).items():
+        module, _, param = key.rpartition(".lora_")
         if param not in ("A.weight", "B.weight"):
             raise ValueError(f"{key} is not a LoRA adapter weight (lora_A.weight or lora_B.weight)")
         if param == "A.weight" and value.shape[0] != rank:
