@@ -311,3 +311,28 @@ def test_reading_in_pieces_of_a_few_rows_gives_the_same_model(imported, monkeypa
     pieces = load_pretrained(folder)
     for (name, a), (_, b) in zip(whole.named_parameters(), pieces.named_parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("adapters", [False, True], ids=["full", "lora"])
+def test_one_example_moves_the_clipped_sum_by_at_most_the_clip_norm(imported, adapters, clipping):
+    """Sensitivity on every imported family, fully trained or through LoRA adapters: removing one
+    example (all its labels ignored) moves the pre-noise sum by at most C, and by its clipped norm,
+    C norm / (norm + EPS), where its gradient is far larger than C (flat clipping)."""
+    model = load_pretrained(imported[3])
+    if adapters:
+        add_adapters(model, rank=3, alpha=6.0)
+        with torch.no_grad():  # B starts at 0, which would leave A without gradient
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name)), dtype=p.dtype))
+    ids, hf_labels = batch()
+    labels, removed = shifted(hf_labels), shifted(hf_labels).clone()
+    removed[0] = -100
+    norms = audit.per_example_norms(model, ids, labels)
+    clip = float(norms[0]) / 1000  # example 0's gradient is 1000 C
+    together, without = (audit.clipped_sum(model, ids, lab, clip, clipping=clipping) for lab in (labels, removed))
+    moved = float(torch.sqrt(sum((together[k] - without[k]).pow(2).sum() for k in together)))
+    assert moved <= clip * (1 + 1e-9)
+    if clipping == "flat":  # the engine's factor C / (norm + EPS)
+        assert moved == pytest.approx(clip * float(norms[0]) / (float(norms[0]) + EPS), rel=1e-9)
