@@ -153,7 +153,7 @@ class TrainConfig:
     progress: bool = True
     checkpoint_every: int = 0  # steps between sharded checkpoints (0: only when stopped by a signal)
     keep_checkpoints: int = 2  # newest committed checkpoints kept; older ones are removed after each commit
-    backend: str = "native"  # native | deepspeed (ZeRO; settings in the deepspeed section)
+    backend: str = "native"  # native | fsdp (FSDP2 sharding) | deepspeed (ZeRO; settings in the deepspeed section)
     tensorboard: bool = False  # rank 0 also writes metrics.jsonl's scalars under RUN_DIR/tensorboard/
 
     def validate(self) -> None:
@@ -442,6 +442,12 @@ def _check_combinations(cfg: RunConfig) -> None:
             if on:
                 raise ConfigError(f"{key} is not supported with train.backend=deepspeed (the DeepSpeed step adds "
                                   "uniform noise on ZeRO partitions); use train.backend=native")
+    if cfg.train.backend == "fsdp":
+        for key, on in (("anadp.enabled", cfg.anadp.enabled), ("lsg.enabled", cfg.lsg.enabled),
+                        ("reattention.enabled", cfg.reattention.enabled), ("lora.enabled", cfg.lora.enabled)):
+            if on:
+                raise ConfigError(f"{key} is not supported with train.backend=fsdp (its state and parameters are "
+                                  "not sharded over the data group); use train.backend=native")
 
 
 def _positive(section: Any, name: str, *keys: str) -> None:

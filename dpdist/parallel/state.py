@@ -48,6 +48,12 @@ def full_state_dict(model: nn.Module, tp_group) -> dict[str, torch.Tensor]:
     return {name: gather_full(p, tp_group) for name, p in model.named_parameters()}
 
 
+def replica_state_dict(model: nn.Module, mesh) -> dict[str, torch.Tensor] | None:
+    """``full_state_dict`` on the first data-parallel replica, whose ranks hold every parameter between
+    them (None on the other replicas, which hold the same)."""
+    return full_state_dict(model, mesh.tp_group) if mesh.dp_rank == 0 else None
+
+
 def load_into(own: dict, loaded: dict) -> None:
     """Copy a checkpoint's ``loaded`` values into a component's own state tensors ``own`` (its
     ``state_dict()``: tensors, or ``Sharded`` ones) in place, so the component keeps its tensors.  A

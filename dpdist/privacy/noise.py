@@ -89,7 +89,10 @@ def keystream_words(key: int, start: int, count: int) -> np.ndarray:
 
 
 def _flat_runs(full_shape: tuple[int, ...], box) -> tuple[list[tuple[int, int]], tuple[int, ...]]:
-    """The contiguous runs (start, length) of flat indices that ``box`` covers, and the box's shape."""
+    """The contiguous runs (start, length) of flat indices that ``box`` covers, in its row-major order,
+    and the box's shape.  A box may restrict any dimensions (a tensor-parallel shard restricts one, an
+    FSDP shard of it one more): each run spans the innermost restricted dimension's range and every
+    dimension inside it."""
     if box is None:
         return [(0, math.prod(full_shape))], full_shape
     if len(box) != len(full_shape) or not all(isinstance(s, slice) for s in box):
@@ -101,16 +104,17 @@ def _flat_runs(full_shape: tuple[int, ...], box) -> tuple[list[tuple[int, int]],
         if s.step not in (None, 1) or not 0 <= start <= stop <= n:
             raise ValueError(f"box {box!r} is not a contiguous in-range slice of shape {full_shape}")
         bounds.append((start, stop))
+    shape = tuple(stop - start for start, stop in bounds)
     restricted = [k for k, (b, n) in enumerate(zip(bounds, full_shape)) if b != (0, n)]
     if not restricted:
         return [(0, math.prod(full_shape))], full_shape
-    if len(restricted) > 1:
-        raise ValueError(f"box {box!r} restricts dimensions {restricted}; a shard restricts at most one")
-    k = restricted[0]
-    (start, stop), inner = bounds[k], math.prod(full_shape[k + 1:])
-    row = full_shape[k] * inner
-    runs = [(outer * row + start * inner, (stop - start) * inner) for outer in range(math.prod(full_shape[:k]))]
-    return runs, full_shape[:k] + (stop - start,) + full_shape[k + 1:]
+    k = restricted[-1]
+    strides = [math.prod(full_shape[d + 1:]) for d in range(len(full_shape))]
+    length = shape[k] * strides[k]
+    starts = np.full((), bounds[k][0] * strides[k], dtype=np.int64)
+    for d in range(k):  # every index combination of the dimensions outside the run, row-major
+        starts = starts[..., None] + np.arange(*bounds[d], dtype=np.int64) * strides[d]
+    return [(int(start), length) for start in starts.reshape(-1)], shape
 
 
 def _batches(runs: list[tuple[int, int]], size: int):

@@ -4,15 +4,21 @@ Per micro-batch (design.md steps 2-5): forward; one backward in which every DP-a
 its tensors instead of forming its weight gradient; per-example norms from the norm rules; one
 all-reduce of the B-vector of norm contributions over the tensor group; clip factors; the clipped sum
 formed once per layer (book-keeping) and accumulated.  Per logical batch (step 6): sum over the
-data-parallel group, add N(0, s^2) exactly once per coordinate with keyed noise, divide by the
+data-parallel group with N(0, s^2) added exactly once per coordinate (keyed noise, each data-parallel
+rank drawing its own share of the coordinates), divide by the
 *expected* batch size qN, and leave the result in ``p.grad`` for the optimizer.
 
 The step knows plain numbers and four seams, each an object chosen by whoever builds it:
 
-- ``reduce``: ``backward(loss, params, last)``, the backward that forms weight gradients outside the
-  tap (two-pass), and ``reduce(released, grads)``, the sum of the clipped sums over the data group (``AllReduce`` here; DeepSpeed's reduction in ``dpdist.train.backends``);
-- ``add_noise(release, released, grads, stds)``: the keyed noise of every coordinate (``KeyedNoise``),
-  or of the ZeRO/FSDP partition this rank owns;
+- ``reduce``: where the clipped sums are held and how they are summed over the data group:
+  ``sums()``, the store the tap accumulates them in (whole, or reduce-scattered into the shards an
+  FSDP rank owns); ``recording_backward(loss, params, retain)``, the backward in which the layers
+  record for the tap; ``backward(loss, params, last)``, the backward that forms weight gradients
+  outside the tap (two-pass); and ``reduce(released, grads)``, the sum over the data group
+  (``AllReduce`` here; DeepSpeed's and FSDP's in ``dpdist.train.backends``);
+- ``add_noise(release, released, grads, stds)``: this rank's share of the keyed noise, added before
+  the sum (``KeyedNoise``: 1/D of the coordinates per data-parallel rank), or on the ZeRO/FSDP
+  partition this rank owns;
 - ``parametrization``: what is clipped, noised and released for which parameters, and how a released
   value becomes a parameter's update (``Identity``; LSG's carriers in ``dpdist.privacy.lsg``);
 - ``noise_scales``: the noise std of every released tensor (``UniformNoise``: sigma C; ANADP's
@@ -29,13 +35,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ..parallel.cross_entropy import per_example_loss
-from ..parallel.mappings import group_size
+from ..parallel.mappings import group_rank, group_size
 from .clipping import clip_factors, per_layer_threshold
-from .noise import keyed_normal
+from .noise import keyed_normal_slice
 from .rules import has_rule
 from .strategy import Plan, plan_strategies
 from .precision import accumulation_dtype
-from .tap import PerExampleTap
+from .tap import LocalSums, PerExampleTap
 
 
 @dataclass
@@ -90,12 +96,40 @@ def full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(tensor, "full_shape", tensor.shape))
 
 
+def autograd_recording_backward(loss: torch.Tensor, params: list[nn.Parameter], retain: bool) -> list[bool]:
+    """The backward in which the layers record for the tap, by ``autograd.grad`` with respect to the
+    parameters: it runs every layer's backward but accumulates no gradient, so a wrapper that reduces
+    gradients as they accumulate (DeepSpeed ZeRO) sees nothing of this unclipped pass.  Returns which
+    parameters got a gradient anyway (a layer that does not record for the tap)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+    return [g is not None for g in grads]
+
+
+def share_ranges(numels: list[int], rank: int, size: int) -> list[tuple[int, int]]:
+    """Rank ``rank`` of ``size``'s share of tensors of ``numels`` elements: the flat range ``(start,
+    stop)`` in each tensor of the ``rank``-th of ``size`` near-equal contiguous pieces of all their
+    elements laid end to end.  Over the ranks every element is in exactly one share."""
+    total = sum(numels)
+    low, high = total * rank // size, total * (rank + 1) // size
+    ranges, offset = [], 0
+    for n in numels:
+        ranges.append((min(max(low - offset, 0), n), min(max(high - offset, 0), n)))
+        offset += n
+    return ranges
+
+
 class AllReduce:
-    """The native reduce seam: gradients outside the tap by ``autograd.grad``, and the clipped sums
-    summed over the data-parallel group by one flat all-reduce."""
+    """The native reduce seam: clipped sums held whole, gradients outside the tap by ``autograd.grad``,
+    and the sum over the data-parallel group by one flat all-reduce."""
 
     def __init__(self, group=None):
         self.group = group
+
+    def sums(self) -> LocalSums:
+        return LocalSums()
+
+    def recording_backward(self, loss: torch.Tensor, params: list[nn.Parameter], retain: bool) -> list[bool]:
+        return autograd_recording_backward(loss, params, retain)
 
     def backward(self, loss: torch.Tensor, params: list[nn.Parameter], last: bool) -> list[torch.Tensor | None]:
         return list(torch.autograd.grad(loss, params, allow_unused=True))
@@ -109,22 +143,26 @@ class AllReduce:
 
 
 class KeyedNoise:
-    """The native add_noise seam: every replica draws the same keyed noise for every coordinate it
-    holds, keyed by (secret, release index, name, index in the full tensor)."""
+    """The native add_noise seam, before the sum over the data group: data-parallel rank r of D adds the
+    keyed noise of its share (``share_ranges``) of the released coordinates, so the sum carries every
+    coordinate's noise once and each rank draws 1/D of it.  The noise of a coordinate is keyed by
+    (secret, release index, name, index in the full tensor), so D and the tensor split change no value."""
 
-    def __init__(self, secret: int):
-        self.secret = secret
+    def __init__(self, secret: int, dp_rank: int = 0, dp_size: int = 1):
+        self.secret, self.dp_rank, self.dp_size = secret, dp_rank, dp_size
 
     def __call__(self, release: int, released: list[Released], grads: list[torch.Tensor],
                  stds: list[float]) -> list[torch.Tensor]:
         noisy = []
-        for item, grad, std in zip(released, grads, stds):
-            if std > 0:
-                noise = keyed_normal(self.secret, release, item.name, full_shape(item.tensor), shard_box(item.tensor),
-                                     dtype=grad.dtype, device=grad.device)
+        shares = share_ranges([g.numel() for g in grads], self.dp_rank, self.dp_size)
+        for item, grad, std, (start, stop) in zip(released, grads, stds, shares):
+            if std > 0 and stop > start:
+                noise = keyed_normal_slice(self.secret, release, item.name, full_shape(item.tensor),
+                                           shard_box(item.tensor), start, stop, dtype=grad.dtype, device=grad.device)
                 if item.support is not None:
-                    noise = noise * item.support
-                grad = torch.add(grad, noise, alpha=std)
+                    noise = noise * item.support.reshape(-1)[start:stop]
+                grad = grad.contiguous()  # its flat view is written in place
+                grad.view(-1)[start:stop].add_(noise, alpha=std)
             noisy.append(grad)
         return noisy
 
@@ -199,7 +237,7 @@ class DPStep:
         tap_mode = {"per_layer": "per_layer"}.get(clipping, "norms" if mode == "two_pass" else "bookkeeping")
         layer_clip = per_layer_threshold(clip_norm, len(layers)) if clipping == "per_layer" else None
         self.tap = PerExampleTap(layers, self.plan.strategies, mode=tap_mode, tp_group=tp_group,
-                                 layer_clip_norm=layer_clip, rules=rules,
+                                 layer_clip_norm=layer_clip, rules=rules, sums=self.reduce.sums(),
                                  names={module: name for name, module in model.named_modules()}).attach()
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -230,12 +268,10 @@ class DPStep:
                                nonfinite=int((real & ~finite).sum()))
 
     def _recording_backward(self, loss: torch.Tensor) -> None:
-        """The backward in which the layers record for the tap.  ``autograd.grad`` with respect to the
-        parameters runs every layer's backward but no gradient accumulation, so a wrapper that reduces
-        gradients as they accumulate (DeepSpeed ZeRO) sees nothing of this unclipped pass."""
+        """The backward in which the layers record for the tap (the reduce seam's: FSDP runs its own)."""
         params = list(self.names)
-        grads = torch.autograd.grad(loss, params, retain_graph=self.mode == "two_pass", allow_unused=True)
-        formed = [self.names[p] for p, g in zip(params, grads) if g is not None]
+        formed = self.reduce.recording_backward(loss, params, self.mode == "two_pass")
+        formed = [self.names[p] for p, got in zip(params, formed) if got]
         if formed:
             raise RuntimeError(f"layers formed unclipped weight gradients outside the tap: {', '.join(formed[:3])}")
 
@@ -254,7 +290,8 @@ class DPStep:
         return {self.names[p]: sums.get(p, torch.zeros_like(p)) for p in self.names}
 
     def release(self, release: int, step: int | None = None) -> None:
-        """Sum over data-parallel ranks, add keyed noise once per coordinate, divide by qN, set ``p.grad``.
+        """Add this rank's share of the keyed noise, sum over data-parallel ranks (so each coordinate's
+        noise is in the sum once), divide by qN, set ``p.grad``.
 
         ``release`` keys the noise: the ledger position of this release, never used for another one.
         ``step`` is the training step, which only public schedules read (ANADP's warm-up, LSG's
@@ -264,10 +301,11 @@ class DPStep:
         released = self.parametrization.released(self.names)
         grads = [sums.get(r.tensor, torch.zeros_like(r.tensor, dtype=accumulation_dtype(r.tensor.dtype)))
                  for r in released]
-        grads = self.reduce(released, grads)
-        noisy = self.add_noise(release, released, grads, self.noise_scales.stds(released))
-        if noisy is None:
-            return  # the backend noised, normalised and applied the sums where it keeps them (ZeRO partitions)
+        noisy = self.add_noise(release, released, grads, self.noise_scales.stds(released))  # this rank's share
+        if noisy is None:  # the backend noises, normalises and applies the sums where it keeps them (ZeRO)
+            self.reduce(released, grads)
+            return
+        noisy = self.reduce(released, noisy)
         noisy = {r.tensor: g for r, g in zip(released, noisy)}
         updates = self.parametrization.updates(noisy)
         for p in self.names:
@@ -321,5 +359,6 @@ def native_step(model: nn.Module, *, noise_multiplier: float = 0.0, secret: int 
     clipping, parametrization, ...)."""
     if noise_scales is None:
         noise_scales = UniformNoise(noise_multiplier * options["clip_norm"])
-    return DPStep(model, reduce=AllReduce(dp_group), add_noise=KeyedNoise(secret), noise_scales=noise_scales,
+    return DPStep(model, reduce=AllReduce(dp_group), add_noise=KeyedNoise(secret, group_rank(dp_group), group_size(dp_group)),
+                  noise_scales=noise_scales,
                   **options)

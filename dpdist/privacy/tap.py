@@ -11,7 +11,13 @@ over the tensor group (the one collective clipping needs) gives every rank the f
   its per-example gradients);
 - ``norms``: only the norms (pass 1 of two-pass clipping; pass 2 is an ordinary weighted backward).
 
-Clipped sums accumulate in ``grad_sums`` across micro-batches until the step releases them.
+Clipped sums accumulate in a store across micro-batches until the step releases them: ``LocalSums``
+holds them whole; a backend that shards gradients brings one that reduce-scatters each layer's sum
+into the shard it owns as soon as it is formed, so no rank holds the whole model's gradient.
+
+Sums and norm contributions are keyed by the parameters the layer held when the tap was attached.
+A wrapper that swaps a layer's parameters during the forward and backward (FSDP all-gathers them
+into other tensors) then changes no key.
 
 Every pre-noise quantity is fp32 or wider whatever the model computes in (``dpdist.privacy.precision``):
 recorded bf16/fp16 tensors are widened as they arrive, so norms, clip factors and clipped sums are fp32.
@@ -50,12 +56,37 @@ def _without_rows(state: dict, rows: torch.Tensor) -> dict:
     return {key: zeroed(value) for key, value in state.items()}
 
 
+def _rekeyed(per_param: dict, keys: dict) -> dict:
+    """``per_param`` with each key the parameter it stands for at attach time (``keys``)."""
+    return {keys.get(param, param): value for param, value in per_param.items()} if keys else per_param
+
+
+class LocalSums:
+    """Clipped sums held whole on this rank, parameter -> sum, until the release pops them."""
+
+    def __init__(self):
+        self.sums: dict[torch.Tensor, torch.Tensor] = {}
+
+    def add(self, sums: dict[torch.Tensor, torch.Tensor]) -> None:
+        """Add one layer's sums (or a weighted backward's gradients)."""
+        for param, grad in sums.items():
+            if param in self.sums:
+                self.sums[param] += grad
+            else:
+                self.sums[param] = grad
+
+    def pop(self) -> dict[torch.Tensor, torch.Tensor]:
+        sums, self.sums = self.sums, {}
+        return sums
+
+
 class PerExampleTap:
     def __init__(self, layers: list[nn.Module], strategies: dict[nn.Module, str], *, mode: str = "bookkeeping",
                  tp_group=None, layer_clip_norm: float | None = None, names: dict[nn.Module, str] | None = None,
-                 rules: dict[nn.Module, NormRule] | None = None):
+                 rules: dict[nn.Module, NormRule] | None = None, sums=None):
         """``rules``: each layer's norm rule (default: the registry's for its type); a parametrization
-        that trains a layer through other tensors (LSG's carriers) brings its own."""
+        that trains a layer through other tensors (LSG's carriers) brings its own.  ``sums``: the store
+        of clipped sums (default ``LocalSums``)."""
         if mode not in MODES:
             raise ValueError(f"tap mode must be one of {MODES}; got {mode!r}")
         if mode == "per_layer" and layer_clip_norm is None:
@@ -66,7 +97,8 @@ class PerExampleTap:
         self.rules = {layer: (rules or {}).get(layer) or rule_for(layer) for layer in layers}
         self.tp_rank = group_rank(tp_group)
         self.defer_weight_grad = True
-        self.grad_sums: dict[nn.Parameter, torch.Tensor] = {}
+        self.sums = sums if sums is not None else LocalSums()
+        self._own = {layer: dict(layer.named_parameters(recurse=False)) for layer in layers}  # the keys
         self._pending: dict[nn.Module, dict] = {}
         self._states: list = []
         self._sq_norms: torch.Tensor | None = None
@@ -106,29 +138,36 @@ class PerExampleTap:
         del self._pending[layer]
         self._completed.add(layer)
         state = rule.prepare(layer, pending, self.strategies[layer])
+        keys = self._keys(layer)
         if self.mode == "per_layer":
-            contribution = self._clip_layer(layer, rule, state)
+            contribution = self._clip_layer(layer, rule, state, keys)
         else:
-            contribution = self._counted(rule.sq_norms(layer, state))
+            contribution = self._counted(_rekeyed(rule.sq_norms(layer, state), keys))
             if self.mode == "bookkeeping":
-                self._states.append((layer, rule, state))
+                self._states.append((layer, rule, state, keys))
         self._sq_norms = contribution if self._sq_norms is None else self._sq_norms + contribution
 
-    def _clip_layer(self, layer: nn.Module, rule, state) -> torch.Tensor:
-        """Per-layer clipping of one layer: its clipped sums into ``grad_sums``, its counted squared-norm
+    def _keys(self, layer: nn.Module) -> dict:
+        """The layer's parameters as it holds them now -> as it held them at attach time."""
+        own = self._own[layer]
+        return {p: own[name] for name, p in layer.named_parameters(recurse=False) if p is not own[name]}
+
+    def _clip_layer(self, layer: nn.Module, rule, state, keys: dict) -> torch.Tensor:
+        """Per-layer clipping of one layer: its clipped sums into the store, its counted squared-norm
         contributions returned.  An example whose norm in this layer is not finite made the sums NaN
         (its factor 0 times its inf): the layer is clipped again with that example's records zeroed,
         which every tensor rank decides alike, from the reduced norms."""
         rows, bad = [], []
-        sums = rule.clip_layer(layer, state, lambda contributions: self._clip_rows(contributions, rows, bad))
+        sums = rule.clip_layer(layer, state, lambda contributions: self._clip_rows(_rekeyed(contributions, keys),
+                                                                                   rows, bad))
         nonfinite = torch.cat(bad)
         if nonfinite.any():
             rows, bad = [], []
             sums = rule.clip_layer(layer, _without_rows(state, nonfinite),
-                                   lambda contributions: self._clip_rows(contributions, rows, bad))
-            self._accumulate(sums)
+                                   lambda contributions: self._clip_rows(_rekeyed(contributions, keys), rows, bad))
+            self._accumulate(_rekeyed(sums, keys))
             return torch.cat(rows).masked_fill(nonfinite, math.nan)
-        self._accumulate(sums)
+        self._accumulate(_rekeyed(sums, keys))
         return torch.cat(rows)
 
     def _clip_rows(self, contributions: dict, rows: list, bad: list) -> torch.Tensor:
@@ -164,21 +203,20 @@ class PerExampleTap:
 
     @torch.no_grad()  # the recorded inputs are activations that require grad: build no graph on them
     def accumulate_clipped(self, clip: torch.Tensor) -> None:
-        """Book-keeping: add sum_i c_i grad_i of every recorded layer to ``grad_sums``, then forget the
+        """Book-keeping: add sum_i c_i grad_i of every recorded layer to the store, then forget the
         records.  Examples whose norm was not finite (factor 0) have their records zeroed first."""
         dropped = self._nonfinite if self._nonfinite is not None and bool(self._nonfinite.any()) else None
-        for layer, rule, state in self._states:
+        for layer, rule, state, keys in self._states:
             state = state if dropped is None else _without_rows(state, dropped)
-            self._accumulate(rule.clipped_sums(layer, state, clip))
+            self._accumulate(_rekeyed(rule.clipped_sums(layer, state, clip), keys))
         self._states.clear()
 
     def add_to_sums(self, grads: dict[nn.Parameter, torch.Tensor]) -> None:
-        """Two-pass: add the weighted backward's gradients to ``grad_sums``."""
+        """Two-pass: add the weighted backward's gradients to the store."""
         self._accumulate(grads)
 
     def pop_grad_sums(self) -> dict[nn.Parameter, torch.Tensor]:
-        sums, self.grad_sums = self.grad_sums, {}
-        return sums
+        return self.sums.pop()
 
     def _counted(self, per_param: dict) -> torch.Tensor:
         total = None
@@ -188,8 +226,4 @@ class PerExampleTap:
         return total if total is not None else torch.zeros_like(next(iter(per_param.values())))
 
     def _accumulate(self, sums: dict) -> None:
-        for param, grad in sums.items():  # fp32 or wider: every record was widened
-            if param in self.grad_sums:
-                self.grad_sums[param] += grad
-            else:
-                self.grad_sums[param] = grad
+        self.sums.add(sums)  # fp32 or wider: every record was widened

@@ -35,22 +35,28 @@ def _device_mesh(mesh: Mesh):
     return _device_mesh_of(mesh.device.type, mesh.dp_size, mesh.tp_size)
 
 
-def _view(tensor: torch.Tensor, param: torch.nn.Parameter, device_mesh):
+def _view(tensor: torch.Tensor, param: torch.nn.Parameter, device_mesh, sharded_mesh=None):
     """What DCP sees for ``tensor`` (the parameter itself or state sharded like it): a DTensor of the
     unpadded full shape for a tensor-parallel shard, the tensor itself otherwise.  A vocabulary
-    table drops its padding rows, so the saved table is the same at every tensor degree."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return tensor
+    table drops its padding rows, so the saved table is the same at every tensor degree.  A tensor
+    FSDP shards over the data group (a DTensor) is viewed on ``sharded_mesh``, the (tensor, data)
+    mesh, as its tensor-parallel shard split again along FSDP's dimension."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    full = list(param.full_shape)
+    if isinstance(tensor, DTensor):
+        tp = Shard(param.partition_dim) if getattr(param, "tensor_model_parallel", False) else Replicate()
+        placements, device_mesh, tensor = [tp, tensor.placements[0]], sharded_mesh, tensor.to_local()
+    elif not getattr(param, "tensor_model_parallel", False):
+        return tensor
+    else:
+        placements = [Replicate(), Shard(param.partition_dim)]
+    full = list(getattr(param, "full_shape", param.shape))
     local = tensor
-    if getattr(param, "unpadded_rows", None) is not None:
+    if getattr(param, "unpadded_rows", None) is not None and getattr(param, "tensor_model_parallel", False):
         full[0] = param.unpadded_rows
         local = tensor.narrow(0, 0, unpadded_local_rows(param))
     stride = torch.empty(full, device="meta").stride()
-    return DTensor.from_local(local, device_mesh, [Replicate(), Shard(param.partition_dim)], run_check=False,
-                              shape=torch.Size(full), stride=stride)
+    return DTensor.from_local(local, device_mesh, placements, run_check=False, shape=torch.Size(full), stride=stride)
 
 
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -70,11 +76,11 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _state(model, optimizer, device_mesh, components: list) -> dict:
+def _state(model, optimizer, device_mesh, components: list, sharded_mesh=None) -> dict:
     """What DCP saves: parameters, optimizer slots, and every component's ``state_dict()`` (tensors,
     or ``Sharded`` ones saved at their parameter's full shape), e.g. ANADP's importance state."""
     params = dict(model.named_parameters())
-    state = {f"model/{name}": _view(p.detach(), p, device_mesh) for name, p in params.items()}
+    state = {f"model/{name}": _view(p.detach(), p, device_mesh, sharded_mesh) for name, p in params.items()}
     by_param = {p: name for name, p in params.items()}
     for key, value in _component_state(components).items():
         state[key] = _view(value.tensor, value.like, device_mesh) if isinstance(value, Sharded) else value
@@ -82,7 +88,7 @@ def _state(model, optimizer, device_mesh, components: list) -> dict:
         name = by_param[p]
         for key, value in slots.items():
             if torch.is_tensor(value) and value.shape == p.shape:
-                state[f"optim/{name}/{key}"] = _view(value, p, device_mesh)
+                state[f"optim/{name}/{key}"] = _view(value, p, device_mesh, sharded_mesh)
             else:  # a scalar such as Adam's step count: the same on every rank
                 state[f"optim/{name}/{key}"] = value
     return state
@@ -103,18 +109,19 @@ def _component_state(components: list) -> dict:
     return state
 
 
-def save(folder, model, optimizer, components: list, mesh: Mesh) -> None:
-    """Every rank writes its shards of the run's state into ``folder`` (a collective)."""
+def save(folder, model, optimizer, components: list, mesh: Mesh, sharded_mesh=None) -> None:
+    """Every rank writes its shards of the run's state into ``folder`` (a collective); ``sharded_mesh``:
+    the (tensor, data) mesh of a model FSDP shards."""
     with _quiet_single_process():
-        dcp.save(_state(model, optimizer, _device_mesh(mesh), components), checkpoint_id=str(folder),
+        dcp.save(_state(model, optimizer, _device_mesh(mesh), components, sharded_mesh), checkpoint_id=str(folder),
                  no_dist=mesh.world_size == 1)
 
 
-def load(folder, model, optimizer, components: list, mesh: Mesh, optimizer_name: str) -> None:
+def load(folder, model, optimizer, components: list, mesh: Mesh, optimizer_name: str, sharded_mesh=None) -> None:
     """Load model, optimizer and components (resharded to this run's layout) in place; a checkpoint
     that lacks some of that state or cannot be read is a ``StateMismatch`` that says what to do."""
     _init_optimizer_state(optimizer)
-    state = _state(model, optimizer, _device_mesh(mesh), components)
+    state = _state(model, optimizer, _device_mesh(mesh), components, sharded_mesh)
     saved = set(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
     missing = sorted(set(state) - saved)
     if missing:
@@ -150,6 +157,6 @@ def _local(loaded):
 
 def _copy_back(target: torch.Tensor, loaded) -> None:
     """Put a loaded view's values into ``target`` (the padded rows of a vocabulary table keep theirs)."""
-    local = _local(loaded)
+    local, target = _local(loaded), _local(target)
     if local.data_ptr() != target.data_ptr():
         target.narrow(0, 0, local.shape[0]).copy_(local)

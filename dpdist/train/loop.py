@@ -26,7 +26,6 @@ from ..config import RunConfig
 from ..data.dataset import prepare_data
 from ..model import build_model, strip_vocab_padding
 from ..model.hf import build_pretrained
-from ..parallel.state import full_state_dict
 from ..parallel.cross_entropy import per_example_loss
 from ..privacy import accounting
 from ..privacy.accounting import DISPLAY_PLD_GRID
@@ -61,7 +60,6 @@ def _all_sum(values: list[float], mesh: Mesh) -> list[float]:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def validation_loss(model, data, mesh: Mesh, micro_batch_size: int, max_examples: int = 512) -> float:
     """Mean per-example loss on the held-out split (each data-parallel rank takes a strided share), with
     dropout (LoRA's) off and the model's training mode restored after."""
@@ -69,11 +67,14 @@ def validation_loss(model, data, mesh: Mesh, micro_batch_size: int, max_examples
     indices = torch.arange(mesh.dp_rank, n, mesh.dp_size)
     total, training = 0.0, model.training
     model.eval()
-    for chunk in indices.split(micro_batch_size):
-        input_ids, labels = data.val_batch(chunk)
+    # Every rank runs as many forwards (a sharded model's forward is a collective): one short of
+    # examples scores example 0 and leaves it out of the total.
+    for k in range(math.ceil(math.ceil(n / mesh.dp_size) / micro_batch_size)):
+        chunk = indices[k * micro_batch_size:(k + 1) * micro_batch_size]
+        input_ids, labels = data.val_batch(chunk if len(chunk) else torch.zeros(1, dtype=torch.long))
         logits = model(input_ids.to(mesh.device))
-        total += float(per_example_loss(logits, labels.to(mesh.device), vocab_start=model.vocab_start,
-                                        tp_group=mesh.tp_group).sum())
+        losses = per_example_loss(logits, labels.to(mesh.device), vocab_start=model.vocab_start, tp_group=mesh.tp_group)
+        total += float(losses.sum()) if len(chunk) else 0.0
     model.train(training)
     total, count = _all_sum([total, float(len(indices))], mesh)
     return total / max(count, 1.0)
@@ -220,16 +221,17 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
         if ledger is not None:
             summary["epsilon"] = ledger.epsilon(plan.delta, accountant="pld")
             summary["epsilon_rdp"] = ledger.epsilon(plan.delta, accountant="rdp")
-    summary["model"] = str(save_model(model, cfg, run_dir, mesh))
+    summary["model"] = str(save_model(model, run_dir, mesh, run.backend))
     latest = latest_checkpoint(run_dir)
     summary["checkpoint"] = str(latest) if latest is not None else None
     return summary
 
 
-def save_model(model, cfg: RunConfig, run_dir: Path, mesh: Mesh) -> Path:
+def save_model(model, run_dir: Path, mesh: Mesh, backend) -> Path:
     """The trained weights at full shape, written by rank 0; no secret is in this file."""
     path = run_dir / "final" / "model.pt"
-    state = strip_vocab_padding(full_state_dict(model, mesh.tp_group), model) if mesh.dp_rank == 0 else None
+    state = backend.full_state_dict(model, mesh)  # on the ranks that gather it (None elsewhere)
+    state = strip_vocab_padding(state, model) if state is not None else None
     if mesh.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.cpu() for k, v in state.items()}, path)

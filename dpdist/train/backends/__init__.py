@@ -11,12 +11,14 @@ which backend they run:
 - ``identity()`` and ``check_resume(saved, folder, saved_layout, layout)``: what a checkpoint records
   of it and whether this run can load one it wrote;
 - ``save(folder, state)`` / ``load(folder, state)``: write and read model, optimizer and component
-  state (``dpdist.train.checkpoint`` owns the commit protocol around them).
+  state (``dpdist.train.checkpoint`` owns the commit protocol around them);
+- ``full_state_dict(model, mesh)``: every parameter at its full shape for the final weights (None on
+  ranks that need not write them).
 
 Settings a backend cannot honour are refused when the config is read, by its registered checker: a
 function of the run config in a module that imports no torch, so reading a config stays cheap.
 
-Adding one (FSDP is next) is a new file with such a class plus one line in ``BACKENDS``.
+Adding one is a new file with such a class plus one line in ``BACKENDS``.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class Registered(NamedTuple):
 
 BACKENDS = {  # train.backend -> its class and config check
     "native": Registered("dpdist.train.backends.native:NativeBackend"),
+    "fsdp": Registered("dpdist.train.backends.fsdp:FSDPBackend"),
     "deepspeed": Registered("dpdist.train.backends.deepspeed:DeepSpeedBackend",
                             "dpdist.deepspeed_config:resolve_deepspeed_config"),
 }

@@ -36,8 +36,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ...deepspeed_config import resolve_deepspeed_config
+from ...parallel.state import replica_state_dict
 from ...privacy.noise import keyed_normal_slice
-from ...privacy.step import Released, shard_box
+from ...privacy.step import Released, autograd_recording_backward, shard_box
+from ...privacy.tap import LocalSums
 from ...runtime.mesh import Mesh
 from ..dcp_state import StateMismatch
 
@@ -275,6 +277,12 @@ class EngineReduce(_BoundaryBackward):
     through the engine and reduce-scatters as it goes; otherwise the clipped sums reach it at the
     release through the linear surrogate."""
 
+    def sums(self) -> LocalSums:
+        return LocalSums()
+
+    def recording_backward(self, loss: torch.Tensor, params: list[nn.Parameter], retain: bool) -> list[bool]:
+        return autograd_recording_backward(loss, params, retain)
+
     def backward(self, loss: torch.Tensor, params: list[nn.Parameter], last: bool) -> None:
         self._backward(loss, last)
         return None  # the gradients are DeepSpeed's now
@@ -384,3 +392,6 @@ class DeepSpeedBackend:
         if loaded is None:
             raise StateMismatch(f"checkpoint {folder} has no DeepSpeed state under {CHECKPOINT_TAG}/; resume from "
                                 "an older checkpoint")
+
+    def full_state_dict(self, model: nn.Module, mesh: Mesh) -> dict[str, torch.Tensor] | None:
+        return replica_state_dict(model, mesh)

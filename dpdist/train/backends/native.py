@@ -1,11 +1,17 @@
 """The native backend: every data-parallel rank holds the full weights, gradients and optimizer state
 of its tensor-parallel shard; the DP step sums the clipped sums over the data group with one
-all-reduce and every replica adds the same keyed noise.  Checkpoints are DCP (``dpdist.train.dcp_state``),
-so they reshard between (data, tensor) layouts.
+all-reduce, to which each data-parallel rank has added the keyed noise of its 1/D share of the
+coordinates.  Checkpoints are DCP (``dpdist.train.dcp_state``), so they reshard between (data, tensor)
+layouts.
 """
 from __future__ import annotations
 
+import torch
+from torch import nn
+
+from ...parallel.state import replica_state_dict
 from ...privacy.step import AllReduce, KeyedNoise
+from ...runtime.mesh import Mesh
 from .. import dcp_state
 
 
@@ -22,7 +28,7 @@ class NativeBackend:
         return optimizer
 
     def dp_seams(self, secret: int, expected_batch_size: float) -> tuple[AllReduce, KeyedNoise]:
-        return AllReduce(self.mesh.dp_group), KeyedNoise(secret)
+        return AllReduce(self.mesh.dp_group), KeyedNoise(secret, self.mesh.dp_rank, self.mesh.dp_size)
 
     def nonprivate_seam(self):
         return None  # plain autograd and an all-reduce per gradient (NonPrivateStep's own)
@@ -38,3 +44,6 @@ class NativeBackend:
 
     def load(self, folder, model, optimizer, components: list, mesh) -> None:
         dcp_state.load(folder, model, optimizer, components, mesh, self.cfg.train.optimizer)
+
+    def full_state_dict(self, model: nn.Module, mesh: Mesh) -> dict[str, torch.Tensor] | None:
+        return replica_state_dict(model, mesh)
