@@ -203,10 +203,10 @@ def _read_on_main(folder: Path, mesh: Mesh) -> dict:
 
 
 def check_backend(record: dict, folder: Path, backend, mesh: Mesh) -> None:
-    """A checkpoint resumes only under the backend that wrote it, and only where that backend can
-    load it (a ZeRO checkpoint at its own stage and layout)."""
+    """A checkpoint resumes only under a backend that reads what it holds (DCP shards: native and fsdp,
+    either way), and only where that backend can load it (a ZeRO checkpoint at its own stage and layout)."""
     saved, mine = record.get("backend", {"name": "native"}), backend.identity()
-    if saved["name"] != mine["name"]:
+    if saved["name"] not in backend.reads:
         raise CheckpointError(f"checkpoint {folder} was written by the {saved['name']} backend and this run uses "
                               f"train.backend={mine['name']}; resume with train.backend={saved['name']}")
     try:

@@ -24,3 +24,12 @@ def torchrun(script: str, nproc: int, *args: str, timeout: float = 300) -> subpr
     if result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     return result
+
+
+def python(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The script in one plain process (a single-process run of the same worker as a launch)."""
+    result = subprocess.run([sys.executable, str(DIST / script), *map(str, args)], capture_output=True, text=True,
+                            timeout=timeout, env=child_env())
+    if result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result

@@ -8,8 +8,8 @@ which backend they run:
 - ``prepare(model, optimizer, mesh)``: wrap them, return the optimizer the loop steps;
 - ``dp_seams(secret, expected_batch_size)``: the DP step's ``reduce`` and ``add_noise`` seams
   (``dpdist.privacy.step``); ``nonprivate_seam()``: the non-private step's backward and reduction;
-- ``identity()`` and ``check_resume(saved, folder, saved_layout, layout)``: what a checkpoint records
-  of it and whether this run can load one it wrote;
+- ``identity()``, ``reads`` and ``check_resume(saved, folder, saved_layout, layout)``: what a
+  checkpoint records of it, which backends' checkpoints it reads, and whether this run can load one;
 - ``save(folder, state)`` / ``load(folder, state)``: write and read model, optimizer and component
   state (``dpdist.train.checkpoint`` owns the commit protocol around them);
 - ``full_state_dict(model, mesh)``: every parameter at its full shape for the final weights (None on

@@ -338,6 +338,8 @@ class DeepSpeedOptimizer:
 
 
 class DeepSpeedBackend:
+    reads = ("deepspeed",)  # its own ZeRO partitions
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.engine = self.mesh = self.model = self.client_optimizer = None

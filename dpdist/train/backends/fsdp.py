@@ -224,6 +224,8 @@ class FSDPBackward:
 
 
 class FSDPBackend:
+    reads = ("native", "fsdp")  # DCP shards, resharded to any layout
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.mesh = self.model = self.pieces = None

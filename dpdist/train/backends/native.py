@@ -16,6 +16,8 @@ from .. import dcp_state
 
 
 class NativeBackend:
+    reads = ("native", "fsdp")  # DCP shards, resharded to any layout
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.mesh = None
