@@ -53,13 +53,13 @@ def aes_normal(secret: int, release: int, name: str, n: int) -> torch.Tensor:
 
 def torch_int_normal(secret: int, release: int, name: str, n: int) -> torch.Tensor:
     """The device path (torch ChaCha20 and the portable transform) run on the CPU."""
-    key = noise.derive_key(secret, release, "noise", name)
+    keys = [noise.derive_key(secret, release, stream, name) for stream in ("noise", "noise-angle")]
     out = torch.empty(n, dtype=torch.float32)
     batch = 1 << 16
     for pos in range(0, n, batch):
         count = min(batch, n - pos)
-        words = noise.device_keystream_words(key, pos, count, "cpu")
-        noise._box_muller(words, out[pos:pos + count], None)  # a pair in the lowest bucket: 2^-53 per pair
+        radius_words, angle_words = (noise.device_keystream_words(key, pos // 2, count // 2, "cpu") for key in keys)
+        noise._box_muller(radius_words, angle_words, out[pos:pos + count])  # lowest u1 bucket: 2^-53 per pair
     return out
 
 

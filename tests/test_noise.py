@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpdist.privacy.noise import (_box_muller, _chacha_blocks, _cpu_pair_words, _device_pair_words, _device_words,
+from dpdist.privacy.noise import (_box_muller, _chacha_blocks, _cpu_run_words, _device_run_words, _device_words,
                                   _ln, _sin_cos_turn, derive_key, device_keystream_words, keyed_normal,
                                   keyed_normal_slice, keystream_words)
 
@@ -108,15 +108,15 @@ def test_keystream_longer_than_one_pass_of_the_zero_buffer():
 
 
 def test_the_device_path_picks_the_same_words_for_any_runs():
-    """The words of a batch's pair ranges, from OpenSSL (CPU) and from torch (any other device): the
-    ranges share blocks, are a short or a long gap apart, and start and end mid-block."""
+    """The words of a batch's ranges, from OpenSSL (CPU) and from torch (any other device): the ranges
+    share blocks, are a short or a long gap apart, and start and end mid-block."""
     key = derive_key(SECRET, 3, "noise", "w")
-    for pairs in ([(0, 1)], [(3, 4)], [(0, 5), (5, 9)], [(1, 3), (6, 7), (7, 30)], [(2, 5), (5000, 5003)],
-                  [(9, 10), (2**40 + 3, 2**40 + 17)], [(p, p + 3) for p in range(0, 60, 7)]):
-        cpu = _cpu_pair_words(key.to_bytes(32, "little"), pairs)
-        expected = np.concatenate([_reference_words(key, 2 * p0, 2 * (p1 - p0)) for p0, p1 in pairs])
-        assert cpu.dtype == torch.int64 and np.array_equal(cpu.numpy().view(np.uint64), expected), pairs
-        assert torch.equal(_device_pair_words(key, pairs, "cpu"), cpu), pairs
+    for ranges in ([(0, 1)], [(3, 4)], [(0, 5), (5, 9)], [(1, 3), (6, 7), (7, 30)], [(2, 5), (5000, 5003)],
+                   [(9, 10), (2**40 + 3, 2**40 + 17)], [(w, w + 3) for w in range(0, 60, 7)]):
+        cpu = _cpu_run_words(key.to_bytes(32, "little"), ranges)
+        expected = np.concatenate([_reference_words(key, w0, w1 - w0) for w0, w1 in ranges])
+        assert cpu.dtype == torch.int64 and np.array_equal(cpu.numpy().view(np.uint64), expected), ranges
+        assert torch.equal(_device_run_words(key, ranges, "cpu"), cpu), ranges
     # the deep stream's word p on a device: block p // 8, word p % 8
     indices = torch.tensor([0, 7, 8, 12345, 2**35 + 3])
     picked = _device_words(key, indices // 8).gather(1, (indices % 8).view(-1, 1)).view(-1)
@@ -259,6 +259,14 @@ def test_scaled_noise_has_std_sigma_times_clip_norm():
     assert abs(float(noise.double().std()) / (sigma * clip) - 1) < 0.01
 
 
+def _log(m: torch.Tensor, scale: int) -> torch.Tensor:
+    return _ln(m.clone(), scale, torch.empty((6, len(m)), dtype=torch.float64))
+
+
+def _cos_sin(j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _sin_cos_turn(j.clone(), torch.empty((5, len(j)), dtype=torch.float64))
+
+
 def _ulps(got: torch.Tensor, expected) -> np.ndarray:
     """|got - expected| in units of the last place of ``expected`` (float64)."""
     expected = np.asarray(expected, dtype=np.float64)
@@ -274,11 +282,11 @@ def test_the_portable_log_is_within_one_ulp_of_libm():
              (1 << 52) | sqrt2, ((1 << 52) | sqrt2) + 1, ((1 << 52) | sqrt2) - 1, ((1 << 30) | (sqrt2 >> 22))]
     m = np.concatenate([edges, rng.integers(1, 2**53 + 1, 1 << 18), 2 ** rng.integers(0, 54, 1000)])
     for scale in (53, 106):
-        got = _ln(torch.from_numpy(m.astype(np.float64)), scale)
+        got = _log(torch.from_numpy(m.astype(np.float64)), scale)
         expected = torch.log(torch.from_numpy(m.astype(np.float64)) * 2.0**-scale)
         assert _ulps(got, expected).max() <= 1.0, scale
-    assert _ln(torch.tensor([2.0**53], dtype=torch.float64), 53).item() == 0.0  # u1 = 1: radius 0
-    assert _ln(torch.tensor([1.0], dtype=torch.float64), 106).item() == pytest.approx(-106 * math.log(2), rel=1e-16)
+    assert _log(torch.tensor([2.0**53], dtype=torch.float64), 53).item() == 0.0  # u1 = 1: radius 0
+    assert _log(torch.tensor([1.0], dtype=torch.float64), 106).item() == pytest.approx(-106 * math.log(2), rel=1e-16)
 
 
 def _reference_cos_sin(j: int) -> tuple[float, float]:
@@ -293,12 +301,12 @@ def test_the_portable_sin_and_cos_are_within_two_ulps_and_exactly_symmetric():
     rng = np.random.default_rng(6)
     edges = [0, 1, 2**53 - 1, 2**53 - 2] + [o * 2**50 + d for o in range(8) for d in (-2, -1, 0, 1) if 0 <= o * 2**50 + d]
     j = np.array(edges + rng.integers(0, 2**53, 3000).tolist(), dtype=np.int64)
-    cos, sin = _sin_cos_turn(torch.from_numpy(j.copy()))
+    cos, sin = _cos_sin(torch.from_numpy(j))
     reference = np.array([_reference_cos_sin(int(v)) for v in j])
     assert _ulps(cos, reference[:, 0]).max() <= 2.0 and _ulps(sin, reference[:, 1]).max() <= 2.0
     # The half-step grid is symmetric: j and 2^53 - 1 - j are the angles a and -a, and the octant
     # reduction maps them to the same polynomial input, so cos agrees and sin flips, bit for bit.
-    mirror_cos, mirror_sin = _sin_cos_turn(torch.from_numpy(2**53 - 1 - j))
+    mirror_cos, mirror_sin = _cos_sin(torch.from_numpy(2**53 - 1 - j))
     assert torch.equal(mirror_cos, cos) and torch.equal(mirror_sin, -sin)
     assert (cos.abs() <= 1).all() and (sin.abs() <= 1).all() and (cos * sin != 0).all()
 
@@ -307,14 +315,15 @@ def test_box_muller_is_within_a_few_ulps_of_the_exact_transform():
     """Against r cos(2 pi u2), r sin(2 pi u2), r = sqrt(-2 ln u1), evaluated to 200 bits."""
     import mpmath
     rng = np.random.default_rng(7)
-    words = rng.integers(-2**63, 2**63, 2000, dtype=np.int64)
-    words[:4] = [-1, 0x7FF, -(1 << 62), 1 << 11]  # u1 = 1, the lowest bucket's top, large and small radii
-    out = torch.empty(len(words), dtype=torch.float64)
-    _box_muller(torch.from_numpy(words.copy()), out, lambda positions: torch.zeros(len(positions), dtype=torch.int64))
-    k = words.view(np.uint64) >> np.uint64(11)
+    radius_words, angle_words = rng.integers(-2**63, 2**63, (2, 1000), dtype=np.int64)
+    radius_words[:4] = [-1, 0x7FF, -(1 << 62), 1 << 11]  # u1 = 1, the lowest bucket, large and small radii
+    out = torch.empty(2000, dtype=torch.float64)
+    _box_muller(torch.from_numpy(radius_words), torch.from_numpy(angle_words), out,
+                lambda positions: torch.zeros(len(positions), dtype=torch.int64))
     with mpmath.workprec(200):
         expected = []
-        for k1, k2 in zip(k[0::2].tolist(), k[1::2].tolist()):
+        for w1, w2 in zip(radius_words.view(np.uint64).tolist(), angle_words.view(np.uint64).tolist()):
+            k1, k2 = w1 >> 11, w2 >> 11
             u1 = mpmath.mpf(k1 + 1) / 2**53 if k1 else mpmath.mpf(1) / 2**106  # the deep word 0 refines k1 = 0
             radius = mpmath.sqrt(-2 * mpmath.log(u1))
             angle = 2 * mpmath.pi * (mpmath.mpf(k2) + mpmath.mpf(0.5)) / 2**53

@@ -23,10 +23,12 @@ def _int64(words) -> torch.Tensor:
     return torch.from_numpy(np.array(words, dtype=np.uint64).view(np.int64))
 
 
-def _normals(words: list[int], deep: int | None = None) -> torch.Tensor:
+def _normals(words, deep: int | None = None) -> torch.Tensor:
+    """The normals of the pairs (words[2p], words[2p+1]): radius word, angle word."""
     out = torch.empty(len(words), dtype=torch.float64)
     deep_words = None if deep is None else (lambda positions: _int64([deep] * len(positions)))
-    _box_muller(_int64(words), out, deep_words)
+    words = _int64(words)
+    _box_muller(words[0::2].contiguous(), words[1::2].contiguous(), out, deep_words)
     return out
 
 

@@ -13,7 +13,9 @@ keyed by the secret).  Both are standard pseudorandom functions, so the noise is
 indistinguishable from true randomness to anyone without the secret.  Block b of a stream is the
 block function at the 64-bit counter b (state words 12 and 13, little-endian) with a zero nonce
 (words 14 and 15); it is read as the little-endian 64-bit keystream words 8b .. 8b+7, so any word is
-reachable without generating the ones before it.
+reachable without generating the ones before it.  Elements 2p and 2p+1 of a parameter are the
+Box-Muller pair of word p of its radius stream (``derive_key(secret, r, "noise", name)``) and word p
+of its angle stream (``"noise-angle"``).
 
 The keystream has two implementations that give the same bits: OpenSSL's (through ``cryptography``)
 on the CPU, and :func:`_chacha_blocks`, torch integer operations, on any other device, so a CUDA run
@@ -170,8 +172,7 @@ def device_keystream_words(key: int, start: int, count: int, device) -> torch.Te
 # divides by a scalar through its reciprocal.
 
 _MASK53 = (1 << 53) - 1
-_FRACTION = (1 << 52) - 1  # a double's stored mantissa bits
-_ABOVE_SQRT2 = (1 << 52) - 0x6A09E667F3BCD  # carries into bit 52 iff the mantissa is >= sqrt(2)'s
+_ABOVE_SQRT2 = (1 << 52) - 0x6A09E667F3BCD  # 2^52 less the mantissa bits of sqrt(2)
 # fdlibm's e_log.c: ln 2 split so that k * _LN2_HI is exact for |k| < 2^20, and its minimax polynomial.
 _LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10
 _LG = (6.666666666666735130e-01, 3.999999999940941908e-01, 2.857142874366239149e-01, 2.222219843214978396e-01,
@@ -186,89 +187,108 @@ _TWO52 = 2.0**52
 _TWO52_BITS = 0x4330000000000000  # the bits of 2^52: OR-ing an integer below 2^52 in gives 2^52 + it
 
 
-def _ln(m: torch.Tensor, scale: int) -> torch.Tensor:
+def _ln(m: torch.Tensor, scale: int, work: torch.Tensor) -> torch.Tensor:
     """ln(m 2^-scale) for float64 integers ``m`` >= 1, to within one ulp (fdlibm's ``__ieee754_log``).
 
-    m = 2^e x with x in [sqrt(2)/2, sqrt(2)), read off the bits; ln x = 2 atanh(f / (2 + f)), f = x - 1
-    (exact), by fdlibm's minimax polynomial.  ``m`` is overwritten.
+    m = 2^e x with x in [sqrt(2)/2, sqrt(2)), e read off the bits; ln x = 2 atanh(f / (2 + f)), f = x - 1
+    (exact), by fdlibm's minimax polynomial.  ``m`` is overwritten; ``work`` is 6 float64 rows of
+    m's length (every step writes into it: fresh temporaries would cost more than the arithmetic).
+    Returns work[0].
     """
-    bits = m.view(torch.int64)
-    carry = (bits & _FRACTION).add_(_ABOVE_SQRT2).bitwise_right_shift_(52)  # 1 iff x would be >= sqrt(2)
-    k = (bits >> 52).add_(carry).to(torch.float64).sub_(1023 + scale)  # e - scale: a small exact integer
-    bits.bitwise_and_(_FRACTION).bitwise_or_(1023 << 52).sub_(carry.bitwise_left_shift_(52))  # x itself
+    k, s, z, w, p1, p2 = work
+    # Adding _ABOVE_SQRT2 to the bits carries into the exponent field iff the mantissa is >= sqrt(2)'s:
+    # the field then holds E = e + 1023 with x = m 2^-e in [sqrt(2)/2, sqrt(2)).
+    biased = torch.add(m.view(torch.int64), _ABOVE_SQRT2, out=p1.view(torch.int64)).bitwise_right_shift_(52)
+    k.copy_(biased).sub_(1023 + scale)  # e - scale: a small integer, exact
+    # x = m 2^-e, the power of two built from its bits (2046 - E = (E ^ 2047) - 1 for E < 2048): exact.
+    m.mul_(biased.bitwise_xor_(2047).sub_(1).bitwise_left_shift_(52).view(torch.float64))
     f = m.sub_(1.0)
-    s = f + 2.0
-    torch.div(f, s, out=s)
-    z = s * s
-    w = z * z
-    t1 = (w * _LG[5]).add_(_LG[3]).mul_(w).add_(_LG[1]).mul_(w)
-    t2 = (w * _LG[6]).add_(_LG[4]).mul_(w).add_(_LG[2]).mul_(w).add_(_LG[0]).mul_(z)
-    hfsq = (f * f).mul_(0.5)
+    torch.div(f, torch.add(f, 2.0, out=s), out=s)
+    torch.mul(s, s, out=z)
+    torch.mul(z, z, out=w)
+    t1 = torch.mul(w, _LG[5], out=p1).add_(_LG[3]).mul_(w).add_(_LG[1]).mul_(w)
+    t2 = torch.mul(w, _LG[6], out=p2).add_(_LG[4]).mul_(w).add_(_LG[2]).mul_(w).add_(_LG[0]).mul_(z)
+    hfsq = torch.mul(f, f, out=z).mul_(0.5)
     r = t2.add_(t1).add_(hfsq).mul_(s).add_(torch.mul(k, _LN2_LO, out=t1))  # s (hfsq + R) + k ln2_lo
     return k.mul_(_LN2_HI).sub_(hfsq.sub_(r).sub_(f))  # k ln2_hi - ((hfsq - (s (hfsq + R) + k ln2_lo)) - f)
 
 
-def _sin_cos_turn(j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _sin_cos_turn(j: torch.Tensor, work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of 2 pi (j + 1/2) / 2^53 for int64 ``j`` in [0, 2^53), each within two ulps.
 
     The top 3 bits of j are the octant; the angle within it, (pi / 4) (g + 1/2) / 2^50, is mirrored
     in odd octants (g -> 2^50 - 1 - g, exact) so that it lies in (0, pi/4), where fdlibm's kernels
     take it.  The grid's half step makes the angle's distribution symmetric under every reflection
-    of the circle.  Returns (cos, sin); ``j`` is overwritten.
+    of the circle.  ``j`` is overwritten; ``work`` is 5 float64 rows of j's length.  Returns
+    (cos, sin), work[0] and work[1].
     """
-    octant = j >> 50
-    mirror = (octant & 1).neg_().bitwise_and_((1 << 50) - 1)
-    j.bitwise_and_((1 << 50) - 1).bitwise_xor_(mirror)
+    cos, sin, octant, z, v = work
+    octant = torch.bitwise_right_shift(j, 50, out=octant.view(torch.int64))
+    mirror = torch.bitwise_left_shift(octant, 63, out=v.view(torch.int64)).bitwise_right_shift_(63)  # -1 if odd
+    j.bitwise_and_((1 << 50) - 1).bitwise_xor_(mirror.bitwise_and_((1 << 50) - 1))
     x = j.bitwise_left_shift_(1).bitwise_or_(_TWO52_BITS | 1).view(torch.float64).sub_(_TWO52).mul_(_OCTANT)
-    z = x * x
-    sin = (z * _S[5]).add_(_S[4]).mul_(z).add_(_S[3]).mul_(z).add_(_S[2]).mul_(z).add_(_S[1]).mul_(z).add_(_S[0])
-    sin.mul_(torch.mul(z, x, out=mirror.view(torch.float64))).add_(x)  # x + x^3 (S1 + z r)
-    cos = (z * _C[5]).add_(_C[4]).mul_(z).add_(_C[3]).mul_(z).add_(_C[2]).mul_(z).add_(_C[1]).mul_(z).add_(_C[0])
-    cos.mul_(z).mul_(z)  # z (z r): the polynomial's part beyond 1 - z/2
-    cos = z.mul_(0.5).sub_(cos).neg_().add_(1.0)  # 1 - (z/2 - z^2 r)
+    torch.mul(x, x, out=z)
+    torch.mul(z, _S[5], out=sin).add_(_S[4]).mul_(z).add_(_S[3]).mul_(z).add_(_S[2]).mul_(z).add_(_S[1])
+    sin.mul_(z).add_(_S[0]).mul_(torch.mul(z, x, out=v)).add_(x)  # x + x^3 (S1 + z r)
+    torch.mul(z, _C[5], out=cos).add_(_C[4]).mul_(z).add_(_C[3]).mul_(z).add_(_C[2]).mul_(z).add_(_C[1])
+    cos.mul_(z).add_(_C[0]).mul_(z).mul_(z)  # z (z r): the polynomial's part beyond 1 - z/2
+    torch.mul(z, 0.5, out=v).sub_(cos)  # z/2 - z^2 r
+    torch.mul(v, -1.0, out=cos).add_(1.0)  # 1 - (z/2 - z^2 r); the product by -1 is exact
     # Octants 1, 2, 5, 6 swap cos and sin, octants 2-5 negate cos and 4-7 negate sin: bit operations
     # on the representation (a swap and a sign flip are exact).
-    c, s = cos.view(torch.int64), sin.view(torch.int64)
-    swap = (octant + 1).bitwise_right_shift_(1).bitwise_and_(1).neg_()
-    differ = (c ^ s).bitwise_and_(swap)
+    c, s, o = cos.view(torch.int64), sin.view(torch.int64), octant
+    swap = torch.add(o, 1, out=x.view(torch.int64)).bitwise_left_shift_(62).bitwise_right_shift_(63)  # -1 if bit 1
+    differ = torch.bitwise_xor(c, s, out=v.view(torch.int64)).bitwise_and_(swap)
     c ^= differ
     s ^= differ
-    c ^= torch.add(octant, 2, out=swap).bitwise_right_shift_(2).bitwise_and_(1).bitwise_left_shift_(63)
-    s ^= octant.bitwise_right_shift_(2).bitwise_left_shift_(63)
+    c ^= torch.add(o, 2, out=swap).bitwise_right_shift_(2).bitwise_left_shift_(63)  # bit 2 of o + 2: octants 2-5
+    s ^= o.bitwise_right_shift_(2).bitwise_left_shift_(63)
     return cos, sin
 
 
-def _box_muller(words: torch.Tensor, out: torch.Tensor, deep_words=None) -> None:
-    """Two standard normals per pair of words, into contiguous ``out`` (as long as ``words``).
+def _box_muller(radius_words: torch.Tensor, angle_words: torch.Tensor, out: torch.Tensor, deep_words=None,
+                work: torch.Tensor | None = None) -> None:
+    """Two standard normals per pair, into contiguous ``out`` (twice as long as the word tensors).
 
-    ``words`` holds 64-bit keystream words as int64 (two's complement).  Words 2p and 2p+1 give u1 and
-    u2 from their top 53 bits k1 and k2; out[2p] = r cos(2 pi u2) and out[2p+1] = r sin(2 pi u2) with
-    r = sqrt(-2 ln u1), two independent N(0, 1), computed in float64 by :func:`_ln` and
-    :func:`_sin_cos_turn` and rounded once on the store into ``out``'s dtype.  u2 = (k2 + 1/2) / 2^53.
-    Every operation is elementwise, so a value never depends on where its pair sits in a batch.
+    Pair p takes 64-bit keystream words (int64, two's complement) from two streams: u1 from the top 53
+    bits k1 of ``radius_words[p]``, u2 from those (k2) of ``angle_words[p]``.  out[2p] = r cos(2 pi u2)
+    and out[2p+1] = r sin(2 pi u2) with r = sqrt(-2 ln u1), two independent N(0, 1), computed in
+    float64 by :func:`_ln` and :func:`_sin_cos_turn` and rounded once on the store into ``out``'s
+    dtype.  u1 = (k1 + 1) / 2^53 and u2 = (k2 + 1/2) / 2^53.  Every operation is elementwise, so a
+    value never depends on where its pair sits in a batch.  ``work`` (float64, 7 rows of at least one
+    per pair) is reused from batch to batch.
 
     u1 = (k1+1) / 2^53 would cut the radius at sqrt(106 ln 2) = 8.57, a tail of 2^-53 per pair that
     over a large model's run (10^11 pairs and more) costs a delta far above any delta a user asks for
     (README: "The Gaussian's truncated tail").  So the lowest bucket, k1 = 0, that is u1 in
     (0, 2^-53], is refined with 53 more bits: ``deep_words(positions)`` gives a word (int64, on
-    ``words``' device) for each pair at those batch positions (from another keyed stream), and
+    the words' device) for each pair at those batch positions (from a third keyed stream), and
     u1 = (k'+1) / 2^106.  The radius then reaches sqrt(212 ln 2) = 12.12, and the tail beyond it has
     mass 2^-106 per pair.
     """
-    k1 = (words[0::2] >> 11).bitwise_and_(_MASK53)
+    n = radius_words.numel()
+    work = _workspace(n, radius_words.device) if work is None else work[:, :n]
+    m, rows = work[0], work[1:]
+    k1 = torch.bitwise_right_shift(radius_words, 11, out=rows[0].view(torch.int64)).bitwise_and_(_MASK53)
     refine = bool(k1.min() == 0)  # probability 2^-53 per pair: the cost is nil
     lowest = torch.nonzero(k1 == 0).view(-1) if refine else None
-    radius = _ln(k1.add_(1).to(torch.float64), 53)
+    radius = _ln(m.copy_(k1).add_(1.0), 53, rows[:6])  # k1 + 1 <= 2^53: exact
     if refine:
         if deep_words is None:
             raise ValueError("a pair in the lowest u1 bucket needs deep_words to refine it")
         deep = (deep_words(lowest) >> 11).bitwise_and_(_MASK53).add_(1).to(torch.float64)
-        radius[lowest] = _ln(deep, 106)
+        radius[lowest] = _ln(deep, 106, torch.empty((6, len(deep)), dtype=torch.float64, device=deep.device))
     radius.mul_(-2.0).sqrt_()
-    cos, sin = _sin_cos_turn((words[1::2] >> 11).bitwise_and_(_MASK53))
+    j = torch.bitwise_right_shift(angle_words, 11, out=m.view(torch.int64)).bitwise_and_(_MASK53)
+    cos, sin = _sin_cos_turn(j, rows[1:6])
     pairs = out.view(-1, 2)
-    torch.mul(cos, radius, out=pairs[:, 0])
-    torch.mul(sin, radius, out=pairs[:, 1])
+    pairs[:, 0].copy_(cos.mul_(radius))
+    pairs[:, 1].copy_(sin.mul_(radius))
+
+
+def _workspace(pairs: int, device) -> torch.Tensor:
+    """Scratch rows for :func:`_box_muller`: 7 float64 rows of ``pairs``."""
+    return torch.empty((7, pairs), dtype=torch.float64, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -323,49 +343,48 @@ def pair_indices(pairs: list[tuple[int, int]], positions: np.ndarray) -> list[in
     return [pairs[r][0] + int(position - firsts[r]) for r, position in zip(ranges, positions)]
 
 
-def _cpu_pair_words(key: bytes, pairs: list[tuple[int, int]]) -> torch.Tensor:
-    """Words [2 p0, 2 p1) for each pair range, concatenated, from OpenSSL.  Ranges a short gap apart
-    share one encryptor (running through the gap is cheaper than starting a new one)."""
-    spans = []  # (first block, end block, [(pair range, word offset in the span)])
-    for p0, p1 in pairs:
-        b0, b1 = (2 * p0) // _WORDS_PER_BLOCK, -(-(2 * p1) // _WORDS_PER_BLOCK)
+def _cpu_run_words(key: bytes, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """Words [w0, w1) of each range, concatenated, from OpenSSL.  Ranges a short gap apart share one
+    encryptor (running through the gap is cheaper than starting a new one)."""
+    spans = []  # [first block, end block, the ranges it serves]
+    for w0, w1 in ranges:
+        b0, b1 = w0 // _WORDS_PER_BLOCK, -(-w1 // _WORDS_PER_BLOCK)
         if spans and spans[-1][0] <= b0 <= spans[-1][1] + _GAP:
             spans[-1][1] = max(spans[-1][1], b1)
         else:
             spans.append([b0, b1, []])
-        spans[-1][2].append((p0, p1))
+        spans[-1][2].append((w0, w1))
     pieces = []
-    for b0, b1, ranges in spans:
+    for b0, b1, served in spans:
         words = np.empty(_WORDS_PER_BLOCK * (b1 - b0), _WORD)
         _openssl_blocks(key, b0, b1 - b0, memoryview(words.view(np.uint8)))
-        pieces += [words[2 * p0 - _WORDS_PER_BLOCK * b0:2 * p1 - _WORDS_PER_BLOCK * b0] for p0, p1 in ranges]
+        pieces += [words[w0 - _WORDS_PER_BLOCK * b0:w1 - _WORDS_PER_BLOCK * b0] for w0, w1 in served]
     words = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
     return torch.from_numpy(words.view(np.int64))
 
 
-def _device_pair_words(key: int, pairs: list[tuple[int, int]], device) -> torch.Tensor:
-    """Words [2 p0, 2 p1) for each pair range, concatenated, computed on ``device``: each range's
-    blocks once, then the words picked by index."""
-    firsts, lengths, offsets, total = [], [], [], 0
-    for p0, p1 in pairs:
-        b0, b1 = (2 * p0) // _WORDS_PER_BLOCK, -(-(2 * p1) // _WORDS_PER_BLOCK)
+def _device_run_words(key: int, ranges: list[tuple[int, int]], device) -> torch.Tensor:
+    """Words [w0, w1) of each range, concatenated, computed on ``device``: each range's blocks once,
+    then the words picked by index."""
+    firsts, lengths, shifts, total = [], [], [], 0
+    for w0, w1 in ranges:
+        b0, b1 = w0 // _WORDS_PER_BLOCK, -(-w1 // _WORDS_PER_BLOCK)
         firsts.append(b0)
         lengths.append(b1 - b0)
-        offsets.append(total * _WORDS_PER_BLOCK - _WORDS_PER_BLOCK * b0)  # word w of the stream sits at w + offset
+        shifts.append(_WORDS_PER_BLOCK * (total - b0))  # word w of the stream sits at w + shift
         total += b1 - b0
     lengths_t = torch.tensor(lengths, device=device)
     starts = torch.tensor(firsts, dtype=torch.int64, device=device) - torch.tensor(
         np.cumsum([0] + lengths[:-1]), dtype=torch.int64, device=device)
     counters = torch.arange(total, dtype=torch.int64, device=device) + torch.repeat_interleave(starts, lengths_t)
     words = _device_words(key, counters).reshape(-1)
-    if len(pairs) == 1:
-        (p0, p1), = pairs
-        return words[2 * p0 + offsets[0]:2 * p1 + offsets[0]]
-    counts = torch.tensor([2 * (p1 - p0) for p0, p1 in pairs], device=device)
-    shift = torch.tensor([2 * p0 + off for (p0, _), off in zip(pairs, offsets)], dtype=torch.int64, device=device)
-    within = torch.arange(int(counts.sum()), device=device) - torch.repeat_interleave(
-        torch.cumsum(counts, 0) - counts, counts)
-    return words[within + torch.repeat_interleave(shift, counts)]
+    if len(ranges) == 1:
+        (w0, w1), = ranges
+        return words[w0 + shifts[0]:w1 + shifts[0]]
+    counts = torch.tensor([w1 - w0 for w0, w1 in ranges], device=device)
+    first = torch.tensor([w0 + shift for (w0, _), shift in zip(ranges, shifts)], dtype=torch.int64, device=device)
+    within = torch.arange(int(counts.sum()), device=device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return words[within + torch.repeat_interleave(first, counts)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -378,7 +397,7 @@ def keyed_normal(secret: int, release: int, name: str, full_shape: tuple[int, ..
 
     ``box=None`` is the whole tensor; otherwise one dimension may be a ``slice(start, stop)`` and the
     others full, as a tensor-parallel shard is.  Elements 2p and 2p+1 of the full tensor are the
-    Box-Muller pair (float64) of keystream words 2p and 2p+1; a run that starts or ends inside a pair
+    Box-Muller pair (float64) of word p of two keystreams; a run that starts or ends inside a pair
     draws the whole pair and drops the other half, so any box equals the same slice of the whole, bit
     for bit, on any device.
     """
@@ -413,14 +432,19 @@ def keyed_normal_runs(secret: int, release: int, name: str, runs: list[tuple[int
     :func:`_chacha_blocks` on the device; the transform is the same code on both."""
     device = torch.device(device)
     on_cpu = device.type == "cpu"
-    key = derive_key(secret, release, "noise", name)
+    keys = [derive_key(secret, release, stream, name) for stream in ("noise", "noise-angle")]  # u1's and u2's
     deep_key = derive_key(secret, release, "noise-deep", name)  # refines the rare lowest u1 (``_box_muller``)
     out = torch.empty(sum(length for _, length in runs), dtype=dtype, device=device)
-    filled = 0
+    filled, work = 0, _workspace(0, device)
     for batch in _batches(runs, _CPU_BATCH if on_cpu else _DEVICE_BATCH):
         count = sum(length for _, length in batch)
         pairs = [(start // 2, (start + length + 1) // 2) for start, length in batch]  # covering pairs [p0, p1)
-        words = _cpu_pair_words(key.to_bytes(32, "little"), pairs) if on_cpu else _device_pair_words(key, pairs, device)
+        if on_cpu:
+            radius_words, angle_words = (_cpu_run_words(key.to_bytes(32, "little"), pairs) for key in keys)
+        else:
+            radius_words, angle_words = (_device_run_words(key, pairs, device) for key in keys)
+        if work.shape[1] < radius_words.numel():
+            work = _workspace(radius_words.numel(), device)  # reused by the batches that follow
 
         def deep_words(positions: torch.Tensor, pairs=pairs) -> torch.Tensor:
             """Word p of the deep stream for each pair, p its index in the full tensor, so that a refined
@@ -431,12 +455,12 @@ def keyed_normal_runs(secret: int, release: int, name: str, runs: list[tuple[int
             p = torch.tensor(indices, dtype=torch.int64, device=device)
             return _device_words(deep_key, p // _WORDS_PER_BLOCK).gather(1, (p % _WORDS_PER_BLOCK).view(-1, 1)).view(-1)
 
-        if count == words.numel():  # every run starts and ends on a pair boundary
-            _box_muller(words, out[filled:filled + count], deep_words)
+        if count == 2 * radius_words.numel():  # every run starts and ends on a pair boundary
+            _box_muller(radius_words, angle_words, out[filled:filled + count], deep_words, work)
         else:
-            normals = torch.empty(words.numel(), dtype=torch.float64, device=device)
-            _box_muller(words, normals, deep_words)
-            keep = torch.ones(words.numel(), dtype=torch.bool)
+            normals = torch.empty(2 * radius_words.numel(), dtype=torch.float64, device=device)
+            _box_muller(radius_words, angle_words, normals, deep_words, work)
+            keep = torch.ones(normals.numel(), dtype=torch.bool)
             pos = 0
             for (start, length), (p0, p1) in zip(batch, pairs):
                 keep[2 * pos] = start % 2 == 0  # the run starts at the second half of its first pair
