@@ -163,6 +163,22 @@ def test_runs_that_start_or_end_inside_a_box_muller_pair_equal_the_whole():
         assert torch.equal(_normal((3 << 18,), (slice(start, stop),)), long[start:stop]), (start, stop)
 
 
+def test_values_do_not_depend_on_the_number_of_cpu_threads():
+    """torch splits the transform's operations over its threads: the same values, bit for bit, also for
+    a box whose runs cross the CPU's batches of 2^18 normals."""
+    threads = torch.get_num_threads()
+    shape, box = (3, (1 << 18) + 5), (slice(None), slice(1, (1 << 18) + 2))
+    try:
+        torch.set_num_threads(1)
+        single = _normal(shape), _normal(shape, box)
+        torch.set_num_threads(3)
+        several = _normal(shape), _normal(shape, box)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single[0], several[0]) and torch.equal(single[1], several[1])
+    assert torch.equal(single[1], single[0][box])
+
+
 def test_box_may_spell_full_dimensions_explicitly_and_cast():
     whole = _normal((8, 6))
     box = (slice(0, 8), slice(2, 5))
