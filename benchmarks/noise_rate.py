@@ -95,9 +95,9 @@ def main() -> None:
         print(f"\n{threads} thread(s): M normals/s      median    best")
         for name, rates in times.items():
             print(f"  {name:12s}                {statistics.median(rates) / 1e6:8.1f}  {max(rates) / 1e6:6.1f}")
-        for stat in (statistics.median, max):
+        for label, stat in (("median", statistics.median), ("best", max)):
             ratio = stat(times["aes"]) / stat(times["chacha20"])
-            print(f"  chacha20 takes {ratio:.2f}x the time of aes ({'median' if stat is statistics.median else 'best'})")
+            print(f"  chacha20 takes {ratio:.2f}x the time of aes ({label})")
 
 
 if __name__ == "__main__":

@@ -383,7 +383,8 @@ def _device_run_words(key: int, ranges: list[tuple[int, int]], device) -> torch.
         return words[w0 + shifts[0]:w1 + shifts[0]]
     counts = torch.tensor([w1 - w0 for w0, w1 in ranges], device=device)
     first = torch.tensor([w0 + shift for (w0, _), shift in zip(ranges, shifts)], dtype=torch.int64, device=device)
-    within = torch.arange(int(counts.sum()), device=device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    firsts_out = torch.cumsum(counts, 0) - counts  # where each range starts in the output
+    within = torch.arange(int(counts.sum()), device=device) - torch.repeat_interleave(firsts_out, counts)
     return words[within + torch.repeat_interleave(first, counts)]
 
 
@@ -451,7 +452,8 @@ def keyed_normal_runs(secret: int, release: int, name: str, runs: list[tuple[int
             value is the same whatever batch, shard or device draws it."""
             indices = pair_indices(pairs, positions.cpu().numpy())
             if on_cpu:
-                return torch.from_numpy(np.concatenate([keystream_words(deep_key, p, 1) for p in indices]).view(np.int64))
+                words = np.concatenate([keystream_words(deep_key, p, 1) for p in indices])
+                return torch.from_numpy(words.view(np.int64))
             p = torch.tensor(indices, dtype=torch.int64, device=device)
             return _device_words(deep_key, p // _WORDS_PER_BLOCK).gather(1, (p % _WORDS_PER_BLOCK).view(-1, 1)).view(-1)
 
