@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpdist.privacy.noise import (_box_muller, _chacha_blocks, _cpu_run_words, _device_run_words, _device_words,
+from dpdist.privacy.noise import (_box_muller, _chacha_blocks, _cpu_run_words, _device_run_words, _device_words_at,
                                   _ln, _sin_cos_turn, derive_key, device_keystream_words, keyed_normal,
                                   keyed_normal_slice, keystream_words)
 
@@ -119,7 +119,7 @@ def test_the_device_path_picks_the_same_words_for_any_runs():
         assert torch.equal(_device_run_words(key, ranges, "cpu"), cpu), ranges
     # the deep stream's word p on a device: block p // 8, word p % 8
     indices = torch.tensor([0, 7, 8, 12345, 2**35 + 3])
-    picked = _device_words(key, indices // 8).gather(1, (indices % 8).view(-1, 1)).view(-1)
+    picked = _device_words_at(key, indices)
     assert picked.tolist() == [int(keystream_words(key, p, 1).view(np.int64)[0]) for p in indices.tolist()]
 
 

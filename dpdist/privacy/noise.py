@@ -152,6 +152,11 @@ def _device_words(key: int, blocks: torch.Tensor) -> torch.Tensor:
     return out[:, 0::2] | (out[:, 1::2] << 32)
 
 
+def _device_words_at(key: int, indices: torch.Tensor) -> torch.Tensor:
+    """Keystream word w for each w in ``indices`` (int64, any device): only the blocks holding them."""
+    return _device_words(key, indices // _WORDS_PER_BLOCK).gather(1, (indices % _WORDS_PER_BLOCK).view(-1, 1)).view(-1)
+
+
 def device_keystream_words(key: int, start: int, count: int, device) -> torch.Tensor:
     """:func:`keystream_words` computed on ``device`` by torch, as int64 (the same 64 bits)."""
     start, count = _check_range(start, count)
@@ -454,8 +459,7 @@ def keyed_normal_runs(secret: int, release: int, name: str, runs: list[tuple[int
             if on_cpu:
                 words = np.concatenate([keystream_words(deep_key, p, 1) for p in indices])
                 return torch.from_numpy(words.view(np.int64))
-            p = torch.tensor(indices, dtype=torch.int64, device=device)
-            return _device_words(deep_key, p // _WORDS_PER_BLOCK).gather(1, (p % _WORDS_PER_BLOCK).view(-1, 1)).view(-1)
+            return _device_words_at(deep_key, torch.tensor(indices, dtype=torch.int64, device=device))
 
         if count == 2 * radius_words.numel():  # every run starts and ends on a pair boundary
             _box_muller(radius_words, angle_words, out[filled:filled + count], deep_words, work)
