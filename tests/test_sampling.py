@@ -34,8 +34,9 @@ def test_each_example_is_included_with_probability_q():
 
 
 def test_example_i_uses_word_i_of_the_sample_keystream():
-    """One 64-bit AES-CTR keystream word per example, keyed by (secret, step, "sample"): a prefix of the
-    examples is selected the same way whatever the data set's size."""
+    """One 64-bit ChaCha20 keystream word per example, keyed by (secret, step, "sample"): a prefix of the
+    examples is selected the same way whatever the data set's size.  (test_noise checks the keystream
+    against RFC 8439.)"""
     words = keystream_words(derive_key(SECRET, 5, "sample"), 0, 300)
     expected = np.flatnonzero((words >> np.uint64(11)) * 2.0**-53 < 0.2)
     assert np.array_equal(PoissonSampler(300, 0.2, SECRET).selection(5), expected)

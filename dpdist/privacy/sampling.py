@@ -7,7 +7,7 @@ pads it into fixed-shape micro-batches.  The number of micro-batches comes from 
 it is the same on every rank and no collective can hang; a step with no example still runs and
 releases only noise.
 
-Example i's uniform comes from word i of the AES-128-CTR keystream keyed by ``derive_key(secret,
+Example i's uniform comes from word i of the ChaCha20 keystream keyed by ``derive_key(secret,
 release, "sample")`` (the generator of the noise, see :mod:`dpdist.privacy.noise`): a standard PRF, so
 the selection is computationally unpredictable to anyone without the secret.  ``release`` is the
 release index (the ledger position of the step's release), so a step computed twice also samples
