@@ -193,7 +193,17 @@ def test_box_may_spell_full_dimensions_explicitly_and_cast():
 
 
 @pytest.mark.parametrize("box", [
-    (slice(0, 2), slice(0, 3)),  # two restricted dimensions
+    (slice(1, 4), slice(2, 7), slice(1, 3)),  # all three restricted
+    (slice(None), slice(3, 5), slice(None)),
+    (slice(2, 5), slice(None), slice(0, 1)),
+])
+def test_a_box_restricting_several_dimensions_is_that_slice_of_the_whole(box):
+    """An FSDP shard of a tensor-parallel shard restricts two dimensions."""
+    whole = _normal((6, 8, 4))
+    assert torch.equal(_normal((6, 8, 4), box), whole[box])
+
+
+@pytest.mark.parametrize("box", [
     (slice(0, 8, 2), slice(None)),  # strided
     (slice(4, 9), slice(None)),  # out of range
     (slice(-2, None), slice(None)),  # negative
