@@ -157,7 +157,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest committed checkpoints kept; older ones are removed after each commit
     backend: str = "native"  # native | deepspeed (ZeRO; settings in the deepspeed section)
     tensorboard: bool = False  # rank 0 also writes metrics.jsonl's scalars under RUN_DIR/tensorboard/
-    precision: str = "fp32"  # fp32 | bf16: bf16 forward and backward, fp32 weights and pre-noise sums (train/precision.py)
+    precision: str = "fp32"  # fp32 | bf16: bf16 forward and backward, fp32 weights and pre-noise sums
     activation_checkpointing: str = "none"  # none | blocks: recompute each block in the backward (less memory)
 
     def validate(self) -> None:

@@ -118,7 +118,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    checkpoint_blocks = False  # recompute each block in the backward while training (dpdist.train.activation_checkpointing)
+    checkpoint_blocks = False  # recompute each block in the backward while training (train.activation_checkpointing)
 
     def __init__(self, cfg: ModelConfig, tp_group=None, reattention: Reattention | None = None):
         super().__init__()

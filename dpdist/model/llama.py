@@ -123,7 +123,7 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    checkpoint_blocks = False  # recompute each layer in the backward while training (dpdist.train.activation_checkpointing)
+    checkpoint_blocks = False  # recompute each layer in the backward while training (train.activation_checkpointing)
 
     def __init__(self, cfg: ModelConfig, tp_group=None, reattention=None):
         super().__init__()

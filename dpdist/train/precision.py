@@ -24,8 +24,8 @@ class Bf16Forward:
     def __init__(self, model: nn.Module, device_type: str):
         self.device_type = device_type
         self._region: torch.autocast | None = None
-        self._handles = [model.register_forward_pre_hook(self._enter),
-                         model.register_forward_hook(self._leave, always_call=True)]  # also when the forward raises
+        model.register_forward_pre_hook(self._enter)
+        model.register_forward_hook(self._leave, always_call=True)  # also when the forward raises
 
     def _enter(self, module: nn.Module, args) -> None:
         self._region = torch.autocast(self.device_type, dtype=torch.bfloat16)
@@ -35,10 +35,6 @@ class Bf16Forward:
         region, self._region = self._region, None
         region.__exit__(None, None, None)
         return logits.float()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 def apply_precision(precision: str, model: nn.Module, device: str | torch.device) -> Bf16Forward | None:
