@@ -75,7 +75,7 @@ def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     if not torch.is_autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) if t is not None else None for t in tensors)
+    return tuple(t.to(dtype) if t is not None and t.dtype != torch.float64 else t for t in tensors)  # autocast's rule
 
 
 class _LinearFn(torch.autograd.Function):
