@@ -34,6 +34,8 @@ class ConfigError(ValueError):
 # itself would be rounded to bf16 before the noise, which breaks the sensitivity bound.
 TWO_PASS_LOW_PRECISION = ("privacy.mode=two_pass sums the clipped gradients in the model's own backward, which "
                           "rounds them to bf16/fp16 before the noise; use privacy.mode=bookkeeping (fp32 sums)")
+PURE_BF16 = ("model.dtype=bfloat16 trains bf16 weights, which lose every update below a bf16 ulp; keep "
+             "model.dtype=float32 and set train.precision=bf16 (bf16 compute, fp32 master weights)")
 
 
 @dataclass
@@ -155,10 +157,14 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest committed checkpoints kept; older ones are removed after each commit
     backend: str = "native"  # native | fsdp (FSDP2 sharding) | deepspeed (ZeRO; settings in the deepspeed section)
     tensorboard: bool = False  # rank 0 also writes metrics.jsonl's scalars under RUN_DIR/tensorboard/
+    precision: str = "fp32"  # fp32 | bf16: bf16 forward and backward, fp32 weights and pre-noise sums
+    activation_checkpointing: str = "none"  # none | blocks: recompute each block in the backward (less memory)
 
     def validate(self) -> None:
         _positive(self, "train", "steps", "micro_batch_size", "log_every", "keep_checkpoints")
+        from .train.activation_checkpointing import MODES as CHECKPOINTING
         from .train.backends import BACKENDS
+        from .train.precision import PRECISIONS
 
         _choice("train.backend", self.backend, tuple(BACKENDS))
         if self.checkpoint_every < 0:
@@ -174,6 +180,8 @@ class TrainConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"train.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {list(self.betas)}")
         _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        _choice("train.precision", self.precision, PRECISIONS)
+        _choice("train.activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
         _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         if not 0 <= self.warmup_steps < self.steps:
             raise ConfigError(f"train.warmup_steps must be >= 0 and below train.steps ({self.steps}); got "
@@ -413,8 +421,16 @@ def _check_combinations(cfg: RunConfig) -> None:
     if cfg.lsg.enabled and (p.clipping == "per_layer" or p.mode == "two_pass" or cfg.anadp.enabled):
         raise ConfigError("lsg.enabled clips the carriers jointly with the dense parameters in one book-keeping "
                           "backward: use privacy.clipping=flat or automatic, privacy.mode=bookkeeping, and no anadp")
-    if p.enabled and p.mode == "two_pass" and cfg.model.dtype == "bfloat16":
-        raise ConfigError(TWO_PASS_LOW_PRECISION)
+    if cfg.model.dtype == "bfloat16":
+        raise ConfigError(PURE_BF16)
+    if cfg.train.precision == "bf16":
+        if cfg.model.dtype != "float32":
+            raise ConfigError(f"train.precision=bf16 keeps fp32 master weights; set model.dtype=float32 (got "
+                              f"{cfg.model.dtype})")
+        if cfg.train.backend != "native":
+            raise ConfigError(f"train.precision=bf16 is implemented for train.backend=native; got {cfg.train.backend}")
+        if p.enabled and p.mode == "two_pass":
+            raise ConfigError(TWO_PASS_LOW_PRECISION)
     if cfg.reattention.enabled and (cfg.model.arch != "gpt" or cfg.model.activation != "gelu"):
         raise ConfigError("reattention.enabled is implemented for model.arch=gpt with model.activation=gelu only")
     if cfg.anadp.enabled and p.clipping != "per_layer":

@@ -56,7 +56,7 @@ def resolve_deepspeed_config(cfg) -> dict:
             raise ConfigError(f"deepspeed.config_file sets {key}: {why}; remove it")
     if merged.get("fp16", {}).get("enabled", False):
         raise ConfigError("fp16 is refused under DP: its loss scaler skips steps whose gradients overflow, a "
-                          "data-dependent event the accountant does not see; use fp32, or model.dtype=bfloat16 with "
+                          "data-dependent event the accountant does not see; use fp32, or train.precision=bf16 with "
                           "train.backend=native")
     if merged.get("gradient_clipping", 0.0):
         raise ConfigError("deepspeed.config_file sets gradient_clipping; per-example clipping "
@@ -80,7 +80,7 @@ def resolve_deepspeed_config(cfg) -> dict:
     bf16 = ds.bf16 if ds.bf16 is not None else bool(merged.get("bf16", {}).get("enabled", False))
     if bf16 and cfg.privacy.enabled:
         raise ConfigError("deepspeed.bf16=true with privacy on: DeepSpeed reduces the clipped sums in bf16 before the "
-                          "noise, which breaks the sensitivity bound; use fp32, or model.dtype=bfloat16 with "
+                          "noise, which breaks the sensitivity bound; use fp32, or train.precision=bf16 with "
                           "train.backend=native (fp32 pre-noise sums)")
     if bf16 and cfg.model.dtype != "float32":
         raise ConfigError("deepspeed.bf16=true casts the model itself and keeps fp32 master weights; leave "

@@ -128,7 +128,7 @@ def test_deepspeed_settings_are_checked_when_the_config_loads(tmp_path):
     with pytest.raises(ConfigError, match="stage 3 is not supported"):
         load_config(None, [*base, "deepspeed.zero_stage=3"])
     with pytest.raises(ConfigError, match="leave model.dtype at float32"):
-        load_config(None, [*base, "deepspeed.bf16=true", "model.dtype=bfloat16", "privacy.enabled=false"])
+        load_config(None, [*base, "deepspeed.bf16=true", "model.dtype=float64", "privacy.enabled=false"])
     with pytest.raises(ConfigError, match="cannot be read"):
         load_config(None, [*base, f"deepspeed.config_file={tmp_path / 'missing.json'}"])
     assert load_config(None, [*base, "deepspeed.zero_stage=2"]).deepspeed.zero_stage == 2

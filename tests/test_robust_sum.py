@@ -39,12 +39,12 @@ def test_bf16_sums_keep_the_sensitivity_bound(clipping):
 
 
 def test_audit_checks_sensitivity_in_the_training_precision(capsys):
-    args = ["audit", "model.dtype=bfloat16", "model.vocab_size=64", "model.d_model=16", "model.n_layers=1",
+    args = ["audit", "train.precision=bf16", "model.vocab_size=64", "model.d_model=16", "model.n_layers=1",
             "model.n_heads=2", "data.seq_len=8", "model.max_seq_len=8", "privacy.noise_multiplier=1.0",
             "privacy.clip_norm=0.01"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if "in bfloat16, 512 near-duplicates" in line]
+    rows = [line for line in out.splitlines() if "in bf16 compute, 512 near-duplicates" in line]
     assert len(rows) == 3 and all(line.endswith("ok") for line in rows)
 
 
@@ -52,7 +52,7 @@ def test_deepspeed_bf16_is_refused_under_dp():
     with pytest.raises(ConfigError, match="DeepSpeed reduces the clipped sums in bf16"):
         load_config(None, ["privacy.noise_multiplier=1.0", "train.backend=deepspeed", "deepspeed.bf16=true"])
     with pytest.raises(ConfigError, match="two_pass"):
-        load_config(None, ["privacy.noise_multiplier=1.0", "privacy.mode=two_pass", "model.dtype=bfloat16"])
+        load_config(None, ["privacy.noise_multiplier=1.0", "privacy.mode=two_pass", "train.precision=bf16"])
 
 
 def _poisoned_model(dtype="float64"):

@@ -3,8 +3,8 @@
 In float64 on one process: the engine's per-example norms (every strategy, both modes) against
 brute-force per-example gradients; its clipped sums likewise; and the sensitivity bound (removing any
 one example moves the pre-noise clipped sum by at most C, for every clipping method).  When the config
-trains in another precision (``model.dtype``), the sensitivity bound is checked again in that precision
-on a batch of near-duplicate examples, whose clipped sum is about batch x C: rounding it below fp32
+trains in another precision (``model.dtype``, ``train.precision``), the sensitivity bound is checked again
+in that precision on a batch of near-duplicate examples, whose clipped sum is about batch x C: rounding it below fp32
 is what breaks the bound.  Exits non-zero if any check fails.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .. import audit
 from . import audit_empirical
 from ..config import ConfigError, load_config
 from ..model import build_model
+from ..train.precision import apply_precision
 
 NORM_TOLERANCE = 1e-9
 # The sensitivity bound in a training precision: fp32 sums of bf16 per-example gradients are exact to
@@ -79,16 +80,16 @@ def run_checks(model, input_ids, labels) -> list[tuple[str, float, float, bool]]
     return rows
 
 
-def precision_checks(model, vocab_size: int, clip_norm: float, seq_len: int, seed: int, batch: int = PRECISION_BATCH,
-                     removed: int = 3) -> list[tuple[str, float, float, bool]]:
-    """Sensitivity rows in ``model``'s own precision: removing one of ``batch`` near-duplicates moves the
-    pre-noise clipped sum by at most C (1 + PRECISION_TOLERANCE), for every clipping method."""
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+def precision_checks(model, precision: str, vocab_size: int, clip_norm: float, seq_len: int, seed: int,
+                     batch: int = PRECISION_BATCH, removed: int = 3) -> list[tuple[str, float, float, bool]]:
+    """Sensitivity rows in the precision ``model`` computes in (named ``precision``): removing one of
+    ``batch`` near-duplicates moves the pre-noise clipped sum by at most C (1 + PRECISION_TOLERANCE), for
+    every clipping method."""
     input_ids, labels = audit.near_duplicates(vocab_size, batch, seq_len, seed)
     rows = []
     for clipping in ("flat", "automatic", "per_layer"):
         shift = audit.removal_shift(model, input_ids, labels, clip_norm, range(removed), clipping=clipping)
-        rows.append((f"sensitivity {clipping} in {dtype}, {batch} near-duplicates (max shift / C)", shift, 1.0,
+        rows.append((f"sensitivity {clipping} in {precision}, {batch} near-duplicates (max shift / C)", shift, 1.0,
                      shift <= 1 + PRECISION_TOLERANCE))
     return rows
 
@@ -109,9 +110,11 @@ def run(args) -> int:
     model = build_model(dataclasses.replace(cfg.model, dtype="float64"))
     input_ids, labels = audit_batch(cfg.model.vocab_size, args.batch, seq_len, args.seed)
     rows = run_checks(model, input_ids, labels)
-    if cfg.model.dtype != "float64":
-        rows += precision_checks(build_model(cfg.model), cfg.model.vocab_size, cfg.privacy.clip_norm, seq_len,
-                                 args.seed)
+    if cfg.model.dtype != "float64" or cfg.train.precision != "fp32":
+        model = build_model(cfg.model)
+        apply_precision(cfg.train.precision, model, "cpu")  # bf16 compute on the fp32 weights, as in training
+        precision = "bf16 compute" if cfg.train.precision == "bf16" else cfg.model.dtype
+        rows += precision_checks(model, precision, cfg.model.vocab_size, cfg.privacy.clip_norm, seq_len, args.seed)
     width = max(len(r[0]) for r in rows)
     print(f"{'check':<{width}}  {'measured':>10}  {'bound':>8}  result")
     for name, measured, bound, passed in rows:

@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .gpt import GPT
-from .llama import Llama
+from .gpt import GPT, Block
+from .llama import DecoderLayer, Llama
 from .reattention import Reattention
 
 ARCHITECTURES = {"gpt": GPT, "llama": Llama}
+TRANSFORMER_BLOCKS = (Block, DecoderLayer)  # what train.activation_checkpointing=blocks recomputes
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 

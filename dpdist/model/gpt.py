@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..parallel.layers import ColumnParallelLinear, Norm, RowParallelLinear, VocabParallelEmbedding
 from ..parallel.mappings import group_size
@@ -117,6 +118,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    checkpoint_blocks = False  # recompute each block in the backward while training (train.activation_checkpointing)
+
     def __init__(self, cfg: ModelConfig, tp_group=None, reattention: Reattention | None = None):
         super().__init__()
         if reattention is not None:
@@ -166,6 +169,8 @@ class GPT(nn.Module):
         for index, block in enumerate(self.blocks):
             if index < carried:
                 x, var = block.forward_with_variance(x, var, noise, correct=index in self.reattention_layers)
+            elif self.checkpoint_blocks and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
         h = self.ln_f(x)

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..parallel.layers import ColumnParallelLinear, Norm, RowParallelLinear, VocabParallelEmbedding
 from ..parallel.mappings import group_size
@@ -122,6 +123,8 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
+    checkpoint_blocks = False  # recompute each layer in the backward while training (train.activation_checkpointing)
+
     def __init__(self, cfg: ModelConfig, tp_group=None, reattention=None):
         super().__init__()
         if reattention is not None:
@@ -156,7 +159,10 @@ class Llama(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, d)
         cos, sin = rotary_tables(self.inv_freq, T, x)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            if self.checkpoint_blocks and self.training:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         h = self.norm(x)
         logits = self.embed_tokens.project(h) if self.lm_head is None else self.lm_head(h)  # (B, T, V_local)
         return mask_vocab_padding(logits, self.cfg.vocab_size, self.vocab_start)

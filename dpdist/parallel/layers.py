@@ -67,9 +67,21 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The operands of a matmul as autocast hands them to it (in its dtype while it is on, as they are
+    otherwise).  A Function saves these, not the fp32 originals: its backward's matmuls then run in
+    the forward's dtype, and the tap records the values the forward multiplied."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.dtype != torch.float64 else t for t in tensors)  # autocast's rule
+
+
 class _LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
+        x, weight, bias = _autocast(x, weight, bias)
         ctx.save_for_backward(x, weight)
         ctx.layer, ctx.has_bias = layer, bias is not None
         return F.linear(x, weight, bias)
@@ -171,6 +183,7 @@ class _ProjectFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, layer):
+        h, weight = _autocast(h, weight)
         ctx.save_for_backward(h, weight)
         ctx.layer = layer
         return h @ weight.t()

@@ -33,11 +33,13 @@ from ..privacy.ledger import PrivacyLedger
 from ..privacy.sampling import PoissonSampler, public_padding
 from ..runtime.mesh import Mesh
 from ..runtime.secret import run_secret, seed_is_fixed
+from .activation_checkpointing import apply_activation_checkpointing
 from .checkpoint import check_ledger, latest_checkpoint, load_checkpoint, save_checkpoint
 from .engine import build_gradient
 from .methods import transform_model
 from .metrics import MetricsLog
 from .plan import RunPlan
+from .precision import apply_precision
 from .reattention import reattention_for_training
 from .schedule import lr_at, set_lr
 from .stop import StopSignal
@@ -129,6 +131,8 @@ def _train(cfg: RunConfig, plan: RunPlan, run_dir: Path, mesh: Mesh, resume: str
     build = build_pretrained if cfg.model.pretrained else build_model  # pretrained: weights read, not drawn
     model = build(cfg.model, tp_group=mesh.tp_group, device=mesh.device, reattention=reattention)
     transform_model(cfg, model, mesh.tp_group)  # LoRA adapters (frozen base) when lora.enabled
+    apply_precision(cfg.train.precision, model, mesh.device)  # every forward, the validation's too
+    apply_activation_checkpointing(cfg.train.activation_checkpointing, model)
     optimizer = make_optimizer(cfg, model)
     sampler = PoissonSampler(plan.num_examples, plan.sample_rate, secret, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
                              micro_batch_size=cfg.train.micro_batch_size)
