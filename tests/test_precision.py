@@ -13,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpdist import ModelConfig, audit, build_model
+from dpdist.commands.train import prepare_run
 from dpdist.config import ConfigError, load_config
 from dpdist.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from dpdist.privacy.step import native_step
@@ -144,15 +145,22 @@ def test_a_bf16_run_moves_its_weights_by_less_than_a_bf16_ulp(tmp_path, cache):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.dtype=bfloat16"], "model.dtype=bfloat16 trains bf16 weights.*set train.precision=bf16"),
     (["train.precision=bf16", "model.dtype=float64"], "train.precision=bf16 keeps fp32 master weights"),
     (["train.precision=bf16", "privacy.mode=two_pass"], "privacy.mode=two_pass"),
-    (["train.precision=bf16", "train.backend=deepspeed"], "implemented for train.backend=native"),
+    (["train.precision=bf16", "train.backend=deepspeed"], "implemented for train.backend=native and fsdp"),
     (["train.precision=fp16"], "train.precision must be one of fp32, bf16"),
 ])
 def test_refusals(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["privacy.noise_multiplier=1.0", *overrides])
+
+
+def test_training_pure_bf16_weights_is_refused(tmp_path):
+    """Refused where a run is prepared for training; a finished run's config still loads (export, eval)."""
+    cfg = load_config(None, ["privacy.noise_multiplier=1.0", "model.dtype=bfloat16", f"train.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="model.dtype=bfloat16 trains bf16 weights.*set train.precision=bf16"):
+        prepare_run(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_default_is_fp32_and_bf16_loads():

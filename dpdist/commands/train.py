@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, dump_config, load_config
+from ..config import PURE_BF16, ConfigError, RunConfig, dump_config, load_config
 from ..runtime.mesh import launched_world_size
 from ..train.stop import SIGNALS as STOP_SIGNALS
 
@@ -130,6 +130,8 @@ def prepare_run(cfg: RunConfig, resume: str | None = None, rewind: bool = False)
     from ..train.checkpoint import abandon, check_backend, check_compatible, read_record
     from ..train.plan import resolve_plan
 
+    if cfg.model.dtype == "bfloat16":  # refused for training only: a finished bf16 run still exports and evaluates
+        raise ConfigError(PURE_BF16)
     run_dir, checkpoint = resumed_run(cfg, resume) if resume else (fresh_run_dir(cfg.train.run_dir), None)
     record = read_record(checkpoint) if checkpoint is not None else None  # intact files, before the slow data step
     abandoned = rewound(checkpoint, rewind)
