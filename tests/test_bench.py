@@ -168,6 +168,7 @@ def test_backend_bench_compares_zero_and_fsdp_with_native(capsys):
     report the time they spent adding noise, DeepSpeed's in its optimizer hook included."""
     out = _run(["--layers", "1", "--d-model", "32", "--heads", "2", "--vocab", "64", "--seq-len", "8", "--batch", "4",
                 "--steps", "2", "--data", "2", "--backend", "all", "--zero-stages", "2", "--json"], capsys)
+    assert (out["backends"], out["threads_per_rank"]) == (["deepspeed", "fsdp"], 1)
     rows = {(r["backend"], r["zero_stage"], r["private"]): r for r in out["rows"]}
     assert list(rows) == [("native", None, False), ("native", None, True), ("deepspeed", 2, False),
                           ("deepspeed", 2, True), ("fsdp", None, False), ("fsdp", None, True)]

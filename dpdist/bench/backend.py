@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 RESULT_TAG = "DPDIST_BENCH_BACKEND_RESULT "
 BACKENDS = ("deepspeed", "fsdp")  # compared with native; ``--backend all`` runs both
+THREADS_PER_RANK = 1  # per-rank times (the noise's 1/D) compare across data degrees only at equal threads per rank
 
 
 def cases(backends, stages) -> list[tuple[str, int | None]]:
@@ -83,8 +84,7 @@ def run_worker(spec: dict) -> dict | None:
     from .machine import current_rss_mb, peak_rss_mb
     from .noise import NoiseClock
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(THREADS_PER_RANK)
     mesh = init_mesh(ParallelConfig(data=spec["data"], tensor=spec["tensor"]))
     clock = NoiseClock()
     try:
@@ -139,7 +139,7 @@ def _launch(spec: dict) -> dict:
     # gathered); a fixed 1 MiB threshold gives every large tensor (weights, gradients, optimizer state, the
     # large activations) its own mapping, returned on free, so RSS follows live tensors; smaller ones stay
     # on the heap, where mapping each would slow the step.
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)), DS_ACCELERATOR="cpu",
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS_PER_RANK), DS_ACCELERATOR="cpu",
                MALLOC_MMAP_THRESHOLD_=str(2**20))
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
@@ -173,7 +173,8 @@ def run_benchmark(config: dict, *, data: int, tensor: int, clipping: str, backen
         row["from_start_over_native"] = row["from_start_mb"] / native["from_start_mb"]
         row["memory_over_native"] = row["peak_mb"] / native["peak_mb"]
     return {"config": config, "data": data, "tensor": tensor, "clipping": clipping, "backends": list(backends),
-            "optimizer": "adamw", "torch": torch.__version__, "cpu_count": os.cpu_count(), "rows": rows}
+            "optimizer": "adamw", "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "threads_per_rank": THREADS_PER_RANK, "rows": rows}
 
 
 def format_report(out: dict) -> str:
@@ -182,7 +183,8 @@ def format_report(out: dict) -> str:
     lines = [f"dpdist bench --backend {which}: data {out['data']} x tensor {out['tensor']}, GPT {c['layers']} layers, "
              f"d_model {c['d_model']}, {c['heads']} heads, vocab {c['vocab']}, batch {c['batch']} x {c['seq_len']} "
              f"tokens, {out['clipping']} clipping, AdamW, torch {out['torch']}, {c['steps']} steps per case (first "
-             "excluded), each case a fresh launch",
+             f"excluded), each case a fresh launch, {out['threads_per_rank']} thread per rank on "
+             f"{out['cpu_count']} CPUs",
              "per rank, largest rank: noise = time in the add-noise seam per step; MB from start = peak RSS minus "
              "RSS before building the model; MB after build = peak minus RSS once built (peak RSS in brackets)"]
     header = ("case", "step s mean/min", "DP / non-private", "x native time", "noise s/step", "MB from start",
