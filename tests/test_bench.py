@@ -162,22 +162,55 @@ def test_parallel_bench_counts_what_dp_adds(capsys):
     assert out["ratio_paired_median"] == out["ratio"]  # one timed step: its pair is the whole measurement
 
 
-def test_backend_bench_compares_zero_with_native(capsys):
-    """``--backend deepspeed --data 2``: every case ran in its own launch and is reported against its
-    non-private twin and the native backend (here ZeRO-2 only, to keep the launches few)."""
+def test_backend_bench_compares_zero_and_fsdp_with_native(capsys):
+    """``--backend all --data 2``: every case ran in its own launch and is reported against its
+    non-private twin and the native backend (here ZeRO-2 only, to keep the launches few); the DP cases
+    report the time they spent adding noise, DeepSpeed's in its optimizer hook included."""
     out = _run(["--layers", "1", "--d-model", "32", "--heads", "2", "--vocab", "64", "--seq-len", "8", "--batch", "4",
-                "--steps", "2", "--data", "2", "--backend", "deepspeed", "--zero-stages", "2", "--json"], capsys)
+                "--steps", "2", "--data", "2", "--backend", "all", "--zero-stages", "2", "--json"], capsys)
+    assert (out["backends"], out["threads_per_rank"]) == (["deepspeed", "fsdp"], 1)
     rows = {(r["backend"], r["zero_stage"], r["private"]): r for r in out["rows"]}
     assert list(rows) == [("native", None, False), ("native", None, True), ("deepspeed", 2, False),
-                          ("deepspeed", 2, True)]
+                          ("deepspeed", 2, True), ("fsdp", None, False), ("fsdp", None, True)]
     for (backend, stage, private), row in rows.items():
         twin, native = rows[(backend, stage, False)], rows[("native", None, private)]
         assert row["dp_over_nonprivate"] == row["step_s"] / twin["step_s"]
         assert row["time_over_native"] == row["step_s"] / native["step_s"]
         assert row["memory_over_native"] == row["peak_mb"] / native["peak_mb"]
+        assert row["from_start_over_native"] == row["from_start_mb"] / native["from_start_mb"]
+        assert row["from_start_mb"] >= row["peak_mb"]  # its baseline is taken before the model exists
+        assert (row["noise_s"] > 0) if private else row["noise_s"] is None
 
 
-def test_backend_bench_refuses_a_single_replica(capsys):
+def test_noise_clock_times_the_noise_and_not_the_step():
+    """The wrapped seam counts its own calls and returns what the seam returns; around an optimizer's
+    pre-hooks the clock counts those registered before it (the backend's noise), not the step, and
+    nothing once closed."""
+    import time
+
+    import torch
+
+    from dpdist.bench.noise import NoiseClock
+
+    clock = NoiseClock()
+    seam = clock.seam(lambda release, released, grads, stds: time.sleep(0.05) or [g + release for g in grads])
+    assert torch.equal(seam(3, [], [torch.zeros(2)], [1.0])[0], torch.full((2,), 3.0))
+    assert 0.05 <= clock.take() < 0.5 and clock.take() == 0.0
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad = torch.ones(2)
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    optimizer.register_step_pre_hook(lambda *args: time.sleep(0.05))  # the backend's noise
+    clock.around_pre_hooks(optimizer)
+    optimizer.register_step_post_hook(lambda *args: time.sleep(0.5))  # the optimizer's own work: not noise
+    optimizer.step()
+    assert 0.05 <= clock.take() < 0.5
+    assert torch.equal(param.detach(), torch.full((2,), -1.0))
+    clock.close()
+    optimizer.step()
+    assert clock.take() == 0.0
+
+
+def test_backend_bench_refuses_a_single_replica_for_zero(capsys):
     import argparse
 
     parser = argparse.ArgumentParser()
@@ -185,4 +218,7 @@ def test_backend_bench_refuses_a_single_replica(capsys):
     args = parser.parse_args(["bench", "--backend", "deepspeed", "--zero-stages", "3"])
     assert args.func(args) == 2
     err = capsys.readouterr().err
-    assert "--data 2 or more" in err and "--zero-stages must list stages 1 and/or 2" in err
+    assert "give --data 2 or more" in err and "--zero-stages must list stages 1 and/or 2" in err
+    args = parser.parse_args(["bench", "--backend", "all", "--data", "1"])
+    assert args.func(args) == 2
+    assert "--backend all runs DeepSpeed ZeRO" in capsys.readouterr().err

@@ -5,7 +5,8 @@ table, or one JSON object with ``--json``.  ``--budgets 0,256,1024,none,unlimite
 (time and memory at several memory budgets) in the same run.  ``--data D --tensor T`` (D x T > 1)
 runs the step on a data x tensor mesh under torchrun instead, with the communication that DP adds; see
 ``dpdist.bench.parallel``.  ``--backend deepspeed --data D`` compares DeepSpeed ZeRO-1/2 with the
-native backend, DP and non-private, time and memory per rank (``dpdist.bench.backend``).
+native backend, DP and non-private, time, noise time and memory per rank (``dpdist.bench.backend``);
+``--backend fsdp`` compares FSDP with it (also at ``--data 1``), ``--backend all`` both.
 ``--arch llama`` benchmarks an untied grouped-query SwiGLU Llama of the same shape knobs; ``--lora``
 puts rank-``--lora-rank`` adapters on every block linear of either model, in both the non-private and
 the DP step, so the ratio is DP-LoRA over non-private LoRA (single process only).
@@ -59,9 +60,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--data", type=int, default=1, help="data-parallel degree (with --tensor: a torchrun mesh)")
     parser.add_argument("--tensor", type=int, default=1,
                         help="tensor-parallel degree; D x T > 1 runs the parallel benchmark (time and communication)")
-    parser.add_argument("--backend", choices=("native", "deepspeed"), default="native",
-                        help="deepspeed: ZeRO stages against the native backend at --data D (>= 2) x --tensor T")
-    parser.add_argument("--zero-stages", default="1,2", metavar="LIST", help="with --backend deepspeed (default 1,2)")
+    parser.add_argument("--backend", choices=("native", "deepspeed", "fsdp", "all"), default="native",
+                        help="deepspeed: ZeRO stages against the native backend at --data D (>= 2) x --tensor T; "
+                             "fsdp: FSDP against it (--data 1 too); all: native, ZeRO stages and fsdp in one table")
+    parser.add_argument("--zero-stages", default="1,2", metavar="LIST",
+                        help="with --backend deepspeed or all (default 1,2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.set_defaults(func=run)
 
@@ -94,7 +97,7 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
-    if args.backend == "deepspeed":
+    if args.backend != "native":
         return _run_backends(args, cfg, log)
     if args.data * args.tensor > 1 or args.data < 1 or args.tensor < 1:
         return _run_parallel(args, cfg, log)
@@ -131,8 +134,10 @@ def _run_backends(args, cfg, log) -> int:
     from ..bench import backend as bench_backend
 
     problems = _mesh_problems(args)
-    if args.data < 2:
-        problems.append("--backend deepspeed shards over the data group: give --data 2 or more")
+    backends = bench_backend.BACKENDS if args.backend == "all" else (args.backend,)
+    if "deepspeed" in backends and args.data < 2:
+        problems.append(f"--backend {args.backend} runs DeepSpeed ZeRO, which shards over the data group: give "
+                        "--data 2 or more (--backend fsdp runs at --data 1)")
     try:
         stages = tuple(int(s) for s in args.zero_stages.split(",") if s.strip())
     except ValueError:
@@ -144,7 +149,7 @@ def _run_backends(args, cfg, log) -> int:
         return 2
     try:
         out = bench_backend.run_benchmark(dataclasses.asdict(cfg), data=args.data, tensor=args.tensor,
-                                          clipping=args.clipping, stages=stages, log=log)
+                                          clipping=args.clipping, backends=backends, stages=stages, log=log)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
