@@ -207,8 +207,8 @@ class ShardNoise:
         for item, grad, std in zip(released, grads, stds):
             if std > 0 and grad.numel():
                 box = self.pieces[item.tensor].box(item.tensor)
-                grad = grad + std * keyed_normal(self.secret, release, item.name, full_shape(item.tensor), box,
-                                                 dtype=grad.dtype, device=grad.device)
+                grad.add_(keyed_normal(self.secret, release, item.name, full_shape(item.tensor), box,
+                                       dtype=grad.dtype, device=grad.device), alpha=std)  # the store's own tensor
             noisy.append(grad)
         return noisy
 
