@@ -23,7 +23,7 @@ from dpdist.train import checkpoint
 
 from helpers.compare import assert_close_at_scale
 from helpers.launch import python, torchrun
-from helpers.runs import K, final_model, ledger, prepared
+from helpers.runs import final_model, ledger, prepared
 
 REL = 1e-9
 CLIP = 1.0

@@ -11,7 +11,7 @@ from .llama import DecoderLayer, Llama
 from .reattention import Reattention
 
 ARCHITECTURES = {"gpt": GPT, "llama": Llama}
-TRANSFORMER_BLOCKS = (Block, DecoderLayer)  # what train.activation_checkpointing=blocks recomputes
+TRANSFORMER_BLOCKS = (Block, DecoderLayer)  # the repeated blocks: what FSDP shards as units and checkpointing recomputes
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ...parallel.mappings import group_size
+from ...model import TRANSFORMER_BLOCKS
 from ...parallel.state import gather_full
 from ...privacy.noise import keyed_normal
 from ...privacy.precision import accumulation_dtype
@@ -75,11 +75,6 @@ def _placement(param: nn.Parameter, tp_size: int):
     from torch.distributed.tensor import Shard
 
     return Shard(1 if getattr(param, "unpadded_rows", None) is not None and tp_size > 1 else 0)
-
-
-def blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks: the members of its module lists (GPT's ``blocks``, Llama's ``layers``)."""
-    return [block for child in model.children() if isinstance(child, nn.ModuleList) for block in child]
 
 
 def _pieces(model: nn.Module, marks: dict, mesh: Mesh) -> dict[nn.Parameter, Piece]:
@@ -166,8 +161,8 @@ class ShardedSums:
 class ShardReduce:
     """The DP step's reduce seam under FSDP: the sums are already summed into this rank's pieces."""
 
-    def __init__(self, model: nn.Module, pieces: dict[nn.Parameter, Piece], mesh: Mesh):
-        self.model, self.pieces, self.store = model, pieces, ShardedSums(pieces, mesh)
+    def __init__(self, pieces: dict[nn.Parameter, Piece], mesh: Mesh):
+        self.store = ShardedSums(pieces, mesh)
 
     def sums(self) -> ShardedSums:
         return self.store
@@ -176,8 +171,7 @@ class ShardReduce:
         """An ordinary backward, so that FSDP's hooks gather each block's parameters for it; the layers
         record for the tap and form no gradient, so FSDP reduces nothing."""
         loss.backward(retain_graph=retain)
-        formed = [p.grad is not None for p in params]
-        return formed
+        return [p.grad is not None for p in params]
 
     def backward(self, loss: torch.Tensor, params: list[nn.Parameter], last: bool) -> None:
         """Two-pass: FSDP forms and reduce-scatters the weighted gradients (summed, in fp32); their
@@ -228,7 +222,7 @@ class FSDPBackend:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.mesh = self.model = self.pieces = None
+        self.mesh = self.pieces = self.device_mesh = None
 
     def describe(self) -> str:
         return ", FSDP"
@@ -237,19 +231,20 @@ class FSDPBackend:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if mesh.world_size == 1 and not dist.is_initialized():  # FSDP needs a process group, even of one
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        self.mesh, self.model = mesh, model
+            dist.init_process_group("nccl" if mesh.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                    world_size=1)
+        self.mesh = mesh
         self.device_mesh = device_mesh(mesh)
         names = {p: name for name, p in model.named_parameters()}
         marks = {name: {mark: getattr(p, mark) for mark in SHARDING_MARKS if hasattr(p, mark)}
                  for p, name in names.items()}
         # bf16 compute gathers bf16 copies of the fp32 shards and reduces in fp32; otherwise all in the
         # parameters' dtype (fp32 or wider).
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self._bf16() \
-            else MixedPrecisionPolicy()
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if self.cfg.train.precision == "bf16" else MixedPrecisionPolicy()
         options = dict(mesh=self.device_mesh["data"], mp_policy=policy,
                        shard_placement_fn=lambda p: _placement(p, mesh.tp_size))
-        units = blocks(model) + [model]
+        units = [m for m in model.modules() if isinstance(m, TRANSFORMER_BLOCKS)] + [model]
         for unit in units:
             fully_shard(unit, **options)
         for unit in units:  # FSDP's own reductions (two-pass, non-private) sum over the data group, as the DP step
@@ -262,11 +257,8 @@ class FSDPBackend:
         verify_pieces(self.pieces, mesh)
         return optimizer
 
-    def _bf16(self) -> bool:
-        return getattr(self.cfg.train, "precision", "fp32") == "bf16"
-
     def dp_seams(self, secret: int, expected_batch_size: float) -> tuple[ShardReduce, ShardNoise]:
-        return ShardReduce(self.model, self.pieces, self.mesh), ShardNoise(secret, self.pieces)
+        return ShardReduce(self.pieces, self.mesh), ShardNoise(secret, self.pieces)
 
     def nonprivate_seam(self) -> FSDPBackward:
         return FSDPBackward()
