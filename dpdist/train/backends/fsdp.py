@@ -2,8 +2,10 @@
 dpdist's tensor parallelism (2-D: each tensor-parallel shard is further sharded over the data group).
 
 ``train.backend=fsdp``.  Every transformer block is its own FSDP unit and the model's root holds the
-rest (embeddings, final norm, output layer), so at most one block's parameters are unsharded at a time
-besides the root's.  What stays dpdist's:
+rest (embeddings, final norm, output layer), so besides the root's only the block being computed (and
+the one FSDP prefetches) is unsharded.  The model is built whole on each tensor rank and then sharded:
+one tensor shard of the weights must fit once; gradients and optimizer state are never whole.  What
+stays dpdist's:
 
 - **Clipping.** The layers record for the tap during an ordinary ``backward`` (FSDP's hooks gather
   each block's parameters for it) and form no weight gradient there, so FSDP reduces nothing of the
@@ -11,9 +13,10 @@ besides the root's.  What stays dpdist's:
   had when it was attached), whatever FSDP swaps in during the backward.
 - **Sums.** Each layer's clipped sum is reduce-scattered over the data group as soon as it is formed
   (``ShardedSums``: under per-layer clipping during the backward, under book-keeping right after it),
-  in fp32, and this rank keeps only the shard it owns.  No rank holds the whole model's gradient: the
+  in fp32 or wider, and this rank keeps only the shard it owns.  No rank holds the whole model's gradient: the
   largest transient is one layer's sum.  Two-pass clipping's weighted backward lets FSDP form and
-  reduce-scatter the gradients itself (summed, fp32), and the shards are moved into the same store.
+  reduce-scatter the gradients itself (summed, in the parameters' dtype), and the shards are moved into
+  the same store (two-pass under bf16 compute is refused: its gradients would be formed in bf16).
 - **Noise** (``ShardNoise``): each rank adds the keyed noise of exactly the coordinates it owns,
   keyed by the index in the full parameter, so the values do not depend on the layout, and noise
   time per rank falls as 1/D.  ``verify_pieces`` checks at start-up that the shards cover every
