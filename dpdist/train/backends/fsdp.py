@@ -136,7 +136,7 @@ class ShardedSums:
         chunks = [_chunks(sums[p], self.pieces[p], self.mesh.dp_size) for p in params]
         stacked = torch.cat(chunks, dim=1)
         mine = stacked.new_empty(stacked.shape[1])
-        dist.reduce_scatter_tensor(mine, stacked.reshape(-1), group=self.mesh.dp_group)
+        dist.reduce_scatter_single(mine, stacked.reshape(-1), group=self.mesh.dp_group)
         local = {}
         for p, part in zip(params, mine.split([c.shape[1] for c in chunks])):
             piece = self.pieces[p]
