@@ -160,10 +160,12 @@ def describe(prepared: PreparedRun) -> str:
     p, m, t = cfg.privacy, cfg.model, cfg.train
     source = f"{m.pretrained} ({m.hf_model_type or m.arch})" if m.pretrained else f"{m.arch}, from scratch"
     adapters = f"; LoRA rank {cfg.lora.rank} on {cfg.lora.targets}, base frozen" if cfg.lora.enabled else ""
+    compute = (", bf16 compute" if t.precision == "bf16" else "") + (
+        ", blocks recomputed in the backward" if t.activation_checkpointing == "blocks" else "")
     schedule = t.lr_schedule + (f" after {t.warmup_steps} warm-up steps" if t.warmup_steps else "")
     lines = [f"data: {plan.num_examples} training sequences of {cfg.data.seq_len} tokens (one sequence = one "
              f"privacy unit), vocab {plan.vocab_size}", *prepared.data_notes,
-             f"model: {source}, {m.n_layers} layers, d_model {m.d_model}, {m.dtype}{adapters}",
+             f"model: {source}, {m.n_layers} layers, d_model {m.d_model}, {m.dtype}{compute}{adapters}",
              f"optimizer: {t.optimizer}, lr {t.lr:g} ({schedule})",
              f"parallel: {cfg.parallel.data} data x {cfg.parallel.tensor} tensor on {cfg.parallel.device}"
              + backend_for(cfg).describe()]
