@@ -28,7 +28,7 @@ def test_bench_json_reports_what_it_measured(capsys):
     out = _run(TINY + ["--budgets", "0,none"], capsys)
     assert out["config"] == {"layers": 1, "d_model": 32, "heads": 2, "vocab": 64, "seq_len": 8, "batch": 4, "steps": 2,
                              "mlp_ratio": 4, "seed": 0, "arch": "gpt", "kv_heads": None, "mlp_hidden": None,
-                             "lora_rank": 0}
+                             "lora_rank": 0, "tie_embeddings": None}
     # two steps per mode, the first one warm-up: mean and min are the second step's time
     for mode in ("nonprivate", "dp"):
         times = out[f"{mode}_step_times_s"]

@@ -26,12 +26,17 @@ class BenchConfig:
     kv_heads: int | None = None  # llama: key/value heads; None: heads / 2 (heads when that is odd)
     mlp_hidden: int | None = None  # llama: SwiGLU width; None: see ``hidden``
     lora_rank: int = 0  # > 0: LoRA adapters of this rank on every block linear, all else frozen
+    tie_embeddings: bool | None = None  # None: the arch's own (gpt tied, llama untied); llama True: as Llama-3.2-1B
 
     @property
     def key_value_heads(self) -> int:
         if self.kv_heads is not None:
             return self.kv_heads
         return self.heads // 2 if self.arch == "llama" and self.heads % 2 == 0 else self.heads
+
+    @property
+    def tied(self) -> bool:
+        return self.arch == "gpt" if self.tie_embeddings is None else self.tie_embeddings
 
     @property
     def hidden(self) -> int:
@@ -59,6 +64,8 @@ class BenchConfig:
         for key in ("kv_heads", "mlp_hidden"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"--{key.replace('_', '-')} must be > 0; got {getattr(self, key)}")
+        if self.arch == "gpt" and not self.tied:
+            raise ValueError("tie_embeddings=False is for --arch llama; the gpt bench model is tied")
         if self.heads % self.key_value_heads:
             raise ValueError(f"--kv-heads ({self.key_value_heads}) must divide --heads ({self.heads})")
         if self.lora_rank < 0:
@@ -169,7 +176,7 @@ def model_config(cfg: BenchConfig):
                            init_seed=cfg.seed)
     return ModelConfig(arch="llama", vocab_size=cfg.vocab, d_model=cfg.d_model, n_layers=cfg.layers, n_heads=cfg.heads,
                        n_kv_heads=cfg.key_value_heads, mlp_hidden=cfg.hidden, max_seq_len=cfg.seq_len,
-                       tie_embeddings=False, norm="rmsnorm", bias=False, dtype="float32", init_seed=cfg.seed)
+                       tie_embeddings=cfg.tied, norm="rmsnorm", bias=False, dtype="float32", init_seed=cfg.seed)
 
 
 def build_bench_model(cfg: BenchConfig):
@@ -191,7 +198,7 @@ def describe(cfg: BenchConfig, params: int, trainable: int) -> str:
         text = f"GPT {shape}, vocab {cfg.vocab} (tied, {params / 1e6:.2f}M params)"
     else:
         text = (f"Llama {shape} ({cfg.key_value_heads} key/value), SwiGLU {cfg.hidden}, vocab {cfg.vocab} "
-                f"(untied, {params / 1e6:.2f}M params)")
+                f"({'tied' if cfg.tied else 'untied'}, {params / 1e6:.2f}M params)")
     if cfg.lora_rank:
         text += f", LoRA rank {cfg.lora_rank} on every block linear ({trainable / 1e6:.3f}M trainable)"
     return text

@@ -1,6 +1,7 @@
 """One step of each benchmark mode, built on one model and one batch: ``setup_*`` returns the step
 function ``step(index, parts)`` (``parts`` collects named sub-timings) and what the report needs to
-know about the mode."""
+know about the mode.  The non-private and the DP step can run on a GPU and in bf16
+(``benchmarks/gpu_check.py``); the step functions do not synchronise the device."""
 from __future__ import annotations
 
 import time
@@ -17,11 +18,21 @@ def _params(model: nn.Module) -> dict:
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
-def setup_nonprivate(cfg: BenchConfig) -> tuple:
+def _model_and_batch(cfg: BenchConfig, device: str, precision: str) -> tuple:
+    """The bench model and batch on ``device``, the model computing in ``precision`` as ``train.precision``
+    makes it (fp32 weights; bf16: an autocast forward)."""
+    from ..train.precision import apply_precision
+
+    model = build_bench_model(cfg).to(device)
+    apply_precision(precision, model, device)
+    ids, labels = make_batch(cfg)
+    return model, ids.to(device), labels.to(device)
+
+
+def setup_nonprivate(cfg: BenchConfig, device: str = "cpu", precision: str = "fp32") -> tuple:
     from ..parallel.cross_entropy import per_example_loss
 
-    model = build_bench_model(cfg)
-    ids, labels = make_batch(cfg)
+    model, ids, labels = _model_and_batch(cfg, device, precision)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def step(_: int, parts: dict) -> None:
@@ -32,12 +43,11 @@ def setup_nonprivate(cfg: BenchConfig) -> tuple:
     return step, _params(model)
 
 
-def setup_dp(cfg: BenchConfig, clipping: str, budget) -> tuple:
+def setup_dp(cfg: BenchConfig, clipping: str, budget, device: str = "cpu", precision: str = "fp32") -> tuple:
     from ..privacy.rules import rule_for
     from ..privacy.step import native_step
 
-    model = build_bench_model(cfg)
-    ids, labels = make_batch(cfg)
+    model, ids, labels = _model_and_batch(cfg, device, precision)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     engine = native_step(model, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=cfg.batch, secret=1,
                          clipping=clipping, micro_batch_size=cfg.batch, seq_len=cfg.seq_len,
