@@ -244,19 +244,19 @@ def model_rows(label: str, cfg, profile: Profile, device: str, plan: dict) -> li
             rows.append(row)
             continue
         row.measured = measured_text(m)
-        row.numbers.update(m)
         say(f"  {row.measured}; norm strategies {m['strategies']}, kept {m['plan_kept_mb']:.0f} MB")
         if ref is None:
             row.result, row.error = "FAIL (no non-private reference)", True
         else:
             row.ratio, row.result = judge(m, ref, clipping)
+        row.numbers.update(m)
         rows.append(row)
     return rows
 
 
 def judge(dp: dict, ref: dict, clipping: str) -> tuple[str, str]:
-    """The ratio text and PASS/FAIL of one DP row against the non-private row; memory is judged only
-    where it was measured (CUDA)."""
+    """The ratio text and PASS/FAIL of one DP row against the non-private row, the ratios also stored
+    in ``dp`` (``tokens_ratio``, ``memory_ratio``); memory is judged only where it was measured (CUDA)."""
     speed = dp["tokens_per_s"] / ref["tokens_per_s"]
     dp["tokens_ratio"] = speed
     missed = [] if speed >= TOKENS_TARGET[clipping] else ["tok/s"]
