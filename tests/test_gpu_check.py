@@ -1,6 +1,7 @@
 """``benchmarks/gpu_check.sh``, the one-shot GPU check, on the CPU: ``--device cpu --tiny`` prints one
 table with every row and exits 0; its verdicts, its reading of pytest's and ``dpdist plan``'s reports
 and the runs it hands the plan are checked against hand-written references."""
+import dataclasses
 import importlib.util
 import json
 import os
@@ -9,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from dpdist.bench.config import BenchConfig, build_bench_model, model_config
+from dpdist.bench.config import BenchConfig, build_bench_model, make_batch, model_config
 from dpdist.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,3 +118,35 @@ def test_a_check_that_cannot_start_says_why_and_exits_2(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
         gpu_check.main(argv)
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+ON_DEVICE = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                  reason="needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device", ON_DEVICE)
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_a_dp_step_on_the_device_releases_the_cpus_gradient(arch, clipping, device):
+    """The check's GPU rows time the engine on the device: there, in float64, it releases the CPU's noisy
+    clipped gradient (its norms up to rounding, its noise bit for bit).  ``-k cuda`` selects the cuda
+    case, which the GPU check runs; the cpu case checks this test against itself."""
+    from dpdist.model import build_model
+    from dpdist.privacy.step import native_step
+
+    cfg = BenchConfig(arch=arch, layers=2, d_model=32, heads=4, vocab=64, seq_len=16, batch=4,
+                      tie_embeddings=True, **({"kv_heads": 2, "mlp_hidden": 48} if arch == "llama" else {}))
+    ids, labels = make_batch(cfg)
+    grads = {}
+    for where in ("cpu", device):
+        model = build_model(dataclasses.replace(model_config(cfg), dtype="float64"), device=where)
+        engine = native_step(model, clip_norm=0.05, noise_multiplier=1.0, expected_batch_size=cfg.batch, secret=7,
+                             clipping=clipping, micro_batch_size=cfg.batch, seq_len=cfg.seq_len)
+        stats = engine.microbatch(ids.to(where), labels.to(where))
+        engine.release(3)
+        assert stats.clipped == cfg.batch  # a clip norm every example exceeds: the clip factors matter
+        grads[where] = {name: p.grad.cpu() for name, p in model.named_parameters()}
+    assert grads["cpu"].keys() == grads[device].keys()
+    for name, grad in grads["cpu"].items():
+        assert grad.dtype == torch.float64
+        torch.testing.assert_close(grads[device][name], grad, rtol=1e-10, atol=1e-14, msg=name)
