@@ -25,8 +25,10 @@ trainable ones, D the data degree, e_p the model's element size (4), e_c the com
   config's memory budget; per-layer clipping keeps only the largest layer's);
 - noise: this rank's share of the largest released tensor, fp32 (the draw before it is added).
 
-Phases: the backward (weights, copies, optimizer, the sums store, activations, norm buffers) and the
-release (weights, optimizer, the sums and the new gradients they become, the noise draw).  The peak is
+Phases: the backward (weights, copies, optimizer, the sums store, and the larger of the activations
+and, under book-keeping, the activations less the head's freed log-softmax terms plus the norm buffers;
+under per-layer clipping the activations plus the buffers) and the release (weights, optimizer, the
+sums, native's flat all-reduce buffer when D > 1, the new gradients, the noise draw).  The peak is
 the larger.  The non-private step's peak (gradients instead of sums, no norm buffers, no release) is
 reported beside it.
 """
@@ -82,15 +84,16 @@ def element_bytes(cfg: RunConfig) -> tuple[int, int, int]:
 
 
 def activation_bytes(cfg: RunConfig, tensor: int, vocab: int) -> dict[str, float]:
-    """Per token: what one block keeps (``block``), what it keeps under checkpointing (``checkpointed``)
-    and what the head keeps (``head``), in bytes."""
+    """Per token: what one block keeps (``block``), what it keeps under checkpointing (``checkpointed``),
+    what the head holds at the start of the backward (``head``) and what of it is freed once the head's
+    backward has run (``head_freed``: all but the logits' gradient, which the tap may keep), in bytes."""
     m = cfg.model
     e_r, e_c, _ = element_bytes(cfg)
     d, h = m.d_model, m.hidden
     sharded = 5 * d + (4 if m.arch == "llama" else 2) * h
     padded_vocab = -(-vocab // tensor) * tensor
     return {"block": 2 * d * e_r + 2 * d * e_c + sharded * e_c / tensor, "checkpointed": d * e_r,
-            "head": d * e_r + d * e_c + 3 * padded_vocab / tensor * 4}
+            "head": d * e_r + d * e_c + 3 * padded_vocab / tensor * 4, "head_freed": 2 * padded_vocab / tensor * 4}
 
 
 def activations(cfg: RunConfig, shard: Shard, vocab: int) -> float:
@@ -135,9 +138,16 @@ def memory(cfg: RunConfig, shard: Shard, vocab: int) -> Memory:
     else:
         buffers = noise = 0.0
     base = weights + optimizer
-    backward = base + copies + sums + acts + buffers
+    # Book-keeping keeps every layer's inputs (the activations) until the clip factors are known, so the
+    # norm buffers pile up on top of them, after the head's backward has freed its log-softmax terms;
+    # per-layer clipping clips each layer as its backward ends and frees as a non-private backward does.
+    tokens = t.micro_batch_size * cfg.data.seq_len
+    after_head = acts - tokens * activation_bytes(cfg, shard.tensor, vocab)["head_freed"]
+    held = acts + buffers if p.clipping == "per_layer" else max(acts, after_head + buffers)
+    backward = base + copies + sums + held
     gradients = P_t * e_a / (data if fsdp or stage == 2 else 1)
-    release = base + sums + gradients + noise if p.enabled else base + sums
+    gathered = P_t * e_a if backend == "native" and data > 1 else 0.0  # the flat buffer of the all-reduce
+    release = base + sums + gathered + gradients + noise if p.enabled else base + sums
     nonprivate = base + copies + acts + (zero_buffers if stage else gradients)
     return Memory(weights=weights, bf16_copies=copies, gradients=sums, optimizer=optimizer, activations=acts,
                   norm_buffers=buffers, noise=noise, backward_peak=backward, release_peak=release,
