@@ -1,5 +1,6 @@
 """``dpdist plan``: its numbers for a tiny model against hand computations and against the engine and
 ``dpdist bench`` themselves, the does-not-fit verdict and its suggestion, the JSON schema, the time limit."""
+import dataclasses
 import json
 import time
 
@@ -169,3 +170,47 @@ def test_gpt2_small_plans_in_under_ten_seconds():
     out = plan(str(ROOT / "configs/gpt2-small.yaml"), [], "h100-80gb")
     assert time.perf_counter() - start < 10
     assert out["fits"] and out["vocab_size"] == 32000
+
+
+def bench_overrides(bench: BenchConfig, data: int, tensor: int, backend: str, stage, private: bool) -> list[str]:
+    """The run config of one ``dpdist bench --backend`` case: its model, each rank's share of the batch as
+    one micro-batch, AdamW, fp32, flat clipping without a budget."""
+    return [f"model.n_layers={bench.layers}", f"model.d_model={bench.d_model}", f"model.n_heads={bench.heads}",
+            f"data.vocab_size={bench.vocab}", f"model.max_seq_len={bench.seq_len}", f"data.seq_len={bench.seq_len}",
+            f"train.micro_batch_size={bench.batch // data}", f"train.batch_size={bench.batch}",
+            f"privacy.enabled={str(private).lower()}", "privacy.noise_multiplier=1.0", f"train.backend={backend}",
+            f"deepspeed.zero_stage={stage if stage else 'null'}", f"parallel.data={data}", f"parallel.tensor={tensor}"]
+
+
+def predicted_mb(bench: BenchConfig, row: dict, data: int, tensor: int) -> float:
+    out = plan(None, bench_overrides(bench, data, tensor, row["backend"], row["zero_stage"], row["private"]), "cpu")
+    return out["run"]["memory_bytes"]["peak" if row["private"] else "nonprivate_peak"] / 2**20
+
+
+@pytest.mark.slow
+def test_predicted_memory_per_rank_is_within_15_percent_of_dpdist_bench():
+    """``dpdist bench --backend all --data 2``'s measured MB from start (peak RSS over the RSS before the
+    model is built, largest rank) against the plan of the same model, batch share and backend."""
+    from dpdist.bench.backend import run_benchmark
+
+    bench = BenchConfig()
+    out = run_benchmark(dataclasses.asdict(bench), data=2, tensor=1, clipping="flat")
+    for row in out["rows"]:
+        predicted = predicted_mb(bench, row, 2, 1)
+        assert predicted == pytest.approx(row["from_start_mb"], rel=0.15), (row, predicted)
+
+
+def test_the_pre_launch_check_refuses_with_the_plans_numbers():
+    from dpdist.config import ConfigError
+    from dpdist.plan.check import check_fits
+    from dpdist.plan.hardware import hardware
+
+    check_fits(load_config(None, TINY), hardware("cpu"))  # fits: nothing raised
+    check_fits(load_config(None, TINY), None)  # no device to check against
+    big = load_config(str(ROOT / "configs/gpt2-small.yaml"), ["train.micro_batch_size=256"])
+    with pytest.raises(ConfigError) as refused:
+        check_fits(big, hardware("h100-80gb"))
+    message = str(refused.value)
+    suggestion = plan(str(ROOT / "configs/gpt2-small.yaml"), ["train.micro_batch_size=256"], "h100-80gb")["suggestion"]
+    assert "\n" not in message and "does not fit h100-80gb" in message and "largest term activations" in message
+    assert f"set {suggestion['command']} (peak" in message

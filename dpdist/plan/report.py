@@ -18,7 +18,7 @@ def row_dict(row: Row) -> dict:
             "memory_budget_mb": cfg.privacy.memory_budget_mb,
             "memory_bytes": {**mem.terms(), "backward_peak": mem.backward_peak, "release_peak": mem.release_peak,
                              "peak": mem.peak, "nonprivate_peak": mem.nonprivate_peak},
-            "largest_term": mem.largest_term(), "fits": row.fits,
+            "largest_term": mem.largest_term(), "capacity_bytes": row.capacity, "fits": row.fits,
             "flops": {"nonprivate": c.nonprivate_flops, "dp": c.dp_flops, "flop_floor_ratio": c.flop_floor_ratio,
                       "micro_batches": c.micro_batches},
             "collective_bytes": {"tensor": c.tensor_bytes, "data": c.data_bytes, "data_collectives": c.data_collectives},
@@ -36,7 +36,11 @@ def to_json(run: Row, layouts: list[Row], change, hw: Hardware, efficiency: floa
 
 
 def _gib(value: float) -> str:
-    return f"{value / GIB:.2f}"
+    return f"{value / GIB:.2f}" if value >= 0.01 * GIB or value == 0 else f"{value / GIB:.2g}"
+
+
+def _params(count: int) -> str:
+    return f"{count / 1e6:.1f}M" if count >= 10**6 else f"{count:,}"
 
 
 def _mb(value: float) -> str:
@@ -47,8 +51,8 @@ def format_report(out: dict) -> str:
     run, hw = out["run"], out["hardware"]
     mem, t, fl, comm = run["memory_bytes"], run["time_s"], run["flops"], run["collective_bytes"]
     lines = [f"dpdist plan on {hw['name']}: {hw['memory_bytes'] / GIB:.1f} GiB per device, {RESERVE:.0%} reserved "
-             f"({hw['usable_bytes'] / GIB:.1f} GiB usable); times at efficiency {out['efficiency']:g} of peak",
-             f"model: {out['params'] / 1e6:.1f}M parameters, vocabulary {out['vocab_size']}; {run['layout']} "
+             f"({hw['usable_bytes'] / GIB:.1f} GiB usable{', shared by the ranks' if hw['name'] == 'cpu' else ''}); times at efficiency {out['efficiency']:g} of peak",
+             f"model: {_params(out['params'])} parameters, vocabulary {out['vocab_size']}; {run['layout']} "
              f"(data x tensor), micro-batch {run['micro_batch_size']}, {fl['micro_batches']} micro-batch(es) per "
              f"step per rank, activation checkpointing {run['activation_checkpointing']}",
              "memory per rank (GiB): " + ", ".join(f"{k.replace('_', ' ')} {_gib(mem[k])}" for k in
@@ -63,9 +67,9 @@ def format_report(out: dict) -> str:
              f"predicted step: {t['step']:.3g} s (compute {t['compute']:.3g}, memory {t['memory']:.3g}, communication "
              f"{t['communication']:.3g}); non-private {t['nonprivate_step']:.3g} s"]
     if out["fits"]:
-        lines.append(f"fits: peak {_gib(mem['peak'])} of {hw['usable_bytes'] / GIB:.1f} GiB usable")
+        lines.append(f"fits: peak {_gib(mem['peak'])} of {_gib(run['capacity_bytes'])} GiB usable per rank")
     else:
-        lines.append(f"DOES NOT FIT: peak {_gib(mem['peak'])} GiB > {hw['usable_bytes'] / GIB:.1f} GiB usable; largest "
+        lines.append(f"DOES NOT FIT: peak {_gib(mem['peak'])} GiB > {_gib(run['capacity_bytes'])} GiB usable per rank; largest "
                      f"term: {out['largest_term'].replace('_', ' ')} ({_gib(mem[out['largest_term']])} GiB)")
         change = out["suggestion"]
         if change is None:

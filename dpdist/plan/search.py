@@ -8,8 +8,8 @@ backend refuses (``RunConfig.validate``) are left out.
 A change is a set of overrides from these knobs, each with its options in order of preference:
 activation checkpointing; a memory budget of 0 for the per-example norms (their leanest strategies);
 a smaller micro-batch (halved down to 1); another backend (fsdp, then ZeRO-2); a larger tensor degree.
-The smallest change is the one with the fewest knobs changed that fits; among those, the fastest
-predicted step.
+The smallest change is the one with the fewest knobs changed that fits, each knob at its first option
+that fits; among sets of as many knobs, the fastest predicted step.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ class Row:
     cfg: RunConfig
     memory: Memory
     cost: Cost
+    capacity: float  # bytes this rank may use
     fits: bool
 
     @property
@@ -51,10 +52,18 @@ class Planner:
             self._shards[tensor] = build_shard(self.cfg, tensor)
         return self._shards[tensor]
 
+    def capacity(self, cfg: RunConfig) -> float:
+        """Bytes one rank may use: a device's usable memory; on the CPU, the machine's RAM shared by every
+        rank of a node."""
+        if self.hw.name != "cpu":
+            return self.hw.usable_bytes
+        return self.hw.usable_bytes / (cfg.parallel.world_size // cfg.launch.nnodes)
+
     def evaluate(self, cfg: RunConfig) -> Row:
         shard = self.shard(cfg.parallel.tensor)
         mem = memory(cfg, shard, self.vocab)
-        return Row(cfg, mem, cost(cfg, shard, self.vocab, self.hw, self.efficiency), mem.peak <= self.hw.usable_bytes)
+        capacity = self.capacity(cfg)
+        return Row(cfg, mem, cost(cfg, shard, self.vocab, self.hw, self.efficiency), capacity, mem.peak <= capacity)
 
     def tensor_degrees(self) -> list[int]:
         m, world = self.cfg.model, self.cfg.parallel.world_size
@@ -100,21 +109,23 @@ class Planner:
         return knobs
 
     def smallest_fitting_change(self) -> tuple[dict, Row] | None:
-        """The overrides and the row of the smallest change that fits (None: none of them does)."""
+        """The overrides and the row of the smallest change that fits (None: none of them does): the
+        fewest knobs; for a set of knobs, their first options that fit (the mildest micro-batch cut, the
+        nearest tensor degree); among sets of as many knobs, the fastest."""
         knobs = self.knobs()
         for count in range(1, len(knobs) + 1):
-            fitting = []
-            for chosen in itertools.combinations(knobs, count):
-                for options in itertools.product(*chosen):
-                    overrides = {k: v for option in options for k, v in option.items()}
-                    variant = valid(self.cfg, overrides)
-                    if variant is None:
-                        continue
-                    row = self.evaluate(variant)
-                    if row.fits:
-                        fitting.append((overrides, row))
+            fitting = [found for chosen in itertools.combinations(knobs, count)
+                       if (found := self._first_fitting(chosen)) is not None]
             if fitting:
                 return min(fitting, key=lambda pair: pair[1].cost.step_s)
+        return None
+
+    def _first_fitting(self, knobs) -> tuple[dict, Row] | None:
+        for options in itertools.product(*knobs):
+            overrides = {k: v for option in options for k, v in option.items()}
+            variant = valid(self.cfg, overrides)
+            if variant is not None and (row := self.evaluate(variant)).fits:
+                return overrides, row
         return None
 
 
