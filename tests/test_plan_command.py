@@ -69,7 +69,7 @@ def test_weights_optimizer_and_fsdp_share_by_hand():
     assert native.gradients == 8 * P  # float64 sums (fp32 or wider)
     sharded = memory(load_config(None, TINY + ["train.backend=fsdp", "parallel.data=4"]), shard, V)
     assert sharded.weights == native.weights / 4 and sharded.optimizer == native.optimizer / 4
-    assert sharded.gradients == native.gradients / 4
+    assert sharded.gradients == native.gradients / 4 + 8 * D * 4 * D  # and one whole MLP sum, reduce-scattered
     sgd = memory(load_config(None, TINY + ["train.optimizer=sgd"]), shard, V)
     momentum = memory(load_config(None, TINY + ["train.optimizer=sgd", "train.momentum=0.9"]), shard, V)
     assert sgd.optimizer == 0 and momentum.optimizer == 8 * P
@@ -84,16 +84,17 @@ def test_activations_follow_the_stated_formula(checkpointing):
     assert memory(cfg, shard, V).activations == B * S * (blocks + head)
 
 
-def test_llama_activations_and_bf16_copies_by_hand():
+def test_llama_activations_and_copies_by_hand():
     cfg, shard = tiny(*LLAMA, "model.dtype=float32", "train.precision=bf16")
     block = 2 * D * 4 + 2 * D * 2 + (5 * D + 4 * 80) * 2  # fp32 residual stream, bf16 norm outputs and the rest
     head = D * 4 + D * 2 + 3 * V * 4
     mem = memory(cfg, shard, V)
     assert mem.activations == B * S * (L * block + head)
-    assert mem.bf16_copies == 2 * shard.params  # the autocast casts each layer keeps for its backward
+    assert mem.copies == 2 * shard.params  # the autocast casts each layer keeps for its backward
     fsdp = memory(load_config(None, TINY + LLAMA + ["model.dtype=float32", "train.precision=bf16", "train.backend=fsdp"]),
                   shard, V)
-    assert fsdp.bf16_copies == 2 * 2 * shard.block_params  # two gathered blocks in bf16
+    root = shard.params - L * shard.block_params  # embeddings and final norm, gathered for the whole step
+    assert fsdp.copies == 2 * (root + 2 * shard.block_params)  # and two gathered blocks, in bf16
 
 
 @pytest.mark.parametrize("budget", [None, 0.05])
@@ -150,7 +151,7 @@ def test_json_schema(capsys):
     assert out["schema"] == 1 and out["vocab_size"] == V and out["params"] == gpt_params(1)
     assert set(out) == {"schema", "hardware", "efficiency", "vocab_size", "params", "fits", "largest_term", "run",
                         "suggestion", "layouts"}
-    terms = {"weights", "bf16_copies", "gradients", "optimizer", "activations", "norm_buffers", "noise"}
+    terms = {"weights", "copies", "gradients", "optimizer", "activations", "norm_buffers", "noise"}
     assert set(out["run"]["memory_bytes"]) == terms | {"backward_peak", "release_peak", "peak", "nonprivate_peak"}
     assert set(out["run"]["time_s"]) == {"step", "compute", "memory", "communication", "nonprivate_step"}
     assert {r["layout"] for r in out["layouts"]} == {"native 2x1", "fsdp 2x1", "deepspeed ZeRO-1 2x1",

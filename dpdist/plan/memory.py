@@ -5,9 +5,12 @@ trainable ones, D the data degree, e_p the model's element size (4), e_c the com
 (2 under ``train.precision=bf16``, else e_p), e_a = 4 the fp32 (or wider) pre-noise element size.
 
 - weights: P e_p, over D under fsdp;
-- bf16 copies (native, ``bf16``): P e_c, the autocast casts each layer saves for its backward; under
-  fsdp the two blocks it holds gathered (the one computing and the one prefetched), 2 P_block e_c;
-- gradients: P_t e_a for the clipped sums (non-private: the gradients), over D under fsdp and ZeRO-2;
+- copies: native under ``bf16``, P e_c, the autocast casts each layer saves for its backward; fsdp, the
+  unsharded parameters it gathers in e_c: the root's (everything outside the blocks, gathered for the
+  whole step) and two blocks' (the one computing and the one prefetched), (P - n_layers P_block) e_c
+  + 2 P_block e_c;
+- gradients: P_t e_a for the clipped sums (non-private: the gradients); under fsdp P_t e_a / D plus one
+  layer's whole sum, which is reduce-scattered as it is formed;
   ZeRO-1/2 add DeepSpeed's own gradient buffers (P_t e_a, over D for ZeRO-2) to the DP step's sums;
 - optimizer: AdamW 2 P_t e_p, SGD with momentum P_t e_p, over D under fsdp and ZeRO-1/2 (which also
   keep an fp32 master partition, P_t 4 / D);
@@ -45,7 +48,7 @@ ACCUMULATION_BYTES = 4  # fp32 pre-noise sums (float64 models: 8, see ``element_
 @dataclass
 class Memory:
     weights: float
-    bf16_copies: float
+    copies: float
     gradients: float
     optimizer: float
     activations: float
@@ -118,10 +121,12 @@ def memory(cfg: RunConfig, shard: Shard, vocab: int) -> Memory:
 
     weights = P * e_p / (data if fsdp else 1)
     if fsdp:
-        copies = 2 * shard.block_params * e_c
+        root = P - cfg.model.n_layers * shard.block_params
+        copies = (root + 2 * shard.block_params) * e_c
     else:
         copies = P * e_c if t.precision == "bf16" else 0.0
-    sums = P_t * e_a / (data if fsdp else 1)
+    # fsdp: this rank's shard of the sums, and one layer's whole sum before it is reduce-scattered
+    sums = P_t * e_a / data + shard.largest_trainable * e_a if fsdp else P_t * e_a
     zero_buffers = P_t * e_a / (data if stage == 2 else 1) if stage else 0.0  # DeepSpeed's own gradients
     sums += zero_buffers
     slots = 2 if t.optimizer == "adamw" else (1 if t.momentum > 0 else 0)
@@ -149,6 +154,6 @@ def memory(cfg: RunConfig, shard: Shard, vocab: int) -> Memory:
     gathered = P_t * e_a if backend == "native" and data > 1 else 0.0  # the flat buffer of the all-reduce
     release = base + sums + gathered + gradients + noise if p.enabled else base + sums
     nonprivate = base + copies + acts + (zero_buffers if stage else gradients)
-    return Memory(weights=weights, bf16_copies=copies, gradients=sums, optimizer=optimizer, activations=acts,
+    return Memory(weights=weights, copies=copies, gradients=sums, optimizer=optimizer, activations=acts,
                   norm_buffers=buffers, noise=noise, backward_peak=backward, release_peak=release,
                   nonprivate_peak=nonprivate)

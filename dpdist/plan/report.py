@@ -56,7 +56,7 @@ def format_report(out: dict) -> str:
              f"(data x tensor), micro-batch {run['micro_batch_size']}, {fl['micro_batches']} micro-batch(es) per "
              f"step per rank, activation checkpointing {run['activation_checkpointing']}",
              "memory per rank (GiB): " + ", ".join(f"{k.replace('_', ' ')} {_gib(mem[k])}" for k in
-                                                   ("weights", "bf16_copies", "gradients", "optimizer", "activations",
+                                                   ("weights", "copies", "gradients", "optimizer", "activations",
                                                     "norm_buffers", "noise")),
              f"  peak {_gib(mem['peak'])} (backward {_gib(mem['backward_peak'])}, release {_gib(mem['release_peak'])}); "
              f"non-private peak {_gib(mem['nonprivate_peak'])}",
