@@ -31,7 +31,8 @@ trainable ones, D the data degree, e_p the model's element size (4), e_c the com
 Phases: the backward (weights, copies, optimizer, the sums store, and the larger of the activations
 and, under book-keeping, the activations less the head's freed log-softmax terms plus the norm buffers;
 under per-layer clipping the activations plus the buffers) and the release (weights, optimizer, the
-sums, native's flat all-reduce buffer when D > 1, the new gradients, the noise draw).  The peak is
+sums, the noise draw and, except under ZeRO, which noises its own gradient partition in place, native's
+flat all-reduce buffer when D > 1 and the new gradients).  The peak is
 the larger.  The non-private step's peak (gradients instead of sums, no norm buffers, no release) is
 reported beside it.
 """
@@ -150,9 +151,10 @@ def memory(cfg: RunConfig, shard: Shard, vocab: int) -> Memory:
     after_head = acts - tokens * activation_bytes(cfg, shard.tensor, vocab)["head_freed"]
     held = acts + buffers if p.clipping == "per_layer" else max(acts, after_head + buffers)
     backward = base + copies + sums + held
-    gradients = P_t * e_a / (data if fsdp or stage == 2 else 1)
+    gradients = P_t * e_a / data if fsdp else P_t * e_a
     gathered = P_t * e_a if backend == "native" and data > 1 else 0.0  # the flat buffer of the all-reduce
-    release = base + sums + gathered + gradients + noise if p.enabled else base + sums
+    # DeepSpeed noises its own gradient partition in place: no new gradients beside the sums
+    release = base + sums + noise + (0.0 if stage else gathered + gradients) if p.enabled else base + sums
     nonprivate = base + copies + acts + (zero_buffers if stage else gradients)
     return Memory(weights=weights, copies=copies, gradients=sums, optimizer=optimizer, activations=acts,
                   norm_buffers=buffers, noise=noise, backward_peak=backward, release_peak=release,
