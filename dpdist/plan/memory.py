@@ -154,8 +154,10 @@ def memory(cfg: RunConfig, shard: Shard, vocab: int) -> Memory:
     gradients = P_t * e_a / data if fsdp else P_t * e_a
     gathered = P_t * e_a if backend == "native" and data > 1 else 0.0  # the flat buffer of the all-reduce
     # DeepSpeed noises its own gradient partition in place: no new gradients beside the sums
-    release = base + sums + noise + (0.0 if stage else gathered + gradients) if p.enabled else base + sums
+    release = base + sums + noise + (0.0 if stage else gathered + gradients)
     nonprivate = base + copies + acts + (zero_buffers if stage else gradients)
+    if not p.enabled:  # the run is the non-private step: its gradients, then the optimizer's update
+        sums, backward, release = zero_buffers or gradients, nonprivate, base + (zero_buffers or gradients)
     return Memory(weights=weights, copies=copies, gradients=sums, optimizer=optimizer, activations=acts,
                   norm_buffers=buffers, noise=noise, backward_peak=backward, release_peak=release,
                   nonprivate_peak=nonprivate)
