@@ -151,7 +151,7 @@ def test_json_schema(capsys):
     assert out["schema"] == 1 and out["vocab_size"] == V and out["params"] == gpt_params(1)
     assert set(out) == {"schema", "hardware", "efficiency", "vocab_size", "params", "fits", "largest_term", "run",
                         "suggestion", "layouts"}
-    terms = {"weights", "copies", "gradients", "optimizer", "activations", "norm_buffers", "noise"}
+    terms = {"weights", "copies", "gradients", "optimizer", "activations", "norm_buffers", "noise", "runtime"}
     assert set(out["run"]["memory_bytes"]) == terms | {"backward_peak", "release_peak", "peak", "nonprivate_peak"}
     assert set(out["run"]["time_s"]) == {"step", "compute", "memory", "communication", "nonprivate_step"}
     assert {r["layout"] for r in out["layouts"]} == {"native 2x1", "fsdp 2x1", "deepspeed ZeRO-1 2x1",

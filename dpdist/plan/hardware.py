@@ -16,6 +16,10 @@ RESERVE = 0.08
 # The fraction of the peak FLOP/s, memory bandwidth and link rate a step reaches: a stated guess for
 # well-shaped transformer matmuls until a GPU measurement fits it (``--efficiency`` overrides it).
 DEFAULT_EFFICIENCY = 0.5
+# A CPU rank's memory beyond its tensors once its first step has run (oneDNN's and the thread pools'
+# buffers, autograd's engine): what ``dpdist bench --backend`` measured beyond the tensors of the bench
+# model here, 25-80 MiB per process over native, ZeRO and fsdp at (1,1), (2,1) and (1,2).
+CPU_RUNTIME_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class Hardware:
     intra_node_bandwidth: float  # bytes/s per device and direction (NVLink)
     inter_node_bandwidth: float  # bytes/s per device and direction (network)
     devices_per_node: int
+    runtime_bytes: float = 0.0  # what a process holds beyond its tensors, where the device's tensors share it
 
     def peak_flops(self, precision: str) -> float:
         return self.bf16_flops if precision == "bf16" else self.fp32_flops
@@ -41,7 +46,7 @@ def _cpu() -> Hardware:
     """This machine: its RAM, and rates of the project's 2-core CPU (AVX2 FMA at about 2.5 GHz: 2 cores x
     32 fp32 FLOP/cycle; bf16 matmuls run no faster there); loopback gloo stands in for the links."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return Hardware("cpu", float(memory), 160e9, 160e9, 20e9, 5e9, 5e9, os.cpu_count() or 1)
+    return Hardware("cpu", float(memory), 160e9, 160e9, 20e9, 5e9, 5e9, os.cpu_count() or 1, CPU_RUNTIME_BYTES)
 
 
 HARDWARE = {

@@ -21,12 +21,16 @@ trainable ones, D the data degree, e_p the model's element size (4), e_c the com
   rotated and repeated to every query head), its output and that output with the heads merged
   (attention is fused: no s x s scores), the 2 h (4 h) the MLP's activations (GELU's input and output;
   SwiGLU's gate, its SiLU, up and their product); plus the head: d e_r + d e_c for the final norm and
-  3 V / t fp32 values per token (the log-softmax kept for the backward, its gradient and the logits'
-  gradient, alive together at the start of the backward).  With ``train.activation_checkpointing=blocks``
+  fp32 values of the vocabulary per token: at t = 1, 3 V (the log-softmax kept for the backward, its
+  gradient and the logits' gradient, alive together at the start of the backward), at t > 1, 4 V / t
+  (the vocabulary-parallel loss holds the logits, the shifted logits, their exponentials and the
+  softmax at the end of the forward).  With ``train.activation_checkpointing=blocks``
   each block keeps only its input (d e_r per token) and one block at a time is recomputed in full;
 - per-example norm buffers: the kept bytes of the engine's strategy plan (``plan_strategies`` with the
   config's memory budget; per-layer clipping keeps only the largest layer's);
-- noise: this rank's share of the largest released tensor, fp32 (the draw before it is added).
+- noise: this rank's share of the largest released tensor, fp32 (the draw before it is added);
+- runtime: what a process holds beyond its tensors (``Hardware.runtime_bytes``: on the CPU, measured;
+  on a GPU the CUDA context is outside the device's tensors and in its reserve instead).
 
 Phases: the backward (weights, copies, optimizer, the sums store, and the larger of the activations
 and, under book-keeping, the activations less the head's freed log-softmax terms plus the norm buffers;
@@ -55,6 +59,7 @@ class Memory:
     activations: float
     norm_buffers: float
     noise: float
+    runtime: float
     backward_peak: float
     release_peak: float
     nonprivate_peak: float
@@ -95,9 +100,10 @@ def activation_bytes(cfg: RunConfig, tensor: int, vocab: int) -> dict[str, float
     e_r, e_c, _ = element_bytes(cfg)
     d, h = m.d_model, m.hidden
     sharded = 5 * d + (4 if m.arch == "llama" else 2) * h
-    padded_vocab = -(-vocab // tensor) * tensor
+    local_vocab = -(-vocab // tensor)
+    copies = 3 if tensor == 1 else 4  # of the local logits, fp32
     return {"block": 2 * d * e_r + 2 * d * e_c + sharded * e_c / tensor, "checkpointed": d * e_r,
-            "head": d * e_r + d * e_c + 3 * padded_vocab / tensor * 4, "head_freed": 2 * padded_vocab / tensor * 4}
+            "head": d * e_r + d * e_c + copies * local_vocab * 4, "head_freed": (copies - 1) * local_vocab * 4}
 
 
 def activations(cfg: RunConfig, shard: Shard, vocab: int) -> float:
@@ -111,7 +117,7 @@ def activations(cfg: RunConfig, shard: Shard, vocab: int) -> float:
     return tokens * (blocks + per["head"])
 
 
-def memory(cfg: RunConfig, shard: Shard, vocab: int) -> Memory:
+def memory(cfg: RunConfig, shard: Shard, vocab: int, runtime: float = 0.0) -> Memory:
     """The byte model of the module docstring for ``cfg``'s backend, layout and knobs."""
     t, p = cfg.train, cfg.privacy
     backend, data = t.backend, cfg.parallel.data
@@ -143,7 +149,7 @@ def memory(cfg: RunConfig, shard: Shard, vocab: int) -> Memory:
         noise = shard.largest_trainable * 4 / data
     else:
         buffers = noise = 0.0
-    base = weights + optimizer
+    base = runtime + weights + optimizer
     # Book-keeping keeps every layer's inputs (the activations) until the clip factors are known, so the
     # norm buffers pile up on top of them, after the head's backward has freed its log-softmax terms;
     # per-layer clipping clips each layer as its backward ends and frees as a non-private backward does.
@@ -159,5 +165,5 @@ def memory(cfg: RunConfig, shard: Shard, vocab: int) -> Memory:
     if not p.enabled:  # the run is the non-private step: its gradients, then the optimizer's update
         sums, backward, release = zero_buffers or gradients, nonprivate, base + (zero_buffers or gradients)
     return Memory(weights=weights, copies=copies, gradients=sums, optimizer=optimizer, activations=acts,
-                  norm_buffers=buffers, noise=noise, backward_peak=backward, release_peak=release,
+                  norm_buffers=buffers, noise=noise, runtime=runtime, backward_peak=backward, release_peak=release,
                   nonprivate_peak=nonprivate)

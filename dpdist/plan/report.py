@@ -57,7 +57,7 @@ def format_report(out: dict) -> str:
              f"step per rank, activation checkpointing {run['activation_checkpointing']}",
              "memory per rank (GiB): " + ", ".join(f"{k.replace('_', ' ')} {_gib(mem[k])}" for k in
                                                    ("weights", "copies", "gradients", "optimizer", "activations",
-                                                    "norm_buffers", "noise")),
+                                                    "norm_buffers", "noise", "runtime")),
              f"  peak {_gib(mem['peak'])} (backward {_gib(mem['backward_peak'])}, release {_gib(mem['release_peak'])}); "
              f"non-private peak {_gib(mem['nonprivate_peak'])}",
              f"FLOPs per rank and step: non-private {fl['nonprivate']:.3g}, DP {fl['dp']:.3g} "

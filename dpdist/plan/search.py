@@ -61,7 +61,7 @@ class Planner:
 
     def evaluate(self, cfg: RunConfig) -> Row:
         shard = self.shard(cfg.parallel.tensor)
-        mem = memory(cfg, shard, self.vocab)
+        mem = memory(cfg, shard, self.vocab, self.hw.runtime_bytes)
         capacity = self.capacity(cfg)
         return Row(cfg, mem, cost(cfg, shard, self.vocab, self.hw, self.efficiency), capacity, mem.peak <= capacity)
 
