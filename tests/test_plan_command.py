@@ -5,7 +5,6 @@ import json
 import time
 
 import pytest
-import torch
 
 from dpdist.bench.config import BenchConfig, nonprivate_step_flops
 from dpdist.cli import main
