@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("train", "account", "audit", "bench", "tokenize", "export", "eval", "plot", "generate")
+COMMANDS = ("train", "account", "audit", "bench", "tokenize", "export", "eval", "plot", "generate", "plan")
 
 
 class Parser(argparse.ArgumentParser):

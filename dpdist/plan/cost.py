@@ -1,0 +1,130 @@
+"""FLOPs, collective bytes and predicted time of one training step, per rank.
+
+FLOPs: the non-private step is ``dpdist bench``'s analytic matmul count (``nonprivate_step_flops``) of a
+micro-batch, over the tensor degree; the DP step adds the strategy plan's ``extra_flops`` (the rules'
+``Cost.flops``) for this rank's shard, so at tensor degree 1 the ratio is the bench's FLOP floor.
+Checkpointing adds one more forward of the blocks (a third of their non-private FLOPs).  A step is
+``ceil(train.batch_size / (D x micro_batch_size))`` micro-batches per rank (the expected batch; one when
+only ``privacy.sample_rate`` is given, since the dataset size is not read).
+
+Collective bytes: what a rank hands to each collective per step, as ``dpdist.bench.collectives``
+counts them.  Tensor group (T > 1), per micro-batch: one all-reduce of the b x s x d activations for
+the embedding, two per block in the forward (attention and MLP outputs), two per block in the backward
+(their inputs' gradients) and one for the head's input gradient, two more per block when checkpointing
+recomputes them, all in the compute dtype; and the B-vector of squared norms (fp32) per micro-batch.
+Data group (D > 1): native, an all-reduce of the (noisy) sums, P_t e_a, per step; fsdp, per micro-batch
+an all-gather of the shard in the forward and again in the backward (P/D e_c each) and a reduce-scatter
+of the sums (P_t e_a); ZeRO-1/2, a reduction of the sums (P_t e_a) and an all-gather of the updated
+shard (P_t e_p / D) per step.
+
+Time: compute FLOPs at the hardware's peak for the precision, memory-bound work (the optimizer's
+reads and writes, the noise draw and add, the plan's extra memory traffic) at its bandwidth, and the
+collectives on the wire (all-reduce 2(n-1)/n of the payload, reduce-scatter (n-1)/n of it, all-gather
+(n-1) shards) at the link rate (NVLink when the whole mesh fits a node, else the network for the data
+group), all scaled by one efficiency factor and added: no overlap is assumed, so it is an upper estimate.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..bench.config import BenchConfig, nonprivate_step_flops
+from ..config import ConfigError, RunConfig
+from .hardware import Hardware
+from .memory import element_bytes, zero_stage
+from .shapes import Shard
+
+ADAMW_BYTES_PER_PARAM = 28  # reads weight, gradient and two moments, writes weight and moments (fp32)
+NOISE_BYTES_PER_COORDINATE = 12  # writes the draw, reads it and the sum, writes the sum
+
+
+def bench_config(cfg: RunConfig, vocab: int, batch: int) -> BenchConfig:
+    """``dpdist bench``'s description of the same model and micro-batch (for its FLOP count)."""
+    m = cfg.model
+    if m.arch == "gpt" and m.hidden % m.d_model:
+        raise ConfigError(f"dpdist plan counts the gpt MLP as model.mlp_ratio x d_model; model.mlp_hidden "
+                          f"{m.mlp_hidden} is not a multiple of model.d_model {m.d_model}")
+    llama = m.arch == "llama"
+    return BenchConfig(layers=m.n_layers, d_model=m.d_model, heads=m.n_heads, vocab=vocab, seq_len=cfg.data.seq_len,
+                       batch=batch, arch=m.arch, mlp_ratio=m.hidden // m.d_model if not llama else m.mlp_ratio,
+                       kv_heads=m.kv_heads if llama else None, mlp_hidden=m.hidden if llama else None,
+                       lora_rank=cfg.lora.rank if cfg.lora.enabled else 0)
+
+
+def micro_batches(cfg: RunConfig) -> int:
+    if cfg.train.batch_size is None:
+        return 1
+    return max(1, math.ceil(cfg.train.batch_size / (cfg.parallel.data * cfg.train.micro_batch_size)))
+
+
+@dataclass
+class Cost:
+    micro_batches: int
+    nonprivate_flops: float  # per rank and step
+    dp_flops: float
+    flop_floor_ratio: float  # DP over non-private FLOPs: the bench's floor at tensor degree 1
+    tensor_bytes: float  # per rank and step, payload handed to tensor-group collectives
+    data_bytes: float
+    data_collectives: str
+    compute_s: float
+    memory_s: float
+    communication_s: float
+    nonprivate_step_s: float
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.memory_s + self.communication_s
+
+
+def cost(cfg: RunConfig, shard: Shard, vocab: int, hw: Hardware, efficiency: float) -> Cost:
+    t, p = cfg.train, cfg.privacy
+    D, T, b, s, d = cfg.parallel.data, shard.tensor, t.micro_batch_size, cfg.data.seq_len, cfg.model.d_model
+    e_p, e_c, e_a = element_bytes(cfg)
+    m = micro_batches(cfg)
+    bench = bench_config(cfg, vocab, b)
+    flops = nonprivate_step_flops(bench)
+    if t.activation_checkpointing == "blocks":
+        head = 2.0 * s * d * vocab * (2 if bench.lora_rank else 3) * b
+        flops += (flops - head) / 3
+    nonprivate = m * flops / T
+    extra = 0.0
+    touched = 0.0
+    if p.enabled:
+        budget = p.memory_budget_mb * 2**20 if p.memory_budget_mb is not None else None
+        plan = shard.plan(b, s, budget_bytes=budget, per_layer=p.clipping == "per_layer")
+        extra = m * plan.extra_flops
+        touched = m * sum(c.touched_bytes + c.cached_bytes for c in plan.costs.values())
+    dp = nonprivate + extra
+
+    P, P_t = shard.params, shard.trainable
+    tensor_bytes = 0.0
+    if T > 1:
+        per_block = 4 + (2 if t.activation_checkpointing == "blocks" else 0)
+        tensor_bytes = m * ((cfg.model.n_layers * per_block + 2) * b * s * d * e_c + 3 * b * s * 4 + b * 4)
+    backend, stage = t.backend, zero_stage(cfg)
+    wire = 0.0
+    if D == 1:
+        data_bytes, kinds = 0.0, "none"
+    elif backend == "fsdp":
+        gathered, scattered = 2 * m * P / D * e_c, m * P_t * e_a
+        data_bytes, kinds = gathered + scattered, "all-gather x2 + reduce-scatter per micro-batch"
+        wire = gathered * (D - 1) + scattered * (D - 1) / D
+    elif stage:
+        reduced, gathered = P_t * e_a, P_t * e_p / D
+        data_bytes, kinds = reduced + gathered, "reduce-scatter + all-gather per step"
+        wire = reduced * (D - 1) / D + gathered * (D - 1)
+    else:
+        data_bytes, kinds = P_t * e_a, "all-reduce per step"
+        wire = data_bytes * 2 * (D - 1) / D
+    one_node = D * T <= hw.devices_per_node
+    comm = (tensor_bytes * 2 * (T - 1) / T / hw.intra_node_bandwidth
+            + wire / (hw.intra_node_bandwidth if one_node else hw.inter_node_bandwidth)) / efficiency
+    state = P_t / (D if backend == "fsdp" or stage else 1)
+    memory_np = state * ADAMW_BYTES_PER_PARAM / hw.memory_bandwidth / efficiency
+    noise = P_t / D * NOISE_BYTES_PER_COORDINATE if p.enabled else 0.0
+    memory_dp = memory_np + (noise + touched) / hw.memory_bandwidth / efficiency
+    rate = hw.peak_flops(t.precision) * efficiency
+    return Cost(micro_batches=m, nonprivate_flops=nonprivate, dp_flops=dp, flop_floor_ratio=dp / nonprivate,
+                tensor_bytes=tensor_bytes, data_bytes=data_bytes, data_collectives=kinds,
+                compute_s=(dp if p.enabled else nonprivate) / rate, memory_s=memory_dp if p.enabled else memory_np,
+                communication_s=comm, nonprivate_step_s=nonprivate / rate + memory_np + comm)  # same collectives, gradients for sums
