@@ -218,3 +218,13 @@ def test_the_pre_launch_check_refuses_with_the_plans_numbers():
     suggestion = plan(str(ROOT / "configs/gpt2-small.yaml"), ["train.micro_batch_size=256"], "h100-80gb")["suggestion"]
     assert "\n" not in message and "does not fit h100-80gb" in message and "largest term activations" in message
     assert f"set {suggestion['command']} (peak" in message
+
+
+def test_dpdist_train_refuses_a_run_its_device_cannot_hold(tmp_path, capsys):
+    """Before preparing anything: the one-line error, exit 2, no run directory."""
+    run_dir = tmp_path / "run"
+    code = main(["train", "--config", str(ROOT / "configs/gpt2-small.yaml"), "parallel.device=cpu",
+                 "parallel.data=1", "train.micro_batch_size=512", f"train.run_dir={run_dir}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the run does not fit" in err and "dpdist plan predicts a peak" in err
+    assert len(err.strip().splitlines()) == 1 and not run_dir.exists()

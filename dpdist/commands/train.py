@@ -202,6 +202,9 @@ def run(args) -> int:
         if nnodes > 1 and not args.dry_run:
             raise ConfigError(f"a {nnodes}-node job: prepare it once with --dry-run, which prints the torchrun command, "
                               "then run that command on every node (slurm/dpdist.sbatch does both)")
+        from ..plan.check import check_fits, run_hardware
+
+        check_fits(cfg, run_hardware(cfg))  # refuse, with dpdist plan's numbers, a run its device cannot hold
         prepared = prepare_run(cfg, args.resume, args.rewind)
         cfg, run_dir, plan, checkpoint = prepared.cfg, prepared.run_dir, prepared.plan, prepared.checkpoint
         resume = str(checkpoint) if checkpoint is not None else "auto"
