@@ -25,6 +25,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from ..config import ConfigError
+from .tokenizer import read_model
 
 HF_TOKENIZER, SP_TOKENIZER = "tokenizer.json", "tokenizer.model"
 SPECIALS_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # travel with the tokenizer
@@ -67,7 +68,7 @@ class SentencePieceTokenizer(TextTokenizer):
     def __init__(self, model: str | Path, specials: dict | None = None):
         """``specials``: a Hugging Face folder's special tokens (see ``_folder_specials``); None for a
         bare ``.model`` file."""
-        self.processor = spm.SentencePieceProcessor(model_file=str(model))
+        self.processor = spm.SentencePieceProcessor(model_proto=read_model(model))  # a bad file: one line
         self.num_ids = self.processor.get_piece_size()
         own_bos = self.processor.bos_id() if self.processor.bos_id() >= 0 else None
         own_eos = self.processor.eos_id() if self.processor.eos_id() >= 0 else None
