@@ -296,12 +296,7 @@ def noise_row(profile: Profile, device: str) -> Row:
 
 
 # ---------------------------------------------------------------------------------------------------
-# (d) the plan hook: dpdist plan's prediction beside each measurement, once `dpdist plan` exists
-
-def plan_available() -> bool:
-    return subprocess.run([sys.executable, "-m", "dpdist", "plan", "--help"], cwd=ROOT,
-                          capture_output=True).returncode == 0
-
+# (d) dpdist plan's prediction beside each measurement
 
 def plan_hardware(device: str) -> str:
     if device != "cuda":
@@ -396,13 +391,10 @@ def main(argv: list[str] | None = None) -> int:
 
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     say(f"gpu_check on {where}: torch {torch.__version__}, {'tiny shapes' if args.tiny else 'full shapes'}")
-    has_plan = plan_available()
-    say("dpdist plan found: its predictions fill the plan column" if has_plan else
-        "dpdist plan not found (python -m dpdist plan --help fails): the plan column stays empty")
     runs = [(label, BenchConfig(steps=profile.steps, **shape)) for label, shape in profile.runs]
     for _, cfg in runs:
         cfg.validate()
-    plans = [start_plans(cfg, args.device) if has_plan else {} for _, cfg in runs]
+    plans = [start_plans(cfg, args.device) for _, cfg in runs]
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         rows.append(pytest_row(args.device, Path(workdir)))
@@ -430,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({
             "device": where, "torch": torch.__version__, "tiny": args.tiny, "precision": PRECISION,
-            "plan_available": has_plan, "profile": dataclasses.asdict(profile), "table": table,
+            "profile": dataclasses.asdict(profile), "table": table,
             "rows": [dataclasses.asdict(r) for r in rows], "failed": [r.check for r in failed]}, indent=2))
     return 1 if failed else 0
 

@@ -49,7 +49,7 @@ def test_tiny_run_prints_one_table_with_every_row_and_exits_0(tmp_path):
             assert row["numbers"]["tokens_ratio"] == ratio and row["ratio"] == f"{ratio:.2f}x tok/s"
             assert row["result"] == ("PASS" if ratio >= floor else "FAIL (tok/s)")
             assert row["numbers"]["peak_bytes"] is None  # no allocator statistics on a CPU
-            assert (row["plan"] == "-") == (not report["plan_available"]), row  # filled once `dpdist plan` exists
+            assert row["plan"] != "-", row  # dpdist plan's prediction beside the measurement
     assert rows["noise keyed_normal on cpu"]["numbers"]["normals_per_s"] > 0
     assert report["failed"] == []
 
