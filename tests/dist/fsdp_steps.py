@@ -10,7 +10,6 @@ operation on a run directory the test prepared (its config.yaml holds this launc
 - ``sensitivity RUN``: the pre-noise clipped sums of one batch, and of the same batch without its first
   example, gathered whole, to ``RUN/sensitivity.pt``.
 """
-import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -25,18 +24,11 @@ from dpdist.privacy.sampling import public_padding
 from dpdist.runtime.mesh import init_mesh, shutdown
 from dpdist.runtime.secret import run_secret
 from dpdist.train.engine import build_gradient
-from dpdist.train.loop import make_optimizer, train
+from dpdist.train.loop import make_optimizer
 from dpdist.train.plan import RunPlan
 
 from helpers.runs import K
-
-
-def run(mesh, run_dir: Path, steps: int | None = None, resume: str = "none") -> dict:
-    cfg = load_config(run_dir / "config.yaml")
-    plan = RunPlan.load(run_dir / "plan.json")
-    if steps is not None:
-        plan = dataclasses.replace(plan, max_steps=steps)
-    return train(cfg, plan, run_dir, mesh, resume=resume)
+from resume_steps import run  # this script's folder is on the path
 
 
 def gradient(mesh, run_dir: Path):
