@@ -8,10 +8,18 @@ Checkpointing adds one more forward of the blocks (a third of their non-private 
 only ``privacy.sample_rate`` is given, since the dataset size is not read).
 
 Collective bytes: what a rank hands to each collective per step, as ``dpdist.bench.collectives``
-counts them.  Tensor group (T > 1), per micro-batch: one all-reduce of the b x s x d activations for
-the embedding, two per block in the forward (attention and MLP outputs), two per block in the backward
-(their inputs' gradients) and one for the head's input gradient, two more per block when checkpointing
-recomputes them, all in the compute dtype; and the B-vector of squared norms (fp32) per micro-batch.
+counts them.  Tensor group (T > 1), per token of each micro-batch, read off the meta shard's layers
+(``tensor_bytes_per_token``): every row-parallel linear all-reduces its output in the forward (in the
+compute dtype: autocast's output), again when checkpointing recomputes its block (all but the block's
+last: recomputation stops at the last tensor the backward saved); every column-parallel
+linear (and the tied output projection) all-reduces its input's gradient in the backward, in the dtype
+of that input (a norm's output in the model's dtype; a LoRA ``lora_B``'s input, ``lora_A``'s output, in
+the compute dtype), when that input requires a gradient: some trainable parameter lies upstream (under
+LoRA, the first block's frozen base layers get none); the embedding all-reduces its output (model
+dtype) and the vocabulary-parallel loss three values in the logits' dtype (the model's, at
+least fp32).  Per micro-batch, the DP step adds the
+B-vector of squared norms (e_a each), and under per-layer clipping one more per layer holding a
+sharded parameter.
 Data group (D > 1): native, an all-reduce of the (noisy) sums, P_t e_a, per step; fsdp, per micro-batch
 an all-gather of the shard in the forward and again in the backward (P/D e_c each) and a reduce-scatter
 of the sums (P_t e_a); ZeRO-1/2, a reduction of the sums (P_t e_a) and an all-gather of the updated
@@ -29,12 +37,18 @@ import math
 from dataclasses import dataclass
 
 from ..bench.config import BenchConfig, nonprivate_step_flops
+from torch import nn
+
 from ..config import ConfigError, RunConfig
+from ..model import TRANSFORMER_BLOCKS
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from ..privacy.step import dp_layers
 from .hardware import Hardware
 from .memory import element_bytes, zero_stage
 from .shapes import Shard
 
 ADAMW_BYTES_PER_PARAM = 28  # reads weight, gradient and two moments, writes weight and moments (fp32)
+LOSS_VALUES_PER_TOKEN = 3  # the vocabulary-parallel loss reduces the max, the target logit and the sum of exponentials
 NOISE_BYTES_PER_COORDINATE = 12  # writes the draw, reads it and the sum, writes the sum
 
 
@@ -49,6 +63,50 @@ def bench_config(cfg: RunConfig, vocab: int, batch: int) -> BenchConfig:
                        batch=batch, arch=m.arch, mlp_ratio=m.hidden // m.d_model if not llama else m.mlp_ratio,
                        kv_heads=m.kv_heads if llama else None, mlp_hidden=m.hidden if llama else None,
                        lora_rank=cfg.lora.rank if cfg.lora.enabled else 0)
+
+
+def tensor_bytes_per_token(shard: Shard, cfg: RunConfig) -> float:
+    """The activation bytes per token one micro-batch hands to the tensor group (module docstring)."""
+    e_p, e_c, _ = element_bytes(cfg)
+    model = shard.model
+    order = {id(param): index for index, param in enumerate(model.parameters())}
+    first_trainable = min((order[id(p)] for p in model.parameters() if p.requires_grad), default=len(order))
+    blocks = [name for name, module in model.named_modules() if isinstance(module, TRANSFORMER_BLOCKS)]
+    recompute = 2 if cfg.train.activation_checkpointing == "blocks" else 1
+    total = LOSS_VALUES_PER_TOKEN * max(e_p, 4)  # in the logits' dtype: the model's, fp32 under bf16 compute
+    # torch's non-reentrant checkpoint stops recomputing a block once every tensor its backward saved is
+    # back, so the all-reduce of the block's last row-parallel output (the MLP's projection; not a LoRA
+    # ``lora_A``, whose output ``lora_B`` saves) is not repeated.
+    unrepeated = {rows[-1] for block in blocks if (rows := [name for name, module in model.named_modules()
+                                                            if isinstance(module, RowParallelLinear)
+                                                            and module.tp_group is not None
+                                                            and name.startswith(block + ".")])
+                  and not rows[-1].endswith(".lora_A")}
+    for name, module in model.named_modules():
+        if getattr(module, "tp_group", None) is None:  # replicated (the position table) or a LoRA adapter half
+            continue
+        if isinstance(module, VocabParallelEmbedding):
+            total += module.embedding_dim * e_p * (2 if module.tied_output else 1)  # forward; the projection's input
+        block = next((b for b in blocks if name.startswith(b + ".")), None)
+        if isinstance(module, RowParallelLinear):
+            total += module.out_features * e_c * (recompute if block is not None and name not in unrepeated else 1)
+        elif isinstance(module, ColumnParallelLinear):
+            if name.endswith(".lora_B"):
+                total += module.in_features * e_c
+                continue
+            # What feeds it: the block child holding it (its norm, a sibling child, comes earlier; q, k and v
+            # share one input), or the layer itself outside the blocks.
+            feeder = model.get_submodule(name[:name.index(".", len(block) + 1)]) if block is not None else module
+            if first_trainable < min(order[id(p)] for p in feeder.parameters()):
+                total += module.in_features * e_p
+    return total
+
+
+def sharded_dp_layers(shard: Shard) -> list[nn.Module]:
+    """The DP layers holding a tensor-sharded trainable parameter: each all-reduces its per-example
+    norms under per-layer clipping."""
+    return [layer for layer in dp_layers(shard.model)
+            if any(p.requires_grad and getattr(p, "tensor_model_parallel", False) for p in layer.parameters())]
 
 
 def micro_batches(cfg: RunConfig) -> int:
@@ -99,8 +157,9 @@ def cost(cfg: RunConfig, shard: Shard, vocab: int, hw: Hardware, efficiency: flo
     P, P_t = shard.params, shard.trainable
     tensor_bytes = 0.0
     if T > 1:
-        per_block = 4 + (2 if t.activation_checkpointing == "blocks" else 0)
-        tensor_bytes = m * ((cfg.model.n_layers * per_block + 2) * b * s * d * e_c + 3 * b * s * 4 + b * 4)
+        tensor_bytes = m * b * s * tensor_bytes_per_token(shard, cfg)
+        if p.enabled:
+            tensor_bytes += m * b * e_a * (1 + (len(sharded_dp_layers(shard)) if p.clipping == "per_layer" else 0))
     backend, stage = t.backend, zero_stage(cfg)
     wire = 0.0
     if D == 1:
