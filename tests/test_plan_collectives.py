@@ -1,17 +1,22 @@
-"""``dpdist plan``'s bytes per collective against counted ones: in this process, the DP step of a tiny
+"""``dpdist plan``'s bytes against counted ones: per collective, in this process, the DP step of a tiny
 model on a fake tensor group of 2 (bf16, checkpointing, LoRA, per-layer clipping, Llama), and, slow,
-``dpdist bench --data/--tensor``'s counts for its GPT and Llama models."""
+``dpdist bench --data/--tensor``'s counts for its GPT and Llama models; the GPU noise's memory traffic
+per normal."""
 import dataclasses
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from dpdist.bench.collectives import CollectiveCounter
 from dpdist.bench.config import BenchConfig
 from dpdist.commands.plan import plan
 from dpdist.config import load_config
 from dpdist.model import build_model
+from dpdist.plan.hardware import DEVICE_NOISE_BYTES_PER_NORMAL
+from dpdist.privacy import noise
 from dpdist.privacy.step import native_step
 from dpdist.train.activation_checkpointing import apply_activation_checkpointing
 from dpdist.train.methods import transform_model
@@ -82,3 +87,33 @@ def test_bytes_per_group_equal_dpdist_bench_counts(arch, data, tensor):
         predicted = plan(None, bench_overrides(bench, data, tensor, "native", None, private), "cpu")["run"]
         assert {group: predicted["collective_bytes"][group] for group in ("tensor", "data")} == \
             {group: counted.get(group, 0) for group in ("tensor", "data")}, private
+
+
+class TensorTraffic(TorchDispatchMode):
+    """Bytes of every tensor each operator reads or writes (its arguments and results)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.bytes += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
+                          if isinstance(t, torch.Tensor))
+        return out
+
+
+def test_device_noise_traffic_per_normal_is_the_counted_one():
+    """The GPU's path (torch ChaCha20 keystreams, then the Box-Muller transform), run here on the CPU:
+    the bytes its operators move per extra normal, the plan's ``DEVICE_NOISE_BYTES_PER_NORMAL``."""
+    keys = [noise.derive_key(1, 0, stream, "w") for stream in ("noise", "noise-angle")]
+
+    def traffic(n: int) -> int:
+        out = torch.empty(n, dtype=torch.float32)
+        with TensorTraffic() as counter:
+            radius, angle = (noise.device_keystream_words(key, 0, n // 2, "cpu") for key in keys)
+            noise._box_muller(radius, angle, out)
+        return counter.bytes
+
+    per_normal = (traffic(1 << 16) - traffic(1 << 15)) / (1 << 15)
+    assert per_normal == pytest.approx(DEVICE_NOISE_BYTES_PER_NORMAL, rel=0.01)

@@ -152,7 +152,7 @@ def test_json_schema(capsys):
                         "suggestion", "layouts"}
     terms = {"weights", "copies", "gradients", "optimizer", "activations", "norm_buffers", "noise", "runtime"}
     assert set(out["run"]["memory_bytes"]) == terms | {"backward_peak", "release_peak", "peak", "nonprivate_peak"}
-    assert set(out["run"]["time_s"]) == {"step", "compute", "memory", "communication", "nonprivate_step"}
+    assert set(out["run"]["time_s"]) == {"step", "compute", "memory", "noise", "communication", "nonprivate_step"}
     assert {r["layout"] for r in out["layouts"]} == {"native 2x1", "fsdp 2x1", "deepspeed ZeRO-1 2x1",
                                                       "deepspeed ZeRO-2 2x1", "native 1x2", "fsdp 1x2"}
     assert out["run"]["collective_bytes"]["data"] == 8 * gpt_params(1)  # one all-reduce of the float64 sums

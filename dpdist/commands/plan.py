@@ -22,11 +22,14 @@ def add_parser(subparsers) -> None:
                         help="the device (default: h100-80gb when parallel.device=cuda, else cpu)")
     parser.add_argument("--efficiency", type=float, default=DEFAULT_EFFICIENCY,
                         help=f"fraction of peak FLOP/s, bandwidth and link rate a step reaches (default {DEFAULT_EFFICIENCY})")
+    parser.add_argument("--fastest", action="store_true",
+                        help="also search layouts, micro-batch, checkpointing and norm budget for the fastest step that fits")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     parser.set_defaults(func=run)
 
 
-def plan(config: str | None, overrides: list[str], hardware_name: str | None = None, efficiency: float | None = None) -> dict:
+def plan(config: str | None, overrides: list[str], hardware_name: str | None = None, efficiency: float | None = None,
+         fastest: bool = False) -> dict:
     """The plan's JSON object for a config file and overrides (what ``--json`` prints)."""
     from ..config import load_config
     from ..plan.hardware import DEFAULT_EFFICIENCY, hardware
@@ -42,7 +45,8 @@ def plan(config: str | None, overrides: list[str], hardware_name: str | None = N
     run_row = planner.evaluate(cfg)
     change = None if run_row.fits else planner.smallest_fitting_change()
     params = planner.shard(1).params
-    return to_json(run_row, planner.layouts(), change, hw, efficiency, planner.vocab, params)
+    best = (planner.fastest_fitting(),) if fastest else ()
+    return to_json(run_row, planner.layouts(), change, hw, efficiency, planner.vocab, params, best)
 
 
 def run(args) -> int:
@@ -50,7 +54,7 @@ def run(args) -> int:
     from ..plan.report import format_report
 
     try:
-        out = plan(args.config, args.overrides, args.hardware, args.efficiency)
+        out = plan(args.config, args.overrides, args.hardware, args.efficiency, args.fastest)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -26,7 +26,8 @@ of the sums (P_t e_a); ZeRO-1/2, a reduction of the sums (P_t e_a) and an all-ga
 shard (P_t e_p / D) per step.
 
 Time: compute FLOPs at the hardware's peak for the precision, memory-bound work (the optimizer's
-reads and writes, the noise draw and add, the plan's extra memory traffic) at its bandwidth, and the
+reads and writes, the plan's extra memory traffic) at its bandwidth, the noise (this rank's share of
+the coordinates at the hardware's keyed-normal rate, ``Hardware.noise_normals_per_s``, and its add), and the
 collectives on the wire (all-reduce 2(n-1)/n of the payload, reduce-scatter (n-1)/n of it, all-gather
 (n-1) shards) at the link rate (NVLink when the whole mesh fits a node, else the network for the data
 group), all scaled by one efficiency factor and added: no overlap is assumed, so it is an upper estimate.
@@ -49,7 +50,7 @@ from .shapes import Shard
 
 ADAMW_BYTES_PER_PARAM = 28  # reads weight, gradient and two moments, writes weight and moments (fp32)
 LOSS_VALUES_PER_TOKEN = 3  # the vocabulary-parallel loss reduces the max, the target logit and the sum of exponentials
-NOISE_BYTES_PER_COORDINATE = 12  # writes the draw, reads it and the sum, writes the sum
+NOISE_ADD_BYTES_PER_COORDINATE = 12  # reads the draw and the sum, writes the sum
 
 
 def bench_config(cfg: RunConfig, vocab: int, batch: int) -> BenchConfig:
@@ -126,12 +127,13 @@ class Cost:
     data_collectives: str
     compute_s: float
     memory_s: float
+    noise_s: float  # drawing this rank's share of the keyed noise and adding it
     communication_s: float
     nonprivate_step_s: float
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + self.memory_s + self.communication_s
+        return self.compute_s + self.memory_s + self.noise_s + self.communication_s
 
 
 def cost(cfg: RunConfig, shard: Shard, vocab: int, hw: Hardware, efficiency: float) -> Cost:
@@ -180,10 +182,12 @@ def cost(cfg: RunConfig, shard: Shard, vocab: int, hw: Hardware, efficiency: flo
             + wire / (hw.intra_node_bandwidth if one_node else hw.inter_node_bandwidth)) / efficiency
     state = P_t / (D if backend == "fsdp" or stage else 1)
     memory_np = state * ADAMW_BYTES_PER_PARAM / hw.memory_bandwidth / efficiency
-    noise = P_t / D * NOISE_BYTES_PER_COORDINATE if p.enabled else 0.0
-    memory_dp = memory_np + (noise + touched) / hw.memory_bandwidth / efficiency
+    normals = P_t / D  # each data rank draws its 1/D share of its tensor shard's coordinates
+    noise_s = (normals / hw.noise_normals_per_s + normals * NOISE_ADD_BYTES_PER_COORDINATE / hw.memory_bandwidth) \
+        / efficiency if p.enabled else 0.0
+    memory_dp = memory_np + touched / hw.memory_bandwidth / efficiency
     rate = hw.peak_flops(t.precision) * efficiency
     return Cost(micro_batches=m, nonprivate_flops=nonprivate, dp_flops=dp, flop_floor_ratio=dp / nonprivate,
                 tensor_bytes=tensor_bytes, data_bytes=data_bytes, data_collectives=kinds,
                 compute_s=(dp if p.enabled else nonprivate) / rate, memory_s=memory_dp if p.enabled else memory_np,
-                communication_s=comm, nonprivate_step_s=nonprivate / rate + memory_np + comm)  # same collectives, gradients for sums
+                noise_s=noise_s, communication_s=comm, nonprivate_step_s=nonprivate / rate + memory_np + comm)  # same collectives, gradients for sums

@@ -20,6 +20,14 @@ DEFAULT_EFFICIENCY = 0.5
 # buffers, autograd's engine): what ``dpdist bench --backend`` measured beyond the tensors of the bench
 # model here, 25-80 MiB per process over native, ZeRO and fsdp at (1,1), (2,1) and (1,2).
 CPU_RUNTIME_BYTES = 64 * 2**20
+# Bytes of device memory the GPU's keyed noise (torch's ChaCha20 in int64 and the float64 Box-Muller of
+# ``dpdist.privacy.noise``, run op by op) reads and writes per normal: what a dispatch-level count of
+# its operators' tensors gives (tests/test_plan_collectives.py recounts it).  Every op is elementwise,
+# so the draw runs at the memory bandwidth; unmeasured on a GPU.
+DEVICE_NOISE_BYTES_PER_NORMAL = 9829
+# The CPU's keyed normals per second and rank: OpenSSL's ChaCha20 and the same transform, 1 thread
+# (BENCHMARKS.md "Noise generator", benchmarks/noise_rate.py, median).
+CPU_NOISE_NORMALS_PER_S = 57.4e6
 
 
 @dataclass(frozen=True)
@@ -33,9 +41,14 @@ class Hardware:
     inter_node_bandwidth: float  # bytes/s per device and direction (network)
     devices_per_node: int
     runtime_bytes: float = 0.0  # what a process holds beyond its tensors, where the device's tensors share it
+    noise_rate: float | None = None  # keyed normals per second; None: the GPU path at the memory bandwidth
 
     def peak_flops(self, precision: str) -> float:
         return self.bf16_flops if precision == "bf16" else self.fp32_flops
+
+    @property
+    def noise_normals_per_s(self) -> float:
+        return self.noise_rate if self.noise_rate is not None else self.memory_bandwidth / DEVICE_NOISE_BYTES_PER_NORMAL
 
     @property
     def usable_bytes(self) -> float:
@@ -46,7 +59,8 @@ def _cpu() -> Hardware:
     """This machine: its RAM, and rates of the project's 2-core CPU (AVX2 FMA at about 2.5 GHz: 2 cores x
     32 fp32 FLOP/cycle; bf16 matmuls run no faster there); loopback gloo stands in for the links."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return Hardware("cpu", float(memory), 160e9, 160e9, 20e9, 5e9, 5e9, os.cpu_count() or 1, CPU_RUNTIME_BYTES)
+    return Hardware("cpu", float(memory), 160e9, 160e9, 20e9, 5e9, 5e9, os.cpu_count() or 1, CPU_RUNTIME_BYTES,
+                    CPU_NOISE_NORMALS_PER_S)
 
 
 HARDWARE = {

@@ -23,16 +23,19 @@ def row_dict(row: Row) -> dict:
                       "micro_batches": c.micro_batches},
             "collective_bytes": {"tensor": c.tensor_bytes, "data": c.data_bytes, "data_collectives": c.data_collectives},
             "time_s": {"step": c.step_s, "compute": c.compute_s, "memory": c.memory_s,
-                       "communication": c.communication_s, "nonprivate_step": c.nonprivate_step_s}}
+                       "noise": c.noise_s, "communication": c.communication_s, "nonprivate_step": c.nonprivate_step_s}}
 
 
-def to_json(run: Row, layouts: list[Row], change, hw: Hardware, efficiency: float, vocab: int, params: int) -> dict:
+def to_json(run: Row, layouts: list[Row], change, hw: Hardware, efficiency: float, vocab: int, params: int,
+            fastest: tuple[Row | None] = ()) -> dict:
+    """The plan as one JSON object; ``fastest``, when searched, is ``(row,)`` (row None: nothing fits)."""
     return {"schema": SCHEMA_VERSION, "hardware": {**asdict(hw), "usable_bytes": hw.usable_bytes, "reserve": RESERVE},
             "efficiency": efficiency, "vocab_size": vocab, "params": params, "fits": run.fits,
             "largest_term": run.memory.largest_term(), "run": row_dict(run),
             "suggestion": None if change is None else {"overrides": change[0], "command": overrides_text(change[0]),
                                                        "row": row_dict(change[1])},
-            "layouts": [row_dict(r) for r in layouts]}
+            "layouts": [row_dict(r) for r in layouts],
+            **{"fastest": None if row is None else row_dict(row) for row in fastest}}
 
 
 def _gib(value: float) -> str:
@@ -64,8 +67,8 @@ def format_report(out: dict) -> str:
              f"(DP / non-private {fl['flop_floor_ratio']:.3f}, the FLOP floor)",
              f"collectives per rank and step: tensor group {_mb(comm['tensor'])} MB, data group {_mb(comm['data'])} MB "
              f"({comm['data_collectives']})",
-             f"predicted step: {t['step']:.3g} s (compute {t['compute']:.3g}, memory {t['memory']:.3g}, communication "
-             f"{t['communication']:.3g}); non-private {t['nonprivate_step']:.3g} s"]
+             f"predicted step: {t['step']:.3g} s (compute {t['compute']:.3g}, memory {t['memory']:.3g}, noise "
+             f"{t['noise']:.3g}, communication {t['communication']:.3g}); non-private {t['nonprivate_step']:.3g} s"]
     if out["fits"]:
         lines.append(f"fits: peak {_gib(mem['peak'])} of {_gib(run['capacity_bytes'])} GiB usable per rank")
     else:
@@ -89,4 +92,12 @@ def format_report(out: dict) -> str:
     widths = [max(len(row[k]) for row in table) for k in range(len(header))]
     lines.append(f"layouts of {run['data'] * run['tensor']} devices (same micro-batch and knobs):")
     lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table]
+    if out.get("fastest") is not None:
+        best = out["fastest"]
+        lines.append(f"fastest that fits: {best['layout']}, micro-batch {best['micro_batch_size']}, activation "
+                     f"checkpointing {best['activation_checkpointing']}, norm budget {best['memory_budget_mb']} MB: "
+                     f"peak {_gib(best['memory_bytes']['peak'])} GiB, step {best['time_s']['step']:.3g} s "
+                     f"(non-private {best['time_s']['nonprivate_step']:.3g} s)")
+    elif "fastest" in out:
+        lines.append("fastest that fits: none on this device count")
     return "\n".join(lines)

@@ -23,6 +23,8 @@ from .hardware import Hardware
 from .memory import Memory, memory, zero_stage
 from .shapes import Shard, build_shard, planned_vocab_size
 
+TIE = 1e-3  # predicted steps closer than this fraction are equally fast
+
 
 @dataclass
 class Row:
@@ -82,6 +84,30 @@ class Planner:
                 if variant is not None:
                     rows.append(self.evaluate(variant))
         return rows
+
+    def fastest_fitting(self) -> Row | None:
+        """The fastest predicted step that fits on the run's device count, over the layouts (tensor degree
+        and backend), the micro-batch (powers of two up to a data rank's share of ``train.batch_size``),
+        activation checkpointing and a memory budget of 0 for the norms; the batch, sequence length and
+        everything else as the config says, so every candidate trains on the same tokens per step.
+        None if nothing fits."""
+        t, p = self.cfg.train, self.cfg.privacy
+        best = None
+        for layout in self.layouts():
+            share = -(-t.batch_size // layout.cfg.parallel.data) if t.batch_size is not None else t.micro_batch_size
+            sizes = [1 << k for k in reversed(range(share.bit_length())) if 1 << k <= share]
+            budgets = [p.memory_budget_mb] + ([0.0] if p.enabled and p.memory_budget_mb != 0 else [])
+            for size, checkpointing, budget in itertools.product(sizes, ("none", "blocks"), budgets):
+                variant = valid(layout.cfg, {"train.micro_batch_size": size, "train.activation_checkpointing": checkpointing,
+                                             "privacy.memory_budget_mb": budget})
+                if variant is None:
+                    continue
+                row = self.evaluate(variant)
+                # The time model charges nothing per micro-batch beyond its collectives, so micro-batch
+                # sizes often tie; a real device runs small matmuls worse, so the larger (tried first) wins.
+                if row.fits and (best is None or row.cost.step_s < best.cost.step_s * (1 - TIE)):
+                    best = row
+        return best
 
     def knobs(self) -> list[list[dict]]:
         """Each knob's options (overrides), in order of preference."""
