@@ -185,8 +185,8 @@ def run_benchmark(config: dict, *, data: int, tensor: int, clipping: str, backen
         row["from_start_over_native"] = row["from_start_mb"] / native["from_start_mb"]
         row["memory_over_native"] = row["peak_mb"] / native["peak_mb"]
     return {"config": config, "data": data, "tensor": tensor, "clipping": clipping, "backends": list(backends),
-            "activation_checkpointing": activation_checkpointing, "optimizer": "adamw", "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "threads_per_rank": THREADS_PER_RANK, "rows": rows}
+            "activation_checkpointing": activation_checkpointing, "optimizer": "adamw", "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "threads_per_rank": THREADS_PER_RANK, "rows": rows}
 
 
 def format_report(out: dict) -> str:
@@ -195,10 +195,10 @@ def format_report(out: dict) -> str:
     model = "GPT" if c["arch"] == "gpt" else "Llama"
     checkpointing = ("blocks recomputed in the backward" if out["activation_checkpointing"] == "blocks"
                      else "no activation checkpointing")
-    lines = [f"dpdist bench --backend {which}: data {out['data']} x tensor {out['tensor']}, {model} {c['layers']} layers, "
-             f"d_model {c['d_model']}, {c['heads']} heads, vocab {c['vocab']}, batch {c['batch']} x {c['seq_len']} "
-             f"tokens, {out['clipping']} clipping, {checkpointing}, AdamW, torch {out['torch']}, {c['steps']} steps per case (first "
-             f"excluded), each case a fresh launch, {out['threads_per_rank']} thread per rank on "
+    lines = [f"dpdist bench --backend {which}: data {out['data']} x tensor {out['tensor']}, {model} {c['layers']} "
+             f"layers, d_model {c['d_model']}, {c['heads']} heads, vocab {c['vocab']}, batch {c['batch']} x "
+             f"{c['seq_len']} tokens, {out['clipping']} clipping, {checkpointing}, AdamW, torch {out['torch']}, "
+             f"{c['steps']} steps per case (first excluded), each case a fresh launch, {out['threads_per_rank']} thread per rank on "
              f"{out['cpu_count']} CPUs",
              "per rank, largest rank: noise = time in the add-noise seam per step; MB from start = peak RSS minus "
              "RSS before building the model; MB after build = peak minus RSS once built (peak RSS in brackets)"]
