@@ -141,7 +141,9 @@ def test_bench_refuses_lora_outside_one_process(capsys):
 
     parser = argparse.ArgumentParser()
     bench.add_parser(parser.add_subparsers(dest="command"))
-    for argv, message in ((["--lora", "--tensor", "2"], "--arch llama and --lora belong to the single-process"),
+    for argv, message in ((["--lora", "--tensor", "2"], "--lora belongs to the single-process benchmark"),
+                          (["--arch", "llama", "--tensor", "2"], "--arch llama belongs to the single-process and the "
+                                                                 "--backend benchmarks"),
                           (["--lora-rank", "4"], "--lora-rank must be > 0 and comes with --lora"),
                           (["--kv-heads", "2"], "--kv-heads and --mlp-hidden are for --arch llama")):
         args = parser.parse_args(["bench", *argv])
@@ -222,3 +224,20 @@ def test_backend_bench_refuses_a_single_replica_for_zero(capsys):
     args = parser.parse_args(["bench", "--backend", "all", "--data", "1"])
     assert args.func(args) == 2
     assert "--backend all runs DeepSpeed ZeRO" in capsys.readouterr().err
+
+
+def test_bench_refuses_activation_checkpointing_outside_the_backend_bench(capsys):
+    """``--activation-checkpointing`` takes train.activation_checkpointing's values and runs with
+    ``--backend`` only."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    for argv in (["--activation-checkpointing", "blocks"], ["--activation-checkpointing", "blocks", "--data", "2"]):
+        args = parser.parse_args(["bench", *argv])
+        assert args.func(args) == 2
+        assert capsys.readouterr().err.strip() == ("error: --activation-checkpointing belongs to the backend benchmark: "
+                                                   "give --backend fsdp, deepspeed or all")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--backend", "fsdp", "--activation-checkpointing", "layers"])
+    assert "argument --activation-checkpointing: invalid choice: 'layers'" in capsys.readouterr().err

@@ -8,6 +8,9 @@ its tensor group, takes its share of one fixed batch, and runs AdamW steps throu
 non-private step.  DeepSpeed's ZeRO shards AdamW's two state tensors over the data group (ZeRO-2 the
 gradients too); FSDP shards the weights, gradients and AdamW state.
 
+``activation_checkpointing`` (``none`` or ``blocks``) has every rank recompute the model's blocks in the
+backward as ``dpdist train`` does for ``train.activation_checkpointing`` (the same switch).
+
 Reported per case: step time (the slowest rank's, mean and min over the steps after the first); the
 time spent adding noise per step (the slowest rank's, ``dpdist.bench.noise``); and per rank memory, the
 largest over the ranks: the peak RSS minus the RSS before the model is built (weights, gradients,
@@ -80,6 +83,7 @@ def run_worker(spec: dict) -> dict | None:
     from ..config import ParallelConfig
     from ..model import build_model
     from ..runtime.mesh import init_mesh, shutdown
+    from ..train.activation_checkpointing import apply_activation_checkpointing
     from .config import BenchConfig, make_batch, model_config
     from .machine import current_rss_mb, peak_rss_mb
     from .noise import NoiseClock
@@ -96,6 +100,7 @@ def run_worker(spec: dict) -> dict | None:
         start_rss = current_rss_mb()
         torch.manual_seed(cfg.seed)
         model = build_model(model_config(cfg), tp_group=mesh.tp_group)
+        apply_activation_checkpointing(spec["activation_checkpointing"], model)
         built_rss = current_rss_mb()
         params = sum(p.numel() for p in model.parameters())  # this rank's tensor shard, before any data sharding
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -152,8 +157,15 @@ def _label(row: dict) -> str:
     return row["backend"] + (f" ZeRO-{row['zero_stage']}" if row["zero_stage"] else "")
 
 
+def run_case(config: dict, *, data: int, tensor: int, clipping: str, backend: str, stage: int | None, private: bool,
+             activation_checkpointing: str = "none") -> dict:
+    """One (backend, private) case in a fresh launch of data x tensor processes: rank 0's report."""
+    return _launch({"config": config, "data": data, "tensor": tensor, "clipping": clipping, "backend": backend,
+                    "zero_stage": stage, "private": private, "activation_checkpointing": activation_checkpointing})
+
+
 def run_benchmark(config: dict, *, data: int, tensor: int, clipping: str, backends=BACKENDS, stages=(1, 2),
-                  log=None) -> dict:
+                  activation_checkpointing: str = "none", log=None) -> dict:
     """Every case in a fresh launch; each backend's DP/non-private ratio, and each case against native."""
     rows = []
     for backend, stage in cases(backends, stages):
@@ -161,9 +173,9 @@ def run_benchmark(config: dict, *, data: int, tensor: int, clipping: str, backen
             row = {"backend": backend, "zero_stage": stage, "private": private}
             if log:
                 log(f"running {_label(row)} {'DP' if private else 'non-private'} on {data} x {tensor} processes ...")
-            spec = {"config": config, "data": data, "tensor": tensor, "clipping": clipping, "backend": backend,
-                    "zero_stage": stage, "private": private}
-            rows.append({**row, **_launch(spec)})
+            rows.append({**row, **run_case(config, data=data, tensor=tensor, clipping=clipping, backend=backend,
+                                            stage=stage, private=private,
+                                            activation_checkpointing=activation_checkpointing)})
     for row in rows:
         twin = next(r for r in rows if r["backend"] == row["backend"] and r["zero_stage"] == row["zero_stage"]
                     and not r["private"])
@@ -173,17 +185,20 @@ def run_benchmark(config: dict, *, data: int, tensor: int, clipping: str, backen
         row["from_start_over_native"] = row["from_start_mb"] / native["from_start_mb"]
         row["memory_over_native"] = row["peak_mb"] / native["peak_mb"]
     return {"config": config, "data": data, "tensor": tensor, "clipping": clipping, "backends": list(backends),
-            "optimizer": "adamw", "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "threads_per_rank": THREADS_PER_RANK, "rows": rows}
+            "activation_checkpointing": activation_checkpointing, "optimizer": "adamw", "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "threads_per_rank": THREADS_PER_RANK, "rows": rows}
 
 
 def format_report(out: dict) -> str:
     c = out["config"]
     which = "all" if set(out["backends"]) == set(BACKENDS) else out["backends"][0]
-    lines = [f"dpdist bench --backend {which}: data {out['data']} x tensor {out['tensor']}, GPT {c['layers']} layers, "
-             f"d_model {c['d_model']}, {c['heads']} heads, vocab {c['vocab']}, batch {c['batch']} x {c['seq_len']} "
-             f"tokens, {out['clipping']} clipping, AdamW, torch {out['torch']}, {c['steps']} steps per case (first "
-             f"excluded), each case a fresh launch, {out['threads_per_rank']} thread per rank on "
+    model = "GPT" if c["arch"] == "gpt" else "Llama"
+    checkpointing = ("blocks recomputed in the backward" if out["activation_checkpointing"] == "blocks"
+                     else "no activation checkpointing")
+    lines = [f"dpdist bench --backend {which}: data {out['data']} x tensor {out['tensor']}, {model} {c['layers']} "
+             f"layers, d_model {c['d_model']}, {c['heads']} heads, vocab {c['vocab']}, batch {c['batch']} x "
+             f"{c['seq_len']} tokens, {out['clipping']} clipping, {checkpointing}, AdamW, torch {out['torch']}, "
+             f"{c['steps']} steps per case (first excluded), each case a fresh launch, {out['threads_per_rank']} thread per rank on "
              f"{out['cpu_count']} CPUs",
              "per rank, largest rank: noise = time in the add-noise seam per step; MB from start = peak RSS minus "
              "RSS before building the model; MB after build = peak minus RSS once built (peak RSS in brackets)"]

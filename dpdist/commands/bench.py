@@ -6,7 +6,9 @@ table, or one JSON object with ``--json``.  ``--budgets 0,256,1024,none,unlimite
 runs the step on a data x tensor mesh under torchrun instead, with the communication that DP adds; see
 ``dpdist.bench.parallel``.  ``--backend deepspeed --data D`` compares DeepSpeed ZeRO-1/2 with the
 native backend, DP and non-private, time, noise time and memory per rank (``dpdist.bench.backend``);
-``--backend fsdp`` compares FSDP with it (also at ``--data 1``), ``--backend all`` both.
+``--backend fsdp`` compares FSDP with it (also at ``--data 1``), ``--backend all`` both;
+``--activation-checkpointing blocks`` recomputes the blocks in those runs' backward, as ``dpdist train``
+does for ``train.activation_checkpointing=blocks``.
 ``--arch llama`` benchmarks an untied grouped-query SwiGLU Llama of the same shape knobs; ``--lora``
 puts rank-``--lora-rank`` adapters on every block linear of either model, in both the non-private and
 the DP step, so the ratio is DP-LoRA over non-private LoRA (single process only).
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from ..train.activation_checkpointing import MODES as CHECKPOINTING
 
 CLIPPING = ("flat", "per_layer", "automatic")  # privacy.clipping's values, spelled the same
 
@@ -65,6 +69,9 @@ def add_parser(subparsers) -> None:
                              "fsdp: FSDP against it (--data 1 too); all: native, ZeRO stages and fsdp in one table")
     parser.add_argument("--zero-stages", default="1,2", metavar="LIST",
                         help="with --backend deepspeed or all (default 1,2)")
+    parser.add_argument("--activation-checkpointing", choices=CHECKPOINTING, default="none",
+                        help="with --backend: as train.activation_checkpointing, blocks recomputes each block in the "
+                             "backward (default none)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.set_defaults(func=run)
 
@@ -96,6 +103,10 @@ def run(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.activation_checkpointing != "none" and args.backend == "native":
+        print("error: --activation-checkpointing belongs to the backend benchmark: give --backend fsdp, deepspeed or "
+              "all", file=sys.stderr)
+        return 2
     log = None if args.json else (lambda message: print(message, file=sys.stderr, flush=True))
     if args.backend != "native":
         return _run_backends(args, cfg, log)
@@ -115,9 +126,11 @@ def _mesh_problems(args) -> list[str]:
     problems = []
     if args.data < 1 or args.tensor < 1:
         problems.append(f"--data and --tensor must be >= 1; got {args.data} and {args.tensor}")
-    if args.arch != "gpt" or args.lora:
-        problems.append("--arch llama and --lora belong to the single-process benchmark; drop them with "
-                        "--data/--tensor or --backend")
+    if args.lora:
+        problems.append("--lora belongs to the single-process benchmark; drop it with --data/--tensor or --backend")
+    if args.arch != "gpt" and args.backend == "native":
+        problems.append("--arch llama belongs to the single-process and the --backend benchmarks; drop it with "
+                        "--data/--tensor")
     if args.budgets or args.memory_budget != "none" or args.rounds != 1:
         problems.append("--budgets, --memory-budget and --rounds belong to the single-process benchmark; "
                         "drop them with --data/--tensor")
@@ -149,7 +162,8 @@ def _run_backends(args, cfg, log) -> int:
         return 2
     try:
         out = bench_backend.run_benchmark(dataclasses.asdict(cfg), data=args.data, tensor=args.tensor,
-                                          clipping=args.clipping, backends=backends, stages=stages, log=log)
+                                          clipping=args.clipping, backends=backends, stages=stages,
+                                          activation_checkpointing=args.activation_checkpointing, log=log)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

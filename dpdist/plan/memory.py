@@ -25,7 +25,8 @@ trainable ones, D the data degree, e_p the model's element size (4), e_c the com
   gradient and the logits' gradient, alive together at the start of the backward), at t > 1, 4 V / t
   (the vocabulary-parallel loss holds the logits, the shifted logits, their exponentials and the
   softmax at the end of the forward).  With ``train.activation_checkpointing=blocks``
-  each block keeps only its input (d e_r per token) and one block at a time is recomputed in full;
+  each block keeps only its input (d e_r per token) and one block at a time is recomputed in full, once
+  the head's backward has freed its vocabulary terms (the larger of the head and that block counts);
 - per-example norm buffers: the kept bytes of the engine's strategy plan (``plan_strategies`` with the
   config's memory budget; per-layer clipping keeps only the largest layer's);
 - noise: this rank's share of the largest released tensor, fp32 (the draw before it is added);
@@ -33,8 +34,9 @@ trainable ones, D the data degree, e_p the model's element size (4), e_c the com
   on a GPU the CUDA context is outside the device's tensors and in its reserve instead).
 
 Phases: the backward (weights, copies, optimizer, the sums store, and the larger of the activations
-and, under book-keeping, the activations less the head's freed log-softmax terms plus the norm buffers;
-under per-layer clipping the activations plus the buffers) and the release (weights, optimizer, the
+and, under book-keeping, the activations left once the head's backward has run plus the norm buffers,
+where under checkpointing the tap still holds the recomputed blocks' linear inputs; under per-layer
+clipping the activations plus the buffers) and the release (weights, optimizer, the
 sums, the noise draw and, except under ZeRO, which noises its own gradient partition in place, native's
 flat all-reduce buffer when D > 1 and the new gradients).  The peak is
 the larger.  The non-private step's peak (gradients instead of sums, no norm buffers, no release) is
@@ -45,6 +47,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..config import RunConfig
+from ..model import TRANSFORMER_BLOCKS
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
 from .shapes import Shard
 
 ACCUMULATION_BYTES = 4  # fp32 pre-noise sums (float64 models: 8, see ``element_bytes``)
@@ -94,8 +98,9 @@ def element_bytes(cfg: RunConfig) -> tuple[int, int, int]:
 
 def activation_bytes(cfg: RunConfig, tensor: int, vocab: int) -> dict[str, float]:
     """Per token: what one block keeps (``block``), what it keeps under checkpointing (``checkpointed``),
-    what the head holds at the start of the backward (``head``) and what of it is freed once the head's
-    backward has run (``head_freed``: all but the logits' gradient, which the tap may keep), in bytes."""
+    what the head holds at the start of the backward (``head``) and what of it is left once the head's
+    backward has run (``head_kept``: the final norm's input and output; the logits' gradient, where the
+    tap keeps it, is in the norm buffers), in bytes."""
     m = cfg.model
     e_r, e_c, _ = element_bytes(cfg)
     d, h = m.d_model, m.hidden
@@ -103,7 +108,7 @@ def activation_bytes(cfg: RunConfig, tensor: int, vocab: int) -> dict[str, float
     local_vocab = -(-vocab // tensor)
     copies = 3 if tensor == 1 else 4  # of the local logits, fp32
     return {"block": 2 * d * e_r + 2 * d * e_c + sharded * e_c / tensor, "checkpointed": d * e_r,
-            "head": d * e_r + d * e_c + copies * local_vocab * 4, "head_freed": (copies - 1) * local_vocab * 4}
+            "head": d * e_r + d * e_c + copies * local_vocab * 4, "head_kept": d * e_r + d * e_c}
 
 
 def activations(cfg: RunConfig, shard: Shard, vocab: int) -> float:
@@ -111,10 +116,44 @@ def activations(cfg: RunConfig, shard: Shard, vocab: int) -> float:
     per = activation_bytes(cfg, shard.tensor, vocab)
     layers = cfg.model.n_layers
     if cfg.train.activation_checkpointing == "blocks":
-        blocks = layers * per["checkpointed"] + per["block"]
+        # The backward recomputes the last block only after the head's backward has freed its vocabulary
+        # terms, so the recomputed block and the head's log-softmax are never alive together.
+        return tokens * (layers * per["checkpointed"] + max(per["head"], per["block"] + per["head_kept"]))
+    return tokens * (layers * per["block"] + per["head"])
+
+
+def recorded_input_bytes(cfg: RunConfig, shard: Shard, strategies: dict) -> float:
+    """Per token: the inputs of one block's linear layers that the tap keeps under book-keeping until the
+    clip factors are known (every strategy but ``materialise`` keeps its layer's input), widened to fp32
+    or wider as the tap records them.  Column-parallel layers of one sub-module (q, k, v; gate, up; a LoRA
+    pair's ``lora_A``) read one shared input, counted once."""
+    _, e_c, _ = element_bytes(cfg)
+    block = next((m for m in shard.model.modules() if isinstance(m, TRANSFORMER_BLOCKS)), None)
+    if block is None:
+        return 0.0
+    inputs = {}
+    for part in block.children():
+        for layer in part.modules():
+            linear = isinstance(layer, (ColumnParallelLinear, RowParallelLinear))
+            if linear and strategies.get(layer, "materialise") != "materialise":
+                inputs[(part, type(layer), layer.weight.shape[-1])] = layer.weight.shape[-1]
+    return sum(inputs.values()) * max(e_c, ACCUMULATION_BYTES)
+
+
+def after_head(cfg: RunConfig, shard: Shard, vocab: int, plan) -> float:
+    """The activations alive under book-keeping once the head's backward has run, beside the norm buffers:
+    every block's (their inputs are the tap's records), or, under checkpointing, the blocks' inputs, the
+    block being recomputed and the recorded inputs of those recomputed before it, which the tap keeps
+    although the recomputation's other tensors are freed."""
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    per = activation_bytes(cfg, shard.tensor, vocab)
+    layers = cfg.model.n_layers
+    if cfg.train.activation_checkpointing == "blocks":
+        recorded = recorded_input_bytes(cfg, shard, plan.strategies)
+        blocks = layers * per["checkpointed"] + per["block"] + (layers - 1) * recorded
     else:
         blocks = layers * per["block"]
-    return tokens * (blocks + per["head"])
+    return tokens * (blocks + per["head_kept"])
 
 
 def memory(cfg: RunConfig, shard: Shard, vocab: int, runtime: float = 0.0) -> Memory:
@@ -151,11 +190,10 @@ def memory(cfg: RunConfig, shard: Shard, vocab: int, runtime: float = 0.0) -> Me
         buffers = noise = 0.0
     base = runtime + weights + optimizer
     # Book-keeping keeps every layer's inputs (the activations) until the clip factors are known, so the
-    # norm buffers pile up on top of them, after the head's backward has freed its log-softmax terms;
+    # norm buffers pile up on top of them, after the head's backward has freed its vocabulary terms;
     # per-layer clipping clips each layer as its backward ends and frees as a non-private backward does.
-    tokens = t.micro_batch_size * cfg.data.seq_len
-    after_head = acts - tokens * activation_bytes(cfg, shard.tensor, vocab)["head_freed"]
-    held = acts + buffers if p.clipping == "per_layer" else max(acts, after_head + buffers)
+    bookkeeping = p.enabled and p.clipping != "per_layer"
+    held = max(acts, after_head(cfg, shard, vocab, plan) + buffers) if bookkeeping else acts + buffers
     backward = base + copies + sums + held
     gradients = P_t * e_a / data if fsdp else P_t * e_a
     gathered = P_t * e_a if backend == "native" and data > 1 else 0.0  # the flat buffer of the all-reduce
@@ -167,3 +205,4 @@ def memory(cfg: RunConfig, shard: Shard, vocab: int, runtime: float = 0.0) -> Me
     return Memory(weights=weights, copies=copies, gradients=sums, optimizer=optimizer, activations=acts,
                   norm_buffers=buffers, noise=noise, runtime=runtime, backward_peak=backward, release_peak=release,
                   nonprivate_peak=nonprivate)
+
