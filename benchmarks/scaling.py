@@ -24,9 +24,8 @@ SHAPES = ("gpt2-124m", "llama-3.2-1b", "llama-3.1-8b", "llama-3.1-70b")
 DATASET = 2**20  # sequences: the stated dataset behind q (about 2 billion tokens at 2048 per sequence)
 STEPS = 10_000
 DELTA = 1e-6
-# Rows beyond full fine-tuning: (shape, devices, clipping, overrides), for the question a shape's full
-# rows answer "does not fit" to.
-EXTRA = (("llama-3.1-70b", 8, "flat", ["lora.enabled=true", "lora.rank=16"]),)
+# Rows beyond full training, where its rows say "does not fit": (label, shape, devices, clipping, overrides).
+EXTRA = (("llama-3.1-70b + LoRA r16", "llama-3.1-70b", 8, "flat", ["lora.enabled=true", "lora.rank=16"]),)
 
 
 def row_text(model: str, devices: int, clipping: str, seq: int, command: str, out: dict) -> str:
@@ -49,19 +48,18 @@ def main() -> int:
     parser.add_argument("--devices", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096])
     args = parser.parse_args()
-    cases = [(seq, shape, devices, clipping, []) for seq in args.seq_lens for shape in SHAPES
+    cases = [(seq, shape, shape, devices, clipping, []) for seq in args.seq_lens for shape in SHAPES
              for devices in args.devices for clipping in ("flat", "per_layer")]
-    cases += [(seq, *extra) for seq in args.seq_lens for extra in EXTRA if extra[1] in args.devices]
+    cases += [(seq, *extra) for seq in args.seq_lens for extra in EXTRA if extra[2] in args.devices]
     tables: dict[int, list[str]] = {seq: [] for seq in args.seq_lens}
-    for seq, shape, devices, clipping, extra in tqdm(cases, desc="planning", file=sys.stderr):
+    for seq, label, shape, devices, clipping, extra in tqdm(cases, desc="planning", file=sys.stderr):
         config = f"configs/shapes/{shape}.yaml"
         overrides = [f"parallel.data={devices}", "parallel.tensor=1", f"privacy.clipping={clipping}",
                      f"data.seq_len={seq}", f"model.max_seq_len={seq}", *extra]
         out = plan(str(ROOT / config), overrides, args.hardware, fastest=True)
         out["batch_size"] = load_config(str(ROOT / config), overrides).train.batch_size
         command = f"dpdist plan --config {config} {' '.join(overrides)} --hardware {args.hardware} --fastest"
-        name = shape + (" + LoRA r" + extra[1].split("=")[1] if extra else "")
-        tables[seq].append(row_text(name, devices, clipping, seq, command, out))
+        tables[seq].append(row_text(label, devices, clipping, seq, command, out))
     batch = load_config(str(ROOT / f"configs/shapes/{SHAPES[0]}.yaml"), []).train.batch_size
     sigma = load_config(str(ROOT / f"configs/shapes/{SHAPES[0]}.yaml"), []).privacy.noise_multiplier
     q = batch / DATASET
