@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from dpdist.bench.collectives import CollectiveCounter
-from dpdist.bench.config import BenchConfig
+from dpdist.bench.config import BenchConfig, run_overrides
 from dpdist.commands.plan import plan
 from dpdist.config import load_config
 from dpdist.model import build_model
@@ -22,7 +22,7 @@ from dpdist.train.activation_checkpointing import apply_activation_checkpointing
 from dpdist.train.methods import transform_model
 from dpdist.train.precision import apply_precision
 
-from test_plan_command import LLAMA, TINY, B, S, V, bench_overrides
+from test_plan_command import LLAMA, TINY, B, S, V
 
 
 def counted_tensor_bytes(overrides: list[str]) -> int:
@@ -84,7 +84,7 @@ def test_bytes_per_group_equal_dpdist_bench_counts(arch, data, tensor):
     bench = BenchConfig(layers=2, d_model=64, heads=4, vocab=500, seq_len=32, batch=8, steps=2, arch=arch)
     out = launch({"config": dataclasses.asdict(bench), "data": data, "tensor": tensor, "clipping": "flat"})
     for private, counted in ((True, out["dp_comm"]["bytes"]), (False, out["nonprivate_comm"]["bytes"])):
-        predicted = plan(None, bench_overrides(bench, data, tensor, "native", None, private), "cpu")["run"]
+        predicted = plan(None, run_overrides(bench, data, tensor, "native", None, private), "cpu")["run"]
         assert {group: predicted["collective_bytes"][group] for group in ("tensor", "data")} == \
             {group: counted.get(group, 0) for group in ("tensor", "data")}, private
 

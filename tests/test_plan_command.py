@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from dpdist.bench.config import BenchConfig, nonprivate_step_flops
+from dpdist.bench.config import BenchConfig, nonprivate_step_flops, run_overrides
 from dpdist.cli import main
 from dpdist.commands.plan import plan
 from dpdist.config import load_config
@@ -194,24 +194,8 @@ def test_gpt2_small_plans_in_under_ten_seconds():
     assert out["fits"] and out["vocab_size"] == 32000
 
 
-def bench_overrides(bench: BenchConfig, data: int, tensor: int, backend: str, stage, private: bool, *,
-                    checkpointing: str = "none") -> list[str]:
-    """The run config of one ``dpdist bench --backend`` case: its model, each rank's share of the batch as
-    one micro-batch, AdamW, fp32, flat clipping without a budget, its activation checkpointing."""
-    arch = [] if bench.arch == "gpt" else [
-        "model.arch=llama", f"model.n_kv_heads={bench.key_value_heads}", f"model.mlp_hidden={bench.hidden}",
-        "model.tie_embeddings=false", "model.norm=rmsnorm", "model.bias=false"]
-    return arch + [
-        f"model.n_layers={bench.layers}", f"model.d_model={bench.d_model}", f"model.n_heads={bench.heads}",
-        f"data.vocab_size={bench.vocab}", f"model.max_seq_len={bench.seq_len}", f"data.seq_len={bench.seq_len}",
-        f"train.micro_batch_size={bench.batch // data}", f"train.batch_size={bench.batch}",
-        f"privacy.enabled={str(private).lower()}", "privacy.noise_multiplier=1.0", f"train.backend={backend}",
-        f"deepspeed.zero_stage={stage if stage else 'null'}", f"parallel.data={data}", f"parallel.tensor={tensor}",
-        f"train.activation_checkpointing={checkpointing}"]
-
-
 def predicted_mb(bench: BenchConfig, row: dict, data: int, tensor: int, checkpointing: str = "none") -> float:
-    out = plan(None, bench_overrides(bench, data, tensor, row["backend"], row["zero_stage"], row["private"],
+    out = plan(None, run_overrides(bench, data, tensor, row["backend"], row["zero_stage"], row["private"],
                                      checkpointing=checkpointing), "cpu")
     return out["run"]["memory_bytes"]["peak" if row["private"] else "nonprivate_peak"] / 2**20
 

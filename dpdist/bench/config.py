@@ -179,6 +179,23 @@ def model_config(cfg: BenchConfig):
                        tie_embeddings=cfg.tied, norm="rmsnorm", bias=False, dtype="float32", init_seed=cfg.seed)
 
 
+def run_overrides(bench: BenchConfig, data: int, tensor: int, backend: str, stage, private: bool, *,
+                  checkpointing: str = "none") -> list[str]:
+    """The ``key=value`` run config of one ``dpdist bench --backend`` case, for ``dpdist plan``: its model,
+    each rank's share of the batch as one micro-batch, AdamW, fp32, flat clipping without a budget, its
+    activation checkpointing."""
+    arch = [] if bench.arch == "gpt" else [
+        "model.arch=llama", f"model.n_kv_heads={bench.key_value_heads}", f"model.mlp_hidden={bench.hidden}",
+        f"model.tie_embeddings={str(bench.tied).lower()}", "model.norm=rmsnorm", "model.bias=false"]
+    return arch + [
+        f"model.n_layers={bench.layers}", f"model.d_model={bench.d_model}", f"model.n_heads={bench.heads}",
+        f"data.vocab_size={bench.vocab}", f"model.max_seq_len={bench.seq_len}", f"data.seq_len={bench.seq_len}",
+        f"train.micro_batch_size={bench.batch // data}", f"train.batch_size={bench.batch}",
+        f"privacy.enabled={str(private).lower()}", "privacy.noise_multiplier=1.0", f"train.backend={backend}",
+        f"deepspeed.zero_stage={stage if stage else 'null'}", f"parallel.data={data}", f"parallel.tensor={tensor}",
+        f"train.activation_checkpointing={checkpointing}"]
+
+
 def build_bench_model(cfg: BenchConfig):
     """The benchmark model, with LoRA adapters on every block linear (everything else frozen) when
     ``cfg.lora_rank`` is set."""
