@@ -17,9 +17,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = Parser(prog="dpdist", description="distributed differentially private LM training")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
+    # Only the named command's module is imported (some import the accountant or the training loop, which
+    # take seconds); without a known command every one is, for the usage message.
+    for name in [argv[0]] if argv and argv[0] in COMMANDS else COMMANDS:
         importlib.import_module(f"dpdist.commands.{name}").add_parser(subparsers)
     args, extra = parser.parse_known_args(argv)
     # argparse fills a '*' positional from its first run of words only, so overrides after a flag

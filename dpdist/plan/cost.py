@@ -72,23 +72,26 @@ def tensor_bytes_per_token(shard: Shard, cfg: RunConfig) -> float:
     model = shard.model
     order = {id(param): index for index, param in enumerate(model.parameters())}
     first_trainable = min((order[id(p)] for p in model.parameters() if p.requires_grad), default=len(order))
-    blocks = [name for name, module in model.named_modules() if isinstance(module, TRANSFORMER_BLOCKS)]
+    blocks = {name for name, module in model.named_modules() if isinstance(module, TRANSFORMER_BLOCKS)}
+
+    def block_of(name: str) -> str | None:
+        parts = name.split(".")
+        return next((prefix for k in range(1, len(parts)) if (prefix := ".".join(parts[:k])) in blocks), None)
+
+    # One pass over the modules: a large model has thousands, and each layer's block is looked up once.
+    layers = [(name, module, block_of(name)) for name, module in model.named_modules()
+              if getattr(module, "tp_group", None) is not None]  # not replicated, not a LoRA adapter half
     recompute = 2 if cfg.train.activation_checkpointing == "blocks" else 1
     total = LOSS_VALUES_PER_TOKEN * max(e_p, 4)  # in the logits' dtype: the model's, fp32 under bf16 compute
     # torch's non-reentrant checkpoint stops recomputing a block once every tensor its backward saved is
     # back, so the all-reduce of the block's last row-parallel output (the MLP's projection; not a LoRA
     # ``lora_A``, whose output ``lora_B`` saves) is not repeated.
-    unrepeated = {rows[-1] for block in blocks if (rows := [name for name, module in model.named_modules()
-                                                            if isinstance(module, RowParallelLinear)
-                                                            and module.tp_group is not None
-                                                            and name.startswith(block + ".")])
-                  and not rows[-1].endswith(".lora_A")}
-    for name, module in model.named_modules():
-        if getattr(module, "tp_group", None) is None:  # replicated (the position table) or a LoRA adapter half
-            continue
+    last_row = {block: name for name, module, block in layers
+                if block is not None and isinstance(module, RowParallelLinear)}
+    unrepeated = {name for name in last_row.values() if not name.endswith(".lora_A")}
+    for name, module, block in layers:
         if isinstance(module, VocabParallelEmbedding):
             total += module.embedding_dim * e_p * (2 if module.tied_output else 1)  # forward; the projection's input
-        block = next((b for b in blocks if name.startswith(b + ".")), None)
         if isinstance(module, RowParallelLinear):
             total += module.out_features * e_c * (recompute if block is not None and name not in unrepeated else 1)
         elif isinstance(module, ColumnParallelLinear):

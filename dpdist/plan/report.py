@@ -94,8 +94,9 @@ def format_report(out: dict) -> str:
     lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table]
     if out.get("fastest") is not None:
         best = out["fastest"]
+        budget = "none" if best["memory_budget_mb"] is None else f"{best['memory_budget_mb']:g} MB"
         lines.append(f"fastest that fits: {best['layout']}, micro-batch {best['micro_batch_size']}, activation "
-                     f"checkpointing {best['activation_checkpointing']}, norm budget {best['memory_budget_mb']} MB: "
+                     f"checkpointing {best['activation_checkpointing']}, norm budget {budget}: "
                      f"peak {_gib(best['memory_bytes']['peak'])} GiB, step {best['time_s']['step']:.3g} s "
                      f"(non-private {best['time_s']['nonprivate_step']:.3g} s)")
     elif "fastest" in out:
