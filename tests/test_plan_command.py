@@ -194,6 +194,15 @@ def test_gpt2_small_plans_in_under_ten_seconds():
     assert out["fits"] and out["vocab_size"] == 32000
 
 
+def test_a_70b_llama_plans_in_under_ten_seconds():
+    """The largest shape the project plans for: 80 blocks of its 70B Llama, every layout of 8 devices."""
+    start = time.perf_counter()
+    out = plan(str(ROOT / "configs/shapes/llama-3.1-70b.yaml"), [], "h100-80gb")
+    assert time.perf_counter() - start < 10
+    # fp32 weights, gradients and AdamW need 16 bytes a parameter: no layout of 8 holds them
+    assert not out["fits"] and out["params"] > 70e9 and out["largest_term"] == "optimizer" and out["suggestion"] is None
+
+
 def predicted_mb(bench: BenchConfig, row: dict, data: int, tensor: int, checkpointing: str = "none") -> float:
     out = plan(None, run_overrides(bench, data, tensor, row["backend"], row["zero_stage"], row["private"],
                                      checkpointing=checkpointing), "cpu")
