@@ -205,4 +205,3 @@ def memory(cfg: RunConfig, shard: Shard, vocab: int, runtime: float = 0.0) -> Me
     return Memory(weights=weights, copies=copies, gradients=sums, optimizer=optimizer, activations=acts,
                   norm_buffers=buffers, noise=noise, runtime=runtime, backward_peak=backward, release_peak=release,
                   nonprivate_peak=nonprivate)
-
