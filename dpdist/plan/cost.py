@@ -37,9 +37,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..bench.config import BenchConfig, nonprivate_step_flops
 from torch import nn
 
+from ..bench.config import BenchConfig, nonprivate_step_flops
 from ..config import ConfigError, RunConfig
 from ..model import TRANSFORMER_BLOCKS
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
