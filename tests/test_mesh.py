@@ -25,7 +25,7 @@ def test_one_process_needs_no_process_group(monkeypatch):
 def test_no_torch_function_keeps_the_process_group_alive_past_destroy(tmp_path):
     """torch.distributed.nn.functional binds ``group.WORLD`` as a default argument when first imported,
     which torch does lazily when an optimizer is built.  After init_process_group that pins the group
-    past destroy_process_group and aborts the interpreter at exit; the mesh imports it first."""
+    past destroy_process_group, where it can abort the interpreter at exit; the mesh imports it first."""
     script = f"""
 import inspect, torch, torch.distributed as dist
 from dpdist.runtime.mesh import Mesh

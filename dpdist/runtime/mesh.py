@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 # torch imports this module lazily (through _dynamo, on an optimizer's first param group) and its
 # functions bind ``group.WORLD`` as a default argument when defined.  Imported after
-# init_process_group that default is the live group, which then outlives destroy_process_group and
-# aborts the interpreter at exit ("terminate called without an active exception"); imported here,
+# init_process_group that default is the live group, which then outlives destroy_process_group and can
+# abort the interpreter at exit ("terminate called without an active exception"); imported here,
 # before any group exists, the default is None.
 import torch.distributed.nn.functional  # noqa: F401
 
