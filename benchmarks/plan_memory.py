@@ -17,8 +17,7 @@ import dataclasses
 from tqdm import tqdm
 
 from dpdist.bench.backend import run_case
-from dpdist.bench.config import BenchConfig, run_overrides
-from dpdist.commands.plan import plan
+from dpdist.bench.config import BenchConfig, planned_peak_mb
 
 CASES = [((2, 1), ("native", None)), ((2, 1), ("deepspeed", 1)), ((2, 1), ("deepspeed", 2)), ((2, 1), ("fsdp", None)),
          ((1, 1), ("native", None)), ((1, 1), ("fsdp", None)), ((1, 2), ("native", None)), ((1, 2), ("fsdp", None))]
@@ -37,9 +36,7 @@ def table(arch: str, checkpointing: str, bar: tqdm) -> str:
             measured = run_case(dataclasses.asdict(bench), data=data, tensor=tensor, clipping="flat",
                                 backend=backend, stage=stage, private=private,
                                 activation_checkpointing=checkpointing)["from_start_mb"]
-            out = plan(None, run_overrides(bench, data, tensor, backend, stage, private,
-                                           checkpointing=checkpointing), "cpu")
-            predicted = out["run"]["memory_bytes"]["peak" if private else "nonprivate_peak"] / 2**20
+            predicted = planned_peak_mb(bench, data, tensor, backend, stage, private, checkpointing=checkpointing)
             lines.append(f"| {data} x {tensor} | {label(backend, stage)} {'DP' if private else 'non-private'} | "
                          f"{measured:.0f} | {predicted:.0f} | {predicted / measured:.2f} |")
             bar.update()

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from dpdist.bench.config import BenchConfig, nonprivate_step_flops, run_overrides
+from dpdist.bench.config import BenchConfig, nonprivate_step_flops, planned_peak_mb
 from dpdist.cli import main
 from dpdist.commands.plan import plan
 from dpdist.config import load_config
@@ -203,12 +203,6 @@ def test_a_70b_llama_plans_in_under_ten_seconds():
     assert not out["fits"] and out["params"] > 70e9 and out["largest_term"] == "optimizer" and out["suggestion"] is None
 
 
-def predicted_mb(bench: BenchConfig, row: dict, data: int, tensor: int, checkpointing: str = "none") -> float:
-    out = plan(None, run_overrides(bench, data, tensor, row["backend"], row["zero_stage"], row["private"],
-                                     checkpointing=checkpointing), "cpu")
-    return out["run"]["memory_bytes"]["peak" if row["private"] else "nonprivate_peak"] / 2**20
-
-
 def memory_cases() -> list[tuple[str, str, int, int, str]]:
     """(arch, backend, data, tensor, checkpointing): each model and backend at each layout it runs at
     (ZeRO-2 shards over the data group: 2 x 1 only), and with and without checkpointing; the two models
@@ -233,8 +227,7 @@ def test_predicted_memory_per_rank_is_within_15_percent_of_dpdist_bench(arch, ba
     stage = 2 if backend == "deepspeed" else None
     measured = run_case(dataclasses.asdict(bench), data=data, tensor=tensor, clipping="flat", backend=backend,
                         stage=stage, private=True, activation_checkpointing=checkpointing)["from_start_mb"]
-    predicted = predicted_mb(bench, {"backend": backend, "zero_stage": stage, "private": True}, data, tensor,
-                             checkpointing)
+    predicted = planned_peak_mb(bench, data, tensor, backend, stage, True, checkpointing=checkpointing)
     assert predicted == pytest.approx(measured, rel=0.15), (
         f"{arch} {backend} {data}x{tensor} checkpointing={checkpointing}: predicted {predicted:.0f} MiB, "
         f"measured {measured:.0f} MiB")

@@ -196,6 +196,15 @@ def run_overrides(bench: BenchConfig, data: int, tensor: int, backend: str, stag
         f"train.activation_checkpointing={checkpointing}"]
 
 
+
+def planned_peak_mb(bench: BenchConfig, data: int, tensor: int, backend: str, stage, private: bool, *,
+                    checkpointing: str = "none") -> float:
+    """``dpdist plan --hardware cpu``'s peak per rank (MiB) for that case: the DP peak, or the non-private one."""
+    from ..commands.plan import plan  # imported here: the planner imports this module for its FLOP count
+
+    out = plan(None, run_overrides(bench, data, tensor, backend, stage, private, checkpointing=checkpointing), "cpu")
+    return out["run"]["memory_bytes"]["peak" if private else "nonprivate_peak"] / 2**20
+
 def build_bench_model(cfg: BenchConfig):
     """The benchmark model, with LoRA adapters on every block linear (everything else frozen) when
     ``cfg.lora_rank`` is set."""
